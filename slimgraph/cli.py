@@ -91,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         json.dump(obj, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")
     else:
-        out = Console()
+        out = Console(width=None if sys.stdout.isatty() else 200)
         render_tables(graph, result, out, show_ops=args.ops, all_groups=args.all)
         out.print(f"load {timing['load_s']} s, trace {timing['trace_s']} s, "
                   f"analysis {timing['analysis_s']} s")
