@@ -1,0 +1,88 @@
+"""Pass base class and the state passes work on.
+
+A pass is a dataclass: its ``name`` is stable, its fields are its options (typed, with
+defaults), so a pipeline parses from text (``prune-structured{mlp=0.5}``). The
+manager calls ``check_options`` (before any work starts), ``requires``, ``run`` and
+``ensures``; a pass returns a :class:`PassResult` whose ``modified`` flag is truthful
+and whose ``report`` says what it changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from slimgraph.errors import PipelineError
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompileState:
+    """Everything a pipeline works on: the model, its graph, analysis, outputs."""
+
+    loaded: Any  # slimgraph.frontends.loading.LoadedModel
+    graph: Any = None  # slimgraph.ir.graph.Graph
+    out_dir: Path | None = None
+    seq: int = 7
+    # units chosen for removal, by group id of the current analysis: {gid: [units]}
+    selection: dict[int, list[int]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _analysis: Any = None
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    def analysis(self):
+        """The dependency analysis of the current graph (computed once, cached)."""
+        if self._analysis is None:
+            from slimgraph.ir.dependency import analyze
+
+            self._analysis = analyze(self.graph)
+        return self._analysis
+
+    def retrace(self) -> None:
+        """Re-trace the (modified) model; invalidates the cached analysis."""
+        from slimgraph.frontends.build import graph_of
+
+        self.graph = graph_of(self.loaded, seq=self.seq)
+        self._analysis = None
+
+
+class Pass:
+    """Base class; subclasses are ``@dataclass`` with a class attribute ``name``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    writes_files: ClassVar[bool] = False
+
+    def check_options(self) -> None:
+        """Validate options; raise ``self.option_error`` naming the option."""
+
+    def requires(self, state: CompileState) -> None:
+        """Preconditions on the state (raise a SlimgraphError to refuse)."""
+
+    def run(self, state: CompileState) -> PassResult:
+        raise NotImplementedError(f"pass {self.name} has no run()")
+
+    def ensures(self, state: CompileState, result: PassResult) -> None:
+        """Postconditions (raise to report a broken pass)."""
+
+    def option_error(self, option: str, message: str) -> PipelineError:
+        return PipelineError(f"pass '{self.name}', option '{option}': {message}")
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+    def describe(self) -> str:
+        opts = ",".join(f"{f.name}={getattr(self, f.name)}" for f in self.options())
+        return f"{self.name}{{{opts}}}" if opts else self.name

@@ -1,0 +1,97 @@
+"""`prune-structured`: score units by group magnitude, select, and remove them.
+
+    prune-structured{heads=0.33,mlp=0.5,importance=l2,round_to=8,protect=0 29}
+
+Ratios are fractions of the units of every group of that kind to remove (heads:
+attention heads or whole GQA KV-groups; mlp: MLP channels; hidden: the residual
+dimension). ``ratio`` sets heads and mlp at once; explicit kinds override it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimgraph.errors import PipelineError
+from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.registry import register
+from slimgraph.structured.importance import group_importance
+from slimgraph.structured.removal import remove_units
+from slimgraph.structured.selection import choose, plan_counts
+
+
+def parse_layers(text: str, pass_name: str) -> set[int]:
+    out: set[int] = set()
+    for tok in text.replace(";", " ").replace(":", " ").split():
+        try:
+            out.add(int(tok))
+        except ValueError:
+            raise PipelineError(f"pass '{pass_name}', option 'protect': {tok!r} is not a layer "
+                                "index (write e.g. protect=0 29)") from None
+    return out
+
+
+@dataclass
+class PruneStructured(Pass):
+    name = "prune-structured"
+    summary = "remove the least important heads / MLP channels / hidden channels"
+    heads: float | None = None
+    mlp: float | None = None
+    hidden: float | None = None
+    ratio: float | None = None
+    importance: str = "l2"
+    round_to: int = 1
+    protect: str = ""
+    remove: bool = True
+
+    def ratios(self) -> dict[str, float]:
+        out = {}
+        for kind in ("heads", "mlp", "hidden"):
+            val = getattr(self, kind)
+            if val is None and kind != "hidden":
+                val = self.ratio
+            if val is not None:
+                out[kind] = val
+        return out
+
+    def check_options(self) -> None:
+        for opt in ("heads", "mlp", "hidden", "ratio"):
+            val = getattr(self, opt)
+            if val is not None and not 0.0 <= val < 1.0:
+                raise self.option_error(opt, f"ratio {val} is outside [0, 1)")
+        if not any(self.ratios().values()):
+            raise self.option_error("heads/mlp/hidden/ratio", "nothing to remove: give a ratio "
+                                    "> 0, e.g. prune-structured{mlp=0.5}")
+        if self.importance not in ("l1", "l2"):
+            raise self.option_error("importance", f"{self.importance!r} is not one of l1, l2")
+        if self.round_to < 1:
+            raise self.option_error("round_to", f"must be >= 1, got {self.round_to}")
+        parse_layers(self.protect, self.name)
+
+    def requires(self, state: CompileState) -> None:
+        if state.model is None:
+            raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
+                                "supported by this pass yet)")
+        if state.loaded.meta:
+            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+
+    def run(self, state: CompileState) -> PassResult:
+        result = state.analysis()
+        counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
+                                      parse_layers(self.protect, self.name), self.name)
+        selection: dict[int, list[int]] = {}
+        by_id = {g.id: g for g in result.groups}
+        for gid, n in counts.items():
+            scores = group_importance(state.graph, by_id[gid], self.importance)
+            selection[gid] = choose(scores, n)
+        report = {"skipped": skipped, "selected_units": {str(k): v for k, v in selection.items()}}
+        if not selection:
+            return PassResult(False, report)
+        if not self.remove:
+            state.selection.update(selection)
+            return PassResult(False, report)
+        report.update(remove_units(state.model, result, selection))
+        state.retrace()
+        return PassResult(True, report)
+
+
+register(PruneStructured)

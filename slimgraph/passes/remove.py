@@ -1,0 +1,31 @@
+"""`remove`: physically remove the units an earlier pass selected (e.g. `l0`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimgraph.errors import PipelineError
+from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.registry import register
+from slimgraph.structured.removal import remove_units
+
+
+@dataclass
+class Remove(Pass):
+    name = "remove"
+    summary = "slice out the units selected by an earlier pass"
+
+    def requires(self, state: CompileState) -> None:
+        if state.model is None:
+            raise PipelineError(f"pass '{self.name}' needs a PyTorch model")
+
+    def run(self, state: CompileState) -> PassResult:
+        if not state.selection:
+            return PassResult(False, {"note": "no units were selected; nothing removed"})
+        report = remove_units(state.model, state.analysis(), state.selection)
+        state.selection = {}
+        state.retrace()
+        return PassResult(True, report)
+
+
+register(Remove)

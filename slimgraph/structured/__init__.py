@@ -1,0 +1,1 @@
+"""Structured pruning: group importance, unit selection, physical removal."""
