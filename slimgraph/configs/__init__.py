@@ -1,0 +1,1 @@
+"""Packaged transformers config JSONs (used by ``hf-config:NAME``)."""
