@@ -53,7 +53,67 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--print-ir", action="store_true", help="print the IR as text")
     ins.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
     ins.set_defaults(func=cmd_inspect)
+
+    from slimgraph.passes import registry
+
+    comp = sub.add_parser(
+        "compile",
+        help="run a pass pipeline on a model and write the results to OUTDIR",
+        description="Load MODEL, run the pass pipeline (verifying the IR between passes) and "
+        "write what the passes produce into OUTDIR, with OUTDIR/report.json.",
+        epilog=EPILOG_COMPILE.format(passes=", ".join(registry.names())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    comp.add_argument("model", help="model to compile (same forms as `slimgraph inspect`)")
+    comp.add_argument("--pipeline", "-p", required=True,
+                      help="passes, e.g. 'prune-structured{mlp=0.5},export-onnx', or a "
+                      ".yaml/.toml file")
+    comp.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                      help="output directory (created; existing files are replaced)")
+    comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier between passes")
+    comp.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                      help="print the IR after PASS (repeatable)")
+    comp.add_argument("--time-passes", action="store_true", help="print a timing table")
+    comp.add_argument("--seq", type=int, default=7, help="example sequence length for tracing")
+    comp.set_defaults(func=cmd_compile)
     return p
+
+
+EPILOG_COMPILE = """\
+pipeline syntax: comma-separated passes, options in braces: pass{{key=value,...}}
+passes: {passes}
+
+examples:
+  slimgraph compile smollm2-135m -p 'prune-structured{{mlp=0.5}},export-onnx' -o out/mlp50
+  slimgraph compile smollm2-135m -p 'prune-structured{{heads=0.33,mlp=0.5,importance=l2}},save-hf,export-onnx' -o out/c
+  slimgraph compile smollm2-135m -p pipeline.yaml -o out/x --time-passes
+
+prune-structured options: heads, mlp, hidden (fraction of units removed per group of that
+kind), ratio (heads and mlp at once), importance (l1|l2), round_to (kept counts rounded to
+a multiple), protect (layer indices never pruned, e.g. protect=0 29).
+"""
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from slimgraph.compile import compile_model
+
+    err = Console(stderr=True)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    report = compile_model(args.model, args.pipeline, Path(args.output), verify=not args.no_verify,
+                           print_after=set(args.print_after), seq=args.seq, console=err,
+                           printer=print)
+    from slimgraph.compile import render_summary
+
+    render_summary(report, out)
+    if args.time_passes:
+        from slimgraph.passes.pipeline import timing_table
+
+        out.print(timing_table(report["_records"]))
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

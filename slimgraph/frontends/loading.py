@@ -306,7 +306,14 @@ def _load_hf_dir(
         _note(f"loading {spec} ...")
     with _quiet_transformers():
         try:
-            model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            from slimgraph.backends.hf_checkpoint import is_pruned_checkpoint, load_pruned
+
+            if is_pruned_checkpoint(path):  # per-layer sizes: slimgraph's own loader
+                model = load_pruned(path, dtype=dtype)
+            else:
+                model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"cannot load model directory '{spec}': {_one_line(exc)}") from exc
     model.eval()

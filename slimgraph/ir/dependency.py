@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimgraph.ir.graph import Graph, Node, OpKind, Value
+from slimgraph.ir.graph import Graph, Node, Value
 from slimgraph.ir.rules import RULES
 from slimgraph.ir.spaces import ChannelSpaces, Layout, LayoutConflict, Tree
 

@@ -34,6 +34,8 @@ class CompileState:
     # units chosen for removal, by group id of the current analysis: {gid: [units]}
     selection: dict[int, list[int]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    # module attributes changed by removal (head counts, eps), replayed when reloading
+    module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     _analysis: Any = None
 
@@ -48,6 +50,10 @@ class CompileState:
 
             self._analysis = analyze(self.graph)
         return self._analysis
+
+    def record_removal(self, report: dict[str, Any]) -> None:
+        for module, attrs in report.get("module_attrs", {}).items():
+            self.module_attrs.setdefault(module, {}).update(attrs)
 
     def retrace(self) -> None:
         """Re-trace the (modified) model; invalidates the cached analysis."""
@@ -84,5 +90,7 @@ class Pass:
         return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 
     def describe(self) -> str:
-        opts = ",".join(f"{f.name}={getattr(self, f.name)}" for f in self.options())
+        """The pass as pipeline text, showing options that differ from their defaults."""
+        opts = ",".join(f"{f.name}={getattr(self, f.name)}" for f in self.options()
+                        if getattr(self, f.name) != f.default)
         return f"{self.name}{{{opts}}}" if opts else self.name

@@ -90,6 +90,7 @@ class PruneStructured(Pass):
             state.selection.update(selection)
             return PassResult(False, report)
         report.update(remove_units(state.model, result, selection))
+        state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
 

@@ -24,6 +24,7 @@ class Remove(Pass):
             return PassResult(False, {"note": "no units were selected; nothing removed"})
         report = remove_units(state.model, state.analysis(), state.selection)
         state.selection = {}
+        state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
 

@@ -8,7 +8,7 @@ from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
 from tests import zoo
 
-H, I, V, D = zoo.HIDDEN, zoo.INTER, zoo.VOCAB, zoo.HEAD_DIM
+H, INTER, V, D = zoo.HIDDEN, zoo.INTER, zoo.VOCAB, zoo.HEAD_DIM
 
 
 def signature(result):
@@ -47,7 +47,7 @@ def _llama_family(prefix: str, bias: bool, tied: bool):
         exp.append(("heads", layer, zoo.KV, "kv-group", 2, True, per_head, frozenset(heads)))
         mlp = {(p + "mlp.gate_proj.weight", 0), (p + "mlp.up_proj.weight", 0),
                (p + "mlp.down_proj.weight", 1)}
-        exp.append(("mlp", layer, I, "channel", 1, True, 3 * H, frozenset(mlp)))
+        exp.append(("mlp", layer, INTER, "channel", 1, True, 3 * H, frozenset(mlp)))
         vdim_pp = zoo.KV * H + zoo.HEADS * H + (zoo.KV if bias else 0)
         exp.append(("channels", layer, D, "channel", 1, False, vdim_pp, frozenset(vdim)))
         rope |= {(a + "q_proj.weight", 0), (a + "k_proj.weight", 0)}
@@ -60,7 +60,7 @@ def _llama_family(prefix: str, bias: bool, tied: bool):
     rope_pp = zoo.LAYERS * (zoo.HEADS + zoo.KV) * 2 * H + (zoo.LAYERS * (zoo.HEADS + zoo.KV) * 2
                                                            if bias else 0)
     exp.append(("channels", None, D // 2, "channel", 1, False, rope_pp, frozenset(rope)))
-    per_layer_h = (zoo.HEADS * D + 2 * zoo.KV * D) + zoo.HEADS * D + 3 * I + 2
+    per_layer_h = (zoo.HEADS * D + 2 * zoo.KV * D) + zoo.HEADS * D + 3 * INTER + 2
     exp.append(("hidden", None, H, "channel", 1, True,
                 V * (1 if tied else 2) + zoo.LAYERS * per_layer_h + 1, frozenset(hid)))
     emb = {(f"{prefix}embed_tokens.weight", 0)}
@@ -85,7 +85,7 @@ def test_opt_groups():
     kinds = [(g.kind, g.layer, g.units, g.unit, g.prunable) for g in r.groups]
     for layer in range(zoo.LAYERS):
         assert ("heads", layer, zoo.HEADS, "head", True) in kinds
-        assert ("mlp", layer, I, "channel", True) in kinds
+        assert ("mlp", layer, INTER, "channel", True) in kinds
     (hidden,) = r.by_kind("hidden")
     assert hidden.prunable and hidden.units == H
     names = {m.param for m in hidden.members}
@@ -130,7 +130,7 @@ def test_bert_groups():
         g = next(g for g in r.groups if g.kind == "heads" and g.layer == layer)
         assert g.prunable and g.units == zoo.HEADS
         m = next(g for g in r.groups if g.kind == "mlp" and g.layer == layer)
-        assert m.units == I and m.prunable
+        assert m.units == INTER and m.prunable
     (hidden,) = r.by_kind("hidden")
     assert hidden.prunable
     names = {m.param for m in hidden.members}

@@ -1,0 +1,211 @@
+"""`save-hf`: a reloadable Hugging Face checkpoint of the (slimmed) model.
+
+OUTDIR/hf/ holds ``model.safetensors``, ``config.json`` and the tokenizer. Where the
+new sizes are uniform and expressible in the architecture's config (LLaMA-family:
+hidden_size, intermediate_size, head counts, explicit head_dim, rms_norm_eps),
+plain ``transformers`` reloads the directory. Where they are not (per-layer sizes
+after non-uniform pruning, or head counts that an architecture derives from
+hidden_size), config.json gets a ``slimgraph`` section with every parameter shape and
+the module attributes that removal changed, and :func:`load_pruned` (used by
+``slimgraph`` for any directory with that section) rebuilds the model: construct
+from the config, resize parameters, replay attributes, load the weights.
+The section records which loader is needed: ``"loader": "transformers"`` or
+``"slimgraph"``. After saving, the directory is reloaded and its outputs compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgraph.io import make_temp_dir
+from slimgraph.errors import ModelLoadError, PipelineError, SlimgraphError
+from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.registry import register
+
+SECTION = "slimgraph"
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _transformers_can_build(config, shapes: dict[str, list[int]]) -> bool:
+    """Would `from_pretrained` build exactly these shapes from this config?"""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    try:
+        import transformers
+
+        cls = getattr(transformers, arch) if arch and hasattr(transformers, arch) else None
+        with torch.device("meta"):
+            if cls is not None:
+                probe = cls(config)
+            else:
+                try:
+                    probe = AutoModelForCausalLM.from_config(config)
+                except ValueError:
+                    probe = AutoModel.from_config(config)
+    except Exception:
+        return False
+    return _shapes(probe) == shapes
+
+
+def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str, dict]
+            ) -> dict[str, Any]:
+    """Write the checkpoint to ``out`` atomically (a temp dir renamed at the end)."""
+    config = model.config
+    shapes = _shapes(model)
+    loader = "transformers" if (not module_attrs or _transformers_can_build(config, shapes)) \
+        else "slimgraph"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, f".{out.name}-")
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg[SECTION] = {"loader": loader, "module_attrs": module_attrs, "param_shapes": shapes}
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"dir": str(out), "loader": loader}
+
+
+def is_pruned_checkpoint(path: Path) -> bool:
+    cfg = Path(path) / "config.json"
+    try:
+        return SECTION in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Rebuild a model saved by `save-hf`, whatever its per-layer sizes."""
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from slimgraph.structured.removal import _sync_module_sizes
+
+    path = Path(path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        section = raw[SECTION]
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"'{path}' is not a slimgraph checkpoint: {e}") from e
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ModelLoadError(f"'{path}': unknown architecture {arch!r}")
+    if section.get("loader") == "transformers":
+        model = cls.from_pretrained(str(path), dtype=dtype)
+        return model.eval()
+    model = _build_resized(cls, config, section)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and k in section["param_shapes"]
+               and k not in state]
+    if unexpected or [k for k in missing if not _is_tied(model, k)]:
+        raise ModelLoadError(f"'{path}': weights do not match the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    _sync_module_sizes(model)
+    return model.to(dtype).eval()
+
+
+def _is_tied(model, key: str) -> bool:
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and emb is not None and out.weight is emb.weight and \
+        key.endswith("weight")
+
+
+def _build_resized(cls, config, section) -> torch.nn.Module:
+    from slimgraph.structured.removal import _sync_module_sizes
+
+    model = cls(config)
+    for name, shape in section["param_shapes"].items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        cur = getattr(owner, attr, None)
+        if isinstance(cur, torch.Tensor) and list(cur.shape) != shape:
+            new = torch.zeros(shape, dtype=cur.dtype)
+            if isinstance(cur, torch.nn.Parameter):
+                setattr(owner, attr, torch.nn.Parameter(new, requires_grad=cur.requires_grad))
+            else:
+                owner._buffers[attr] = new
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        out = model.get_output_embeddings()
+        if out is not None:
+            out.weight = model.get_input_embeddings().weight
+    for module, attrs in section.get("module_attrs", {}).items():
+        m = model.get_submodule(module) if module else model
+        for k, v in attrs.items():
+            setattr(m, k, v)
+    _sync_module_sizes(model)
+    return model
+
+
+def max_rel_error(a: torch.nn.Module, b: torch.nn.Module, vocab: int, seq: int = 11) -> float:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab, 2), (1, seq), generator=g)
+    with torch.no_grad():
+        ya = a(input_ids=ids, use_cache=False).logits
+        yb = b(input_ids=ids, use_cache=False).logits
+    return float((ya - yb).norm() / ya.norm().clamp_min(1e-30))
+
+
+@dataclass
+class SaveHF(Pass):
+    name = "save-hf"
+    summary = "write OUTDIR/hf: safetensors, config, tokenizer (reload-checked)"
+    writes_files = True
+    subdir: str = "hf"
+    check: bool = True
+    tolerance: float = 1e-5
+
+    def check_options(self) -> None:
+        if not self.subdir or "/" in self.subdir or self.subdir in (".", ".."):
+            raise self.option_error("subdir", f"{self.subdir!r} must be a plain directory name")
+
+    def requires(self, state: CompileState) -> None:
+        if state.model is None or not hasattr(state.model, "save_pretrained"):
+            raise PipelineError(f"pass '{self.name}' needs a transformers model")
+        if state.out_dir is None:
+            raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
+        if state.loaded.meta:
+            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+
+    def run(self, state: CompileState) -> PassResult:
+        out = state.out_dir / self.subdir
+        report = save_hf(state.model, state.loaded.tokenizer, out, state.module_attrs)
+        if self.check:
+            reloaded = load_pruned(out)
+            vocab = int(getattr(state.model.config, "vocab_size", 2) or 2)
+            err = max_rel_error(state.model, reloaded, vocab)
+            report["reload_rel_error"] = err
+            if err > self.tolerance:
+                raise SlimgraphError(f"reloaded checkpoint differs from the model (relative "
+                                     f"error {err:.2e})")
+        state.files.append(str(out))
+        return PassResult(False, report)
+
+
+register(SaveHF)

@@ -1,0 +1,170 @@
+"""`export-onnx`: the (slimmed) PyTorch model as an ONNX file for ONNX Runtime.
+
+Dynamo export with dynamic batch and sequence axes, input ``input_ids`` and output
+``logits``; the ONNX checker runs on the file, and ONNX Runtime's output is compared
+with PyTorch's on a random input. The file is written to a temporary name in the
+output directory and renamed at the end, so an interrupted export leaves nothing.
+Models over 2 GB are saved with external data (``model.onnx.data``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimgraph.io import make_temp_dir
+from slimgraph.errors import PipelineError, SlimgraphError
+from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.registry import register
+
+TWO_GB = 2 * 1024**3
+
+
+class LogitsOnly(torch.nn.Module):
+    """``input_ids -> logits``: one tensor in, one out, no cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | None = None
+                ) -> Path:
+    """Export ``model`` to ``path`` atomically; returns the path."""
+    wrapper = LogitsOnly(model).eval()
+    ids = torch.randint(0, max(vocab, 2), (2, 9))
+    batch = torch.export.Dim("batch", max=4096)
+    seq = torch.export.Dim("seq", max=32768)
+    kwargs = {"opset_version": opset} if opset else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = make_temp_dir(path.parent, ".export-")
+    try:
+        with _quiet():
+            prog = torch.onnx.export(
+                wrapper, (ids,), dynamo=True, dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+                input_names=["input_ids"], output_names=["logits"], verbose=False, **kwargs)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        tmp = tmpdir / path.name
+        if size > TWO_GB:
+            prog.save(str(tmp), external_data=True)
+        else:
+            prog.save(str(tmp))
+        for f in tmpdir.iterdir():  # model.onnx (+ model.onnx.data)
+            os.replace(f, path.parent / f.name)
+    except SlimgraphError:
+        raise
+    except Exception as e:
+        raise SlimgraphError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and warnings; keep the CLI output readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def compare_with_torch(model: torch.nn.Module, path: Path, *, vocab: int, seq: int = 13
+                       ) -> dict[str, float]:
+    from slimgraph.backends.ort_session import session
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab, 2), (1, seq), generator=g)
+    with torch.no_grad():
+        ref = LogitsOnly(model).eval()(ids).float().numpy()
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+    err = float(np.abs(got - ref).max())
+    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+    return {"max_abs_diff": err, "rel_error": rel, "providers": sess.get_providers()}
+
+
+@dataclass
+class ExportOnnx(Pass):
+    name = "export-onnx"
+    summary = "write OUTDIR/model.onnx (dynamic batch and sequence), checked against PyTorch"
+    writes_files = True
+    filename: str = "model.onnx"
+    opset: int = 0
+    check: bool = True
+    tolerance: float = 1e-4
+
+    def check_options(self) -> None:
+        if not self.filename.endswith(".onnx") or "/" in self.filename:
+            raise self.option_error("filename", f"{self.filename!r} must be a plain *.onnx name")
+        if self.opset and not 17 <= self.opset <= 25:
+            raise self.option_error("opset", f"{self.opset} is not a supported opset (17-25)")
+
+    def requires(self, state: CompileState) -> None:
+        if state.model is None:
+            raise PipelineError(f"pass '{self.name}' needs a PyTorch model")
+        if state.out_dir is None:
+            raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
+        if state.loaded.meta:
+            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+
+    def run(self, state: CompileState) -> PassResult:
+        import onnx
+
+        vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
+        path = export_onnx(state.model, state.out_dir / self.filename, vocab=vocab,
+                           opset=self.opset or None)
+        onnx.checker.check_model(str(path))
+        report: dict = {"file": str(path), "bytes": _size(path)}
+        if self.check:
+            cmp = compare_with_torch(state.model, path, vocab=vocab)
+            report["ort_vs_torch"] = cmp
+            if cmp["rel_error"] > self.tolerance:
+                raise SlimgraphError(f"ONNX Runtime output differs from PyTorch (relative error "
+                                     f"{cmp['rel_error']:.2e} > {self.tolerance})")
+        state.files.append(str(path))
+        if state.loaded.tokenizer is not None:
+            save_tokenizer(state.loaded.tokenizer, state.out_dir, state)
+        return PassResult(False, report)
+
+
+def save_tokenizer(tokenizer, out_dir: Path, state: CompileState | None = None) -> None:
+    """Tokenizer files next to the model (written to a temp dir, then moved)."""
+    tmpdir = make_temp_dir(out_dir, ".tok-")
+    try:
+        tokenizer.save_pretrained(str(tmpdir))
+        for f in tmpdir.iterdir():
+            os.replace(f, out_dir / f.name)
+            if state is not None and str(out_dir / f.name) not in state.files:
+                state.files.append(str(out_dir / f.name))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+register(ExportOnnx)

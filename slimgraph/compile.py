@@ -1,0 +1,133 @@
+"""`slimgraph compile`: load, trace, run a pass pipeline, write OUTDIR/report.json."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from slimgraph.io import atomic_write_json
+from slimgraph.ir.dependency import DependencyResult
+from slimgraph.ir.graph import OpKind
+from slimgraph.passes.base import CompileState
+from slimgraph.passes.pipeline import PassManager, from_text_or_file
+
+
+def linear_kinds(result: DependencyResult) -> dict[tuple[str, int], str]:
+    """(param, dim) -> "attention" | "mlp", from the groups of the unpruned model."""
+    kind_of: dict[tuple[str, int], str] = {}
+    for g in result.groups:
+        if g.kind in ("heads", "mlp"):
+            for m in g.members:
+                kind_of[(m.param, m.dim)] = "attention" if g.kind == "heads" else "mlp"
+    return kind_of
+
+
+def linear_stats(result: DependencyResult, kind_of: dict[tuple[str, int], str]
+                 ) -> dict[str, dict[str, int]]:
+    """Parameters and matmul FLOPs per token of the linear layers, by kind."""
+    graph = result.graph
+    params: dict[str, int] = defaultdict(int)
+    flops: dict[str, int] = defaultdict(int)
+    seen: set[str] = set()
+    for n in graph.nodes:
+        if n.kind is not OpKind.LINEAR:
+            continue
+        w = n.inputs[1]
+        numel = w.param.numel()
+        kind = kind_of.get((w.name, n.attrs["w_out"])) or kind_of.get((w.name, n.attrs["w_in"])) \
+            or ("lm_head" if w.name in _embedding_tables(graph) else "other")
+        flops[kind] += 2 * numel
+        if w.name not in seen:
+            params[kind] += numel
+            seen.add(w.name)
+    total_params = graph.num_parameters()
+    params["embedding/norms/other"] = total_params - sum(params.values())
+    return {"params": dict(params), "flops_per_token": dict(flops),
+            "total_params": total_params, "total_flops_per_token": sum(flops.values())}
+
+
+def _embedding_tables(graph) -> set[str]:
+    return {n.inputs[0].name for n in graph.nodes if n.kind is OpKind.EMBEDDING}
+
+
+def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = True,
+                  print_after: set[str] | None = None, seq: int = 7, console=None,
+                  printer: Callable[[str], None] = print) -> dict[str, Any]:
+    from slimgraph.frontends.build import graph_of
+    from slimgraph.frontends.loading import load_model
+    from slimgraph.ir.verifier import verify as verify_graph
+
+    passes = from_text_or_file(pipeline)  # errors before any work starts
+    manager = PassManager(passes, verify=verify, print_after=print_after, printer=printer)
+    t0 = time.perf_counter()
+    status = console.status(f"loading {spec} ...") if console is not None else None
+    if status:
+        status.start()
+    try:
+        loaded = load_model(spec)
+        if status:
+            status.update("tracing ...")
+        state = CompileState(loaded=loaded, out_dir=Path(out_dir), seq=seq)
+        state.graph = graph_of(loaded, seq=seq)
+        if verify:
+            verify_graph(state.graph)
+        kinds = linear_kinds(state.analysis())
+        before = linear_stats(state.analysis(), kinds)
+        t_load = time.perf_counter() - t0
+
+        def on_start(p, i, n):
+            if status:
+                status.update(f"pass {i + 1}/{n}: {p.describe()} ...")
+
+        manager.on_start = on_start
+        state.out_dir.mkdir(parents=True, exist_ok=True)
+        records = manager.run(state)
+        after = linear_stats(state.analysis(), kinds)
+    finally:
+        if status:
+            status.stop()
+    report: dict[str, Any] = {
+        "model": spec,
+        "pipeline": [p.describe() for p in passes],
+        "load_and_trace_seconds": round(t_load, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "passes": [{"name": r.name, "options": r.options, "seconds": round(r.seconds, 3),
+                    "modified": r.modified, "report": r.report} for r in records],
+        "parameters": {"before": before["total_params"], "after": after["total_params"]},
+        "before": before,
+        "after": after,
+        "files": list(state.files),
+    }
+    path = atomic_write_json(state.out_dir / "report.json", report)
+    report["files"].append(str(path))
+    report["_records"] = records
+    return report
+
+
+def render_summary(report: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    b, a = report["before"], report["after"]
+    t = Table(title=f"{report['model']}: {' -> '.join(report['pipeline'])}")
+    for col in ("", "params before", "params after", "MFLOP/token before", "after", "kept"):
+        t.add_column(col, justify="right" if col else "left")
+    kinds = sorted(set(b["params"]) | set(a["params"]))
+    for k in kinds:
+        pb, pa = b["params"].get(k, 0), a["params"].get(k, 0)
+        fb, fa = b["flops_per_token"].get(k, 0), a["flops_per_token"].get(k, 0)
+        t.add_row(k, f"{pb:,}", f"{pa:,}", f"{fb / 1e6:.2f}", f"{fa / 1e6:.2f}",
+                  f"{100 * pa / pb:.1f}%" if pb else "-")
+    t.add_row("total", f"{b['total_params']:,}", f"{a['total_params']:,}",
+              f"{b['total_flops_per_token'] / 1e6:.2f}", f"{a['total_flops_per_token'] / 1e6:.2f}",
+              f"{100 * a['total_params'] / max(b['total_params'], 1):.1f}%")
+    console.print(t)
+    for p in report["passes"]:
+        console.print(f"  {p['options']}: {p['seconds']:.2f} s, "
+                      f"{'modified' if p['modified'] else 'unchanged'}")
+        for why in p["report"].get("skipped", [])[:5]:
+            console.print(f"    skipped {why}")
+        for note in p["report"].get("notes", [])[:5]:
+            console.print(f"    note: {note}")
+    console.print("files: " + ", ".join(report["files"]))
