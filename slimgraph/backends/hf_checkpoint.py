@@ -15,6 +15,7 @@ The section records which loader is needed: ``"loader": "transformers"`` or
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -58,17 +59,24 @@ def _transformers_can_build(config, shapes: dict[str, list[int]]) -> bool:
     return _shapes(probe) == shapes
 
 
-def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str, dict]
-            ) -> dict[str, Any]:
-    """Write the checkpoint to ``out`` atomically (a temp dir renamed at the end)."""
+def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str, dict],
+            base_config=None) -> dict[str, Any]:
+    """Write the checkpoint to ``out`` atomically (a temp dir renamed at the end).
+
+    ``base_config`` is the config before pruning: written instead of the updated one
+    when transformers cannot build the new shapes from the updated config.
+    """
     config = model.config
     shapes = _shapes(model)
-    loader = "transformers" if (not module_attrs or _transformers_can_build(config, shapes)) \
-        else "slimgraph"
+    loader = "transformers" if _transformers_can_build(config, shapes) else "slimgraph"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}-")
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if loader == "slimgraph" and base_config is not None:
+            base_config = copy.deepcopy(base_config)
+            base_config.architectures = [type(model).__name__]
+            base_config.save_pretrained(str(tmp))  # buildable; shapes come from the section
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"
@@ -195,7 +203,8 @@ class SaveHF(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         out = state.out_dir / self.subdir
-        report = save_hf(state.model, state.loaded.tokenizer, out, state.module_attrs)
+        report = save_hf(state.model, state.loaded.tokenizer, out, state.module_attrs,
+                         state.original_config)
         if self.check:
             reloaded = load_pruned(out)
             vocab = int(getattr(state.model.config, "vocab_size", 2) or 2)

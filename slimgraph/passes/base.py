@@ -37,7 +37,14 @@ class CompileState:
     # module attributes changed by removal (head counts, eps), replayed when reloading
     module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    original_config: Any = None  # the HF config before any pass changed it
     _analysis: Any = None
+
+    def __post_init__(self) -> None:
+        import copy
+
+        if self.original_config is None and getattr(self.loaded, "config", None) is not None:
+            self.original_config = copy.deepcopy(self.loaded.config)
 
     @property
     def model(self):

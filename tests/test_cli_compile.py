@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimgraph.cli import main
+from tests import zoo
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "tiny-llama"
+    zoo.build("llama").save_pretrained(d)
+    return d
+
+
+def test_compile_prune_save_and_report(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["compile", str(tiny_dir), "-p", "prune-structured{heads=0.5,mlp=0.5},save-hf",
+               "-o", str(out), "--time-passes", "--print-after", "prune-structured"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "// IR after prune-structured{heads=0.5,mlp=0.5}" in text and "pass " in text
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["prune-structured", "save-hf"]
+    assert report["passes"][0]["modified"] is True and report["passes"][1]["modified"] is False
+    assert all(isinstance(p["seconds"], float) for p in report["passes"])
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert report["after"]["params"]["mlp"] == report["before"]["params"]["mlp"] // 2
+    assert (out / "hf" / "model.safetensors").exists()
+    # the output reloads and inspects: 1 KV-group left per layer, 48 MLP channels
+    assert main(["inspect", str(out / "hf"), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert {(g["kind"], g["units"]) for g in obj["groups"] if g["kind"] == "mlp"} == {("mlp", 48)}
+
+
+@pytest.mark.parametrize("pipeline,needle", [
+    ("prune-structured{mlp=1.5}", "option 'mlp': ratio 1.5 is outside [0, 1)"),
+    ("frobnicate", "unknown pass 'frobnicate'"),
+    ("prune-structured{heads=0.9}", "would remove all 2 units"),
+])
+def test_compile_bad_pipeline_exit_2(tiny_dir, tmp_path, capsys, pipeline, needle):
+    out = tmp_path / "o"
+    assert main(["compile", str(tiny_dir), "-p", pipeline, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slimgraph: error: ") and needle in err
+    assert not (out / "report.json").exists()
