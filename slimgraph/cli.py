@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--time-passes", action="store_true", help="print a timing table")
     comp.add_argument("--seq", type=int, default=7, help="example sequence length for tracing")
     comp.set_defaults(func=cmd_compile)
+
+    from slimgraph import evaluation
+
+    evaluation.add_parser(sub)
     return p
 
 

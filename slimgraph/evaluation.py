@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimgraph.backends.ort_session import providers as ort_providers
 from slimgraph.errors import SlimgraphError
 
 __all__ = [
@@ -312,16 +313,6 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def onnx_providers() -> list[str]:
-    """CUDA first when this onnxruntime build runs on GPU and has it, else CPU only."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if ort.get_device() == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return providers
-
-
 def onnx_logits_fn(
     path: str | Path,
     *,
@@ -334,7 +325,7 @@ def onnx_logits_fn(
     cast to its integer type; an ``attention_mask`` input gets ones and a ``position_ids``
     input gets ``0..L-1``. Logits are the output named ``logits``, else the first output.
     ``threads`` sets the session's intra-op threads; ``providers`` defaults to
-    :func:`onnx_providers`.
+    :func:`slimgraph.backends.ort_session.providers`.
     """
     import onnxruntime as ort
 
@@ -350,7 +341,7 @@ def onnx_logits_fn(
         opts.inter_op_num_threads = 1
     try:
         sess = ort.InferenceSession(
-            str(p), sess_options=opts, providers=list(providers or onnx_providers())
+            str(p), sess_options=opts, providers=list(providers or ort_providers())
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise EvaluationError(f"cannot load ONNX model '{path}': {_one_line(exc)}") from exc

@@ -6,7 +6,6 @@ The SmolLM2 test is marked ``slow``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -20,9 +19,9 @@ import pytest
 import torch
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.cli import main
 from slimgraph.evaluation import (
     EvaluationError,
-    add_parser,
     onnx_logits_fn,
     perplexity,
     read_text,
@@ -38,18 +37,9 @@ WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2
 
 
 def run_cli(argv: list[str]) -> int:
-    """Like slimgraph.cli.main with only the eval subcommand: errors -> one line, exit 2."""
-    parser = argparse.ArgumentParser(prog="slimgraph")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SlimgraphError as e:
-        print(f"slimgraph: error: {e}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
-@pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Fast tests never touch the user's model cache."""
     monkeypatch.setenv("SLIMGRAPH_CACHE", str(tmp_path_factory.mktemp("cache")))

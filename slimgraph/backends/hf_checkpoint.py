@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from slimgraph.frontends.loading import quiet_transformers
 from slimgraph.io import make_temp_dir
 from slimgraph.errors import ModelLoadError, PipelineError, SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
@@ -72,13 +73,14 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}-")
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if loader == "slimgraph" and base_config is not None:
-            base_config = copy.deepcopy(base_config)
-            base_config.architectures = [type(model).__name__]
-            base_config.save_pretrained(str(tmp))  # buildable; shapes come from the section
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        with quiet_transformers():
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            if loader == "slimgraph" and base_config is not None:
+                base_config = copy.deepcopy(base_config)
+                base_config.architectures = [type(model).__name__]
+                base_config.save_pretrained(str(tmp))  # buildable; shapes come from the section
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)
@@ -121,7 +123,8 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.n
     if cls is None:
         raise ModelLoadError(f"'{path}': unknown architecture {arch!r}")
     if section.get("loader") == "transformers":
-        model = cls.from_pretrained(str(path), dtype=dtype)
+        with quiet_transformers():
+            model = cls.from_pretrained(str(path), dtype=dtype)
         return model.eval()
     model = _build_resized(cls, config, section)
     state = {}

@@ -256,7 +256,7 @@ def _read_config(path: Path, *, label: str | None = None) -> Any:
         raise ModelLoadError(f"malformed config JSON '{label}': top level is not an object")
     if "model_type" not in data:
         raise ModelLoadError(f"config JSON '{label}' has no \"model_type\" field")
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             return AutoConfig.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:
@@ -304,7 +304,7 @@ def _load_hf_dir(
     cls = _model_class(config)
     if verbose:
         _note(f"loading {spec} ...")
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             from slimgraph.backends.hf_checkpoint import is_pruned_checkpoint, load_pruned
 
@@ -330,7 +330,7 @@ def _try_tokenizer(path: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception:  # noqa: BLE001 - a tokenizer is optional; the model still loads
@@ -419,7 +419,7 @@ def _load_gguf(
     cached = cdir is not None and _cache_valid(cdir, fingerprint)
 
     if meta:
-        with _quiet_transformers(gguf=True):
+        with quiet_transformers(gguf=True):
             if cached:
                 config = _read_config(cdir / "config.json")
             else:
@@ -432,7 +432,7 @@ def _load_gguf(
 
     if cached:
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(
                     str(cdir), dtype=dtype, local_files_only=True
                 )
@@ -449,7 +449,7 @@ def _load_gguf(
     if verbose:
         extra = " (first load de-quantizes the GGUF; later loads use the cache)" if cdir else ""
         _note(f"loading {spec}{extra} ...")
-    with _quiet_transformers(gguf=True):
+    with quiet_transformers(gguf=True):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, local_files_only=True
@@ -511,7 +511,7 @@ def _write_cache(
         cdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cdir.name}.tmp-", dir=cdir.parent))
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(str(tmp), safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
@@ -567,7 +567,7 @@ def _build_from_config(config: Any, *, meta: bool, dtype: torch.dtype) -> torch.
     """Instantiate a model from its config: random weights from a fixed seed, or on meta."""
     cls = _model_class(config)
     make = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             if meta:
                 with torch.device("meta"):
@@ -623,7 +623,7 @@ def _note(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(*, gguf: bool = False) -> Iterator[None]:
+def quiet_transformers(*, gguf: bool = False) -> Iterator[None]:
     """Silence transformers' progress bars, info/warning logs and Python warnings (with
     ``gguf``, also the GGUF de-quantization progress bar), and put things back afterwards."""
     from transformers.utils import logging as hf_logging

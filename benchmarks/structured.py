@@ -1,0 +1,118 @@
+"""Structured removal on SmolLM2: parameters, perplexity, ONNX Runtime latency.
+
+For each configuration: `slimgraph compile` (timed) with save-hf and export-onnx,
+`slimgraph eval` (BENCHMARK.md protocol: 40 x 512 tokens of the WikiText-2 eval split),
+and ONNX Runtime CPU latency (2 threads, batch 1, prefill 128 and 512 tokens, median of
+20 runs after 3 warm-up runs) next to the ideal: dense latency x remaining linear-FLOPs
+fraction.
+
+Usage: python benchmarks/structured.py [--windows 40] [--runs 20] [--only NAME ...]
+Writes benchmarks/results/structured.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CONFIGS = {
+    "dense": "export-onnx",
+    "mlp25": "prune-structured{mlp=0.25},save-hf,export-onnx",
+    "mlp50": "prune-structured{mlp=0.5},save-hf,export-onnx",
+    "kv1of3+mlp50": "prune-structured{heads=0.33,mlp=0.5},save-hf,export-onnx",
+}
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.perf_counter() - t0
+
+
+def latency(path: Path, seqlen: int, runs: int, threads: int = 2) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 1000, (1, seqlen), dtype=np.int64)
+    name = sess.get_inputs()[0].name
+    for _ in range(3):
+        sess.run(None, {name: ids})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: ids})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--only", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--work", default="benchmarks/out")
+    ap.add_argument("--out", default="benchmarks/results/structured.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = open(WIKI, newline="").read().replace("\r\n", "\n")
+    eval_txt = work / "eval.txt"
+    eval_txt.write_text(text[: int(0.75 * len(text))])
+    cli = [sys.executable, "-m", "slimgraph.cli"]
+    rows = {}
+    for name in args.only:
+        out = work / name
+        _, secs = run(cli + ["compile", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out)])
+        report = json.loads((out / "report.json").read_text())
+        target = str(out) if (out / "hf").exists() else "smollm2-135m"
+        ev, _ = run(cli + ["eval", target, "--ppl", str(eval_txt), "--windows", str(args.windows),
+                           "--seqlen", "512", "--json"])
+        ppl = json.loads(ev)["ppl"]
+        row = {
+            "pipeline": CONFIGS[name], "compile_s": round(secs, 1),
+            "params": report["parameters"]["after"],
+            "linear_flops_per_token": report["after"]["total_flops_per_token"],
+            "ppl": round(ppl, 3),
+            "latency_ms": {str(s): round(latency(out / "model.onnx", s, args.runs), 1)
+                           for s in (128, 512)},
+        }
+        rows[name] = row
+        print(name, json.dumps(row), flush=True)
+    if "dense" in rows:
+        dense = rows["dense"]
+        for row in rows.values():
+            frac = row["linear_flops_per_token"] / dense["linear_flops_per_token"]
+            row["flops_fraction"] = round(frac, 4)
+            row["ideal_ms"] = {s: round(dense["latency_ms"][s] * frac, 1) for s in ("128", "512")}
+            row["over_ideal_pct"] = {s: round(100 * (row["latency_ms"][s] / row["ideal_ms"][s] - 1), 1)
+                                     for s in ("128", "512")}
+    result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    print("| config | params | ppl | compile s | ORT 128 ms (ideal) | ORT 512 ms (ideal) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        ideal = r.get("ideal_ms", {"128": "-", "512": "-"})
+        print(f"| {name} | {r['params']:,} | {r['ppl']} | {r['compile_s']} | "
+              f"{r['latency_ms']['128']} ({ideal['128']}) | {r['latency_ms']['512']} ({ideal['512']}) |")
+
+
+if __name__ == "__main__":
+    main()
