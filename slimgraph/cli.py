@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="print the IR after PASS (repeatable)")
     comp.add_argument("--time-passes", action="store_true", help="print a timing table")
     comp.add_argument("--seq", type=int, default=7, help="example sequence length for tracing")
+    comp.add_argument("--calib-file", metavar="PATH",
+                      help="calibration data for passes that need it: a text file, Alpaca "
+                      "JSON/JSONL, or 'self' (text sampled from the model; the default)")
+    comp.add_argument("--calib-samples", type=int, default=64, metavar="N",
+                      help="calibration windows (default 64)")
+    comp.add_argument("--calib-seqlen", type=int, default=512, metavar="L",
+                      help="tokens per calibration window (default 512)")
     comp.set_defaults(func=cmd_compile)
 
     from slimgraph import evaluation
@@ -109,7 +116,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Console(width=None if sys.stdout.isatty() else 200)
     report = compile_model(args.model, args.pipeline, Path(args.output), verify=not args.no_verify,
                            print_after=set(args.print_after), seq=args.seq, console=err,
-                           printer=print)
+                           printer=print, calib={"file": args.calib_file,
+                                                 "samples": args.calib_samples,
+                                                 "seqlen": args.calib_seqlen})
     from slimgraph.compile import render_summary
 
     render_summary(report, out)

@@ -54,7 +54,8 @@ def _embedding_tables(graph) -> set[str]:
 
 def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = True,
                   print_after: set[str] | None = None, seq: int = 7, console=None,
-                  printer: Callable[[str], None] = print) -> dict[str, Any]:
+                  printer: Callable[[str], None] = print,
+                  calib: dict[str, Any] | None = None) -> dict[str, Any]:
     from slimgraph.frontends.build import graph_of
     from slimgraph.frontends.loading import load_model
     from slimgraph.ir.verifier import verify as verify_graph
@@ -69,7 +70,7 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
         loaded = load_model(spec)
         if status:
             status.update("tracing ...")
-        state = CompileState(loaded=loaded, out_dir=Path(out_dir), seq=seq)
+        state = CompileState(loaded=loaded, out_dir=Path(out_dir), seq=seq, calib=dict(calib or {}))
         state.graph = graph_of(loaded, seq=seq)
         if verify:
             verify_graph(state.graph)
@@ -80,6 +81,11 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
         def on_start(p, i, n):
             if status:
                 status.update(f"pass {i + 1}/{n}: {p.describe()} ...")
+
+                def progress(done, total, p=p, i=i, n=n):
+                    status.update(f"pass {i + 1}/{n}: {p.describe()} ... {done}/{total} blocks")
+
+                state.progress = progress
 
         manager.on_start = on_start
         state.out_dir.mkdir(parents=True, exist_ok=True)

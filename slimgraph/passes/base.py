@@ -37,6 +37,8 @@ class CompileState:
     # module attributes changed by removal (head counts, eps), replayed when reloading
     module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calib: dict[str, Any] = field(default_factory=dict)  # file, samples, seqlen defaults
+    progress: Any = None  # callable(done, total) for long passes, set by the driver
     original_config: Any = None  # the HF config before any pass changed it
     _analysis: Any = None
 

@@ -10,6 +10,7 @@ from slimgraph.errors import PipelineError
 _MODULES = {
     "prune-structured": "slimgraph.passes.prune_structured",
     "remove": "slimgraph.passes.remove",
+    "sparsify": "slimgraph.passes.sparsify",
     "export-onnx": "slimgraph.backends.onnx_export",
     "save-hf": "slimgraph.backends.hf_checkpoint",
 }

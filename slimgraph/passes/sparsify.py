@@ -1,0 +1,186 @@
+"""`sparsify`: post-training unstructured or N:M sparsity of the decoder-block linears.
+
+    sparsify{score=ria,pattern=2:4}
+    sparsify{score=wanda,sparsity=0.5,scope=row}
+    sparsify{score=ria,pattern=2:4,reconstruct=true}
+
+Scores: magnitude, wanda, ri, ria (``a`` = activation exponent, default 0.5). Masks:
+unstructured at ``sparsity`` (compared per ``scope``: layer or row) or N:M
+(``pattern``) along the reduction axis. ``reconstruct`` adds the SparseGPT-style
+weight update. Calibration is block-sequential (``sparsity/calibration.py``): samples
+x seqlen tokens from ``calib`` (a text file, Alpaca JSON/JSONL, or ``self``); the
+compile command's --calib-* options set the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimgraph.errors import PipelineError
+from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.registry import register
+
+SCORES = ("magnitude", "wanda", "ri", "ria")
+
+
+@dataclass
+class Sparsify(Pass):
+    name = "sparsify"
+    summary = "magnitude / Wanda / RI / RIA sparsity (unstructured or N:M), optional reconstruction"
+    score: str = "ria"
+    sparsity: float | None = None
+    pattern: str | None = None
+    scope: str | None = None
+    a: float = 0.5
+    reconstruct: bool = False
+    calib: str | None = None
+    samples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    batch: int = 8
+
+    def nm(self) -> tuple[int, int] | None:
+        from slimgraph.sparsity.masks import parse_pattern
+
+        if self.pattern is None:
+            return None
+        try:
+            return parse_pattern(self.pattern)
+        except ValueError as e:
+            raise self.option_error("pattern", str(e)) from None
+
+    def check_options(self) -> None:
+        if self.score not in SCORES:
+            raise self.option_error("score", f"{self.score!r} is not one of {', '.join(SCORES)}")
+        if self.pattern is None and self.sparsity is None:
+            raise self.option_error("sparsity/pattern", "give a sparsity (e.g. sparsity=0.5) or "
+                                    "an N:M pattern (e.g. pattern=2:4)")
+        if self.pattern is not None and self.sparsity is not None:
+            raise self.option_error("sparsity/pattern", "give either sparsity or pattern, not both")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise self.option_error("sparsity", f"{self.sparsity} is outside (0, 1)")
+        self.nm()
+        if self.scope not in (None, "layer", "row"):
+            raise self.option_error("scope", f"{self.scope!r} is not one of layer, row")
+        if self.pattern is not None and self.scope is not None:
+            raise self.option_error("scope", "N:M masks are always per row and group of M")
+        if self.a < 0:
+            raise self.option_error("a", f"must be >= 0, got {self.a}")
+        for opt in ("samples", "seqlen", "batch"):
+            val = getattr(self, opt)
+            if val is not None and val < 1:
+                raise self.option_error(opt, f"must be >= 1, got {val}")
+
+    def needs_data(self) -> bool:
+        from slimgraph.sparsity.scores import SCORES_NEED_DATA
+
+        return self.score in SCORES_NEED_DATA or self.reconstruct
+
+    def requires(self, state: CompileState) -> None:
+        if state.model is None:
+            raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
+                                "supported by this pass yet)")
+        if state.loaded.meta:
+            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+        if self.needs_data() and state.loaded.tokenizer is None and (self.calib or state.calib.get(
+                "file")) != "self":
+            raise PipelineError(f"pass '{self.name}': score '{self.score}' needs calibration data "
+                                "and the model has no tokenizer")
+
+    def run(self, state: CompileState) -> PassResult:
+        from slimgraph.sparsity.calibration import block_sequential, calibration_tokens, sample_windows
+
+        result = state.analysis()
+        samples = self.samples or state.calib.get("samples", 64)
+        seqlen = self.seqlen or state.calib.get("seqlen", 512)
+        source = self.calib or state.calib.get("file") or "self"
+        if self.needs_data():
+            tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
+                                        seqlen=seqlen, samples=samples, seed=self.seed)
+            windows = sample_windows(tokens, samples, seqlen, self.seed)
+        else:  # magnitude / RI need no activations: one tiny window drives the block walk
+            windows = torch.zeros((1, 2), dtype=torch.long)
+        pruner = _BlockPruner(self)
+        reports = block_sequential(state.model, result, windows, pruner, batch=self.batch,
+                                   progress=state.progress)
+        layers = [r for rep in reports for r in rep["layers"]]
+        skipped = [r for r in layers if r.get("skipped")]
+        pruned = [r for r in layers if not r.get("skipped")]
+        if not pruned:
+            raise PipelineError(f"pass '{self.name}': no linear layer could be pruned "
+                                f"({skipped[0]['skipped'] if skipped else 'none found'})")
+        total = sum(r["numel"] for r in pruned)
+        zeros = sum(r["zeros"] for r in pruned)
+        report = {"score": self.score, "pattern": self.pattern, "sparsity_target": self.sparsity,
+                  "reconstruct": self.reconstruct, "calibration": {
+                      "source": str(source) if self.needs_data() else None,
+                      "samples": samples if self.needs_data() else 0, "seqlen": seqlen},
+                  "layers": layers, "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped],
+                  "sparsity": zeros / total}
+        return PassResult(True, report)
+
+
+class _BlockPruner:
+    """Observe a block's linear inputs, then prune every linear of the block."""
+
+    def __init__(self, opts: Sparsify) -> None:
+        self.opts = opts
+
+    def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
+        from slimgraph.sparsity.reconstruct import GramAccumulator
+
+        opts = self.opts
+        linears = {name: module.get_submodule(name[len(block.module_name) + 1:])
+                   for name in block.linears}
+        stats: dict[str, GramAccumulator] = {}
+        hooks = []
+        if opts.needs_data():
+            for name, lin in linears.items():
+                acc = GramAccumulator(lin.in_features, hessian=opts.reconstruct)
+                stats[name] = acc
+                hooks.append(lin.register_forward_pre_hook(
+                    lambda _m, args, acc=acc: acc.add(args[0].detach())))
+            try:
+                with torch.no_grad():
+                    for args, kwargs in inputs:
+                        module(*args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+        return {"layer": block.layer,
+                "layers": [self.prune_linear(name, lin, stats.get(name)) for name, lin in
+                           linears.items()]}
+
+    def prune_linear(self, name: str, lin: torch.nn.Linear, acc) -> dict:
+        from slimgraph.sparsity.masks import nm_mask, unstructured_mask
+        from slimgraph.sparsity.reconstruct import sparsegpt_prune
+        from slimgraph.sparsity.scores import score
+
+        opts = self.opts
+        w = lin.weight.detach().float()
+        nm = opts.nm()
+        if nm is not None and w.shape[1] % nm[1]:
+            return {"name": name, "skipped": f"input size {w.shape[1]} is not divisible by "
+                    f"{nm[1]}", "numel": w.numel(), "zeros": 0}
+        act = acc.act_norm() if acc is not None else None
+        s = score(w, opts.score, act_norm=act, a=opts.a)
+        if opts.reconstruct:
+            new, keep = sparsegpt_prune(w, acc.hessian(), sparsity=opts.sparsity,
+                                        pattern=nm, scores=s)
+        else:
+            if nm is not None:
+                keep = nm_mask(s, *nm)
+            else:
+                scope = opts.scope or ("row" if opts.score == "wanda" else "layer")
+                keep = unstructured_mask(s, opts.sparsity, scope)
+            new = w * keep
+        with torch.no_grad():
+            lin.weight.copy_(new.to(lin.weight.dtype))
+        zeros = int((lin.weight == 0).sum())
+        return {"name": name, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
+                "sparsity": round(zeros / w.numel(), 6)}
+
+
+register(Sparsify)

@@ -1,0 +1,205 @@
+"""Block-sequential calibration for post-training sparsity (Wanda, RIA, SparseGPT).
+
+Blocks come from the channel analysis: the linears of each layer's groups (attention
+heads, MLP channels) and the module that holds all of them is that layer's block; the
+order of the layers is the order of the residual stream. The procedure (ALGORITHMS.md
+section 1): capture the inputs of block 0, then for each block run it with observers
+on the inputs of its linears, prune them, re-run the pruned block to produce the next
+block's inputs. Memory: one block plus the calibration activations.
+
+Calibration sources: a text file, Alpaca-format JSON/JSONL (instruction, input, output),
+or ``self`` (text sampled from the model itself: data-free).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir.dependency import DependencyResult
+
+
+class CalibrationError(SlimgraphError):
+    """Calibration data is missing, malformed or too short."""
+
+
+# -- data -------------------------------------------------------------------------------
+
+def _alpaca_texts(path: Path) -> list[str]:
+    raw = path.read_text(encoding="utf-8")
+    records = []
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        records = data if isinstance(data, list) else [data]
+    texts = []
+    for i, rec in enumerate(records, 1):
+        if not isinstance(rec, dict) or "instruction" not in rec:
+            raise CalibrationError(f"{path}: record {i} has no 'instruction'")
+        parts = [rec["instruction"], rec.get("input", "")]
+        out = rec.get("output")
+        if out is None and isinstance(rec.get("instances"), list):  # self-instruct seed format
+            inst = rec["instances"][0] if rec["instances"] else {}
+            parts[1] = inst.get("input", "")
+            out = inst.get("output", "")
+        parts.append(out or "")
+        texts.append("\n".join(p for p in parts if p))
+    return texts
+
+
+def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int = 512,
+                       samples: int = 64, seed: int = 0) -> list[int]:
+    """All calibration tokens of a source, tokenized without special tokens."""
+    if str(source) == "self":
+        if model is None:
+            raise CalibrationError("calibration source 'self' needs the model")
+        return _self_generated(model, tokenizer, seqlen, samples, seed)
+    path = Path(source)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file '{path}' does not exist")
+    if path.suffix in (".json", ".jsonl"):
+        text = "\n\n".join(_alpaca_texts(path))
+    else:
+        text = open(path, newline="", encoding="utf-8").read().replace("\r\n", "\n")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _self_generated(model, tokenizer, seqlen, samples, seed) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    out: list[int] = []
+    need = seqlen * max(1, min(samples, 8)) + seqlen + 2
+    ids = torch.tensor([[start]])
+    with torch.no_grad():
+        while len(out) < need:
+            logits = model(input_ids=ids[:, -256:], use_cache=False).logits[0, -1]
+            nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            out.append(int(nxt))
+    return out
+
+
+def sample_windows(tokens: list[int], samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens; starts drawn as BENCHMARK.md says."""
+    if len(tokens) < seqlen + 2:
+        raise CalibrationError(f"calibration text has {len(tokens)} tokens, shorter than one "
+                               f"sample of {seqlen}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(samples):
+        i = rng.randint(0, len(tokens) - seqlen - 1)
+        rows.append(tokens[i : i + seqlen])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# -- blocks -----------------------------------------------------------------------------
+
+@dataclass
+class Block:
+    layer: int
+    module_name: str
+    linears: list[str] = field(default_factory=list)  # module names of its linears
+
+
+def find_blocks(result: DependencyResult) -> list[Block]:
+    """Decoder blocks from the groups: the linears of each layer and their common module."""
+    from slimgraph.ir.graph import OpKind
+
+    per_layer: dict[int, set[str]] = {}
+    for g in result.groups:
+        if g.layer is None or g.kind not in ("heads", "mlp"):
+            continue
+        for m in g.members:
+            if m.param.endswith(".weight"):
+                per_layer.setdefault(g.layer, set()).add(m.param[: -len(".weight")])
+    linear_modules = {n.inputs[1].name[: -len(".weight")] for n in result.graph.nodes
+                      if n.kind is OpKind.LINEAR and n.inputs[1].name.endswith(".weight")}
+    blocks = []
+    for layer in sorted(per_layer):
+        mods = sorted(per_layer[layer] & linear_modules)
+        if not mods:
+            continue
+        parts = [m.split(".") for m in mods]
+        common = []
+        for level in zip(*parts):
+            if all(p == level[0] for p in level):
+                common.append(level[0])
+            else:
+                break
+        blocks.append(Block(layer, ".".join(common), mods))
+    return blocks
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model, block0: torch.nn.Module, windows: torch.Tensor, batch: int
+                         ) -> list[tuple[tuple, dict]]:
+    """Run the model up to block 0 for every batch of windows; keep block 0's inputs."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), batch):
+                try:
+                    model(input_ids=windows[i : i + batch], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != (len(windows) + batch - 1) // batch:
+        raise SlimgraphError("could not capture the inputs of the first decoder block")
+    return captured
+
+
+def run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The block's outputs, as inputs for the next block (same kwargs)."""
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            y = block(*args, **kwargs)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            outs.append(((y,) + tuple(args[1:]), kwargs))
+    return outs
+
+
+def block_sequential(model, result: DependencyResult, windows: torch.Tensor,
+                     prune_block: Callable[[Block, torch.nn.Module, list], dict], *,
+                     batch: int = 8, progress: Callable[[int, int], None] | None = None
+                     ) -> list[dict]:
+    """Capture block 0's inputs; per block observe+prune (``prune_block``), then re-run."""
+    blocks = find_blocks(result)
+    if not blocks:
+        raise SlimgraphError("no decoder blocks with prunable linears were found")
+    inputs = capture_block_inputs(model, model.get_submodule(blocks[0].module_name), windows, batch)
+    reports = []
+    for i, blk in enumerate(blocks):
+        module = model.get_submodule(blk.module_name)
+        reports.append(prune_block(blk, module, inputs))
+        if i + 1 < len(blocks):
+            inputs = run_block(module, inputs)
+        if progress:
+            progress(i + 1, len(blocks))
+    return reports
