@@ -197,12 +197,9 @@ class SaveHF(Pass):
             raise self.option_error("subdir", f"{self.subdir!r} must be a plain directory name")
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None or not hasattr(state.model, "save_pretrained"):
+        self.require_torch(state, out_dir=True)
+        if not hasattr(state.model, "save_pretrained"):
             raise PipelineError(f"pass '{self.name}' needs a transformers model")
-        if state.out_dir is None:
-            raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
-        if state.loaded.meta:
-            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
 
     def run(self, state: CompileState) -> PassResult:
         out = state.out_dir / self.subdir

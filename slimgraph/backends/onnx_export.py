@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from slimgraph.io import make_temp_dir
-from slimgraph.errors import PipelineError, SlimgraphError
+from slimgraph.errors import SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
@@ -121,12 +121,7 @@ class ExportOnnx(Pass):
             raise self.option_error("opset", f"{self.opset} is not a supported opset (17-25)")
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None:
-            raise PipelineError(f"pass '{self.name}' needs a PyTorch model")
-        if state.out_dir is None:
-            raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
-        if state.loaded.meta:
-            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+        self.require_torch(state, out_dir=True)
 
     def run(self, state: CompileState) -> PassResult:
         import onnx

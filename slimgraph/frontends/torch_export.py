@@ -357,8 +357,8 @@ _SOURCE = [
     "scalar_tensor.default", "empty.memory_format", "zeros_like.default", "ones_like.default",
     "full_like.default", "empty_like.default", "tensor.default",
 ]
-_NOOP = ["_assert_tensor_metadata.default", "sym_size.int", "_assert_scalar.default", "sym_constrain_range_for_size.default",
-         "sym_numel.default", "_assert_async.msg"]
+_NOOP = ["_assert_tensor_metadata.default", "sym_size.int", "_assert_scalar.default",
+         "sym_constrain_range_for_size.default", "sym_numel.default", "_assert_async.msg"]
 
 CONVERTERS: dict[str, Callable[..., Converted]] = {
     "aten.linear.default": _linear,

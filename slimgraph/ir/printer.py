@@ -1,6 +1,7 @@
 """A readable text form of the IR, one line per node.
 
-    %linear: f32[1,7,64] = linear(%mul_4, @model.layers.0.self_attn.q_proj.weight) {w_in=1, w_out=0}  # aten.linear.default
+    %linear: f32[1,7,64] = linear(%mul_4, @model.layers.0.self_attn.q_proj.weight)
+        {w_in=1, w_out=0}  # aten.linear.default      (on one line)
 """
 
 from __future__ import annotations

@@ -91,6 +91,17 @@ class Pass:
     def ensures(self, state: CompileState, result: PassResult) -> None:
         """Postconditions (raise to report a broken pass)."""
 
+    def require_torch(self, state: CompileState, *, weights: bool = True,
+                      out_dir: bool = False) -> None:
+        """The common preconditions: a PyTorch model, with weights, and an OUTDIR."""
+        if state.model is None:
+            raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
+                                "supported by this pass yet)")
+        if weights and state.loaded.meta:
+            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+        if out_dir and state.out_dir is None:
+            raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
+
     def option_error(self, option: str, message: str) -> PipelineError:
         return PipelineError(f"pass '{self.name}', option '{option}': {message}")
 

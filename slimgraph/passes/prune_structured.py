@@ -68,11 +68,7 @@ class PruneStructured(Pass):
         parse_layers(self.protect, self.name)
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None:
-            raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
-                                "supported by this pass yet)")
-        if state.loaded.meta:
-            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+        self.require_torch(state)
 
     def run(self, state: CompileState) -> PassResult:
         result = state.analysis()

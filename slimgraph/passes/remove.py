@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 from slimgraph.structured.removal import remove_units
@@ -16,8 +15,7 @@ class Remove(Pass):
     summary = "slice out the units selected by an earlier pass"
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None:
-            raise PipelineError(f"pass '{self.name}' needs a PyTorch model")
+        self.require_torch(state)
 
     def run(self, state: CompileState) -> PassResult:
         if not state.selection:

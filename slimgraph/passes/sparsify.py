@@ -79,11 +79,7 @@ class Sparsify(Pass):
         return self.score in SCORES_NEED_DATA or self.reconstruct
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None:
-            raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
-                                "supported by this pass yet)")
-        if state.loaded.meta:
-            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
+        self.require_torch(state)
         if self.needs_data() and state.loaded.tokenizer is None and (self.calib or state.calib.get(
                 "file")) != "self":
             raise PipelineError(f"pass '{self.name}': score '{self.score}' needs calibration data "

@@ -23,6 +23,7 @@ import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.dependency import DependencyResult
+from slimgraph.structured.removal import module_prefix
 
 
 class CalibrationError(SlimgraphError):
@@ -135,14 +136,7 @@ def find_blocks(result: DependencyResult) -> list[Block]:
         mods = sorted(per_layer[layer] & linear_modules)
         if not mods:
             continue
-        parts = [m.split(".") for m in mods]
-        common = []
-        for level in zip(*parts):
-            if all(p == level[0] for p in level):
-                common.append(level[0])
-            else:
-                break
-        blocks.append(Block(layer, ".".join(common), mods))
+        blocks.append(Block(layer, module_prefix([m + ".weight" for m in mods]), mods))
     return blocks
 
 

@@ -47,7 +47,7 @@ def mask_units(result: DependencyResult, selection: dict[int, list[int]]) -> Non
         handle.write(w)
 
 
-def _module_prefix(names: list[str]) -> str:
+def module_prefix(names: list[str]) -> str:
     parts = [n.split(".")[:-1] for n in names]
     common = []
     for level in zip(*parts):
@@ -90,7 +90,7 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
 
 def _update_head_counts(model, g: ChannelGroup, kept_units: int, report) -> None:
     """Set head-count attributes on the attention module(s) owning the group."""
-    prefix = _module_prefix([m.param for m in g.members])
+    prefix = module_prefix([m.param for m in g.members])
     root = model.get_submodule(prefix) if prefix else model
     q_heads = kept_units * g.queries_per_unit
     for sub, module in root.named_modules():
