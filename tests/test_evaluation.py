@@ -30,6 +30,7 @@ from slimgraph.evaluation import (
     torch_logits_fn,
 )
 from tests import zoo
+from tests.zoo import tiny_text, tiny_tokenizer
 
 V = zoo.VOCAB  # 128
 SEQLEN = 32
@@ -191,27 +192,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 # --------------------------------------------------------------------------- tiny model
-
-
-WORDS = [f"w{i}" for i in range(1, V)]
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, **{w: i for i, w in enumerate(WORDS, start=1)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[UNK]",
-                                   model_max_length=64)
-
-
-def tiny_text(n_words: int, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    words = [WORDS[i] for i in rng.integers(0, len(WORDS), n_words)]
-    lines = [" ".join(words[i : i + 12]) for i in range(0, n_words, 12)]
-    return "\r\n".join(lines) + "\r\n"  # CRLF like wiki.test.raw
 
 
 @pytest.fixture(scope="module")

@@ -52,3 +52,28 @@ def example(name: str) -> tuple[tuple, dict]:
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=g)
     kwargs = {} if name == "bert" else {"use_cache": False}
     return (ids,), kwargs
+
+
+WORDS = [f"w{i}" for i in range(1, VOCAB)]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over WORDS ("w1".."w127"), ids matching the zoo's vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i for i, w in enumerate(WORDS, start=1)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[UNK]",
+                                   model_max_length=64)
+
+
+def tiny_text(n_words: int, seed: int = 0) -> str:
+    """Random words from WORDS, 12 a line, CRLF line ends (like wiki.test.raw)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), n_words)]
+    lines = [" ".join(words[i : i + 12]) for i in range(0, n_words, 12)]
+    return "\r\n".join(lines) + "\r\n"
