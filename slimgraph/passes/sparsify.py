@@ -4,7 +4,8 @@
     sparsify{score=wanda,sparsity=0.5,scope=row}
     sparsify{score=ria,pattern=2:4,reconstruct=true}
 
-Scores: magnitude, wanda, ri, ria (``a`` = activation exponent, default 0.5). Masks:
+Scores: magnitude, wanda, ri, ria (``a`` = activation exponent, default 0.5), or
+sparsegpt (SparseGPT's adaptive saliency w^2/[H^-1]_jj^2; implies reconstruct). Masks:
 unstructured at ``sparsity`` (compared per ``scope``: layer or row) or N:M
 (``pattern``) along the reduction axis. ``reconstruct`` adds the SparseGPT-style
 weight update. Calibration is block-sequential (``sparsity/calibration.py``): samples
@@ -22,7 +23,7 @@ from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
-SCORES = ("magnitude", "wanda", "ri", "ria")
+SCORES = ("magnitude", "wanda", "ri", "ria", "sparsegpt")  # sparsegpt: its own saliency
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Sparsify(Pass):
     def needs_data(self) -> bool:
         from slimgraph.sparsity.scores import SCORES_NEED_DATA
 
-        return self.score in SCORES_NEED_DATA or self.reconstruct
+        return self.score in SCORES_NEED_DATA or self.reconstruct or self.score == "sparsegpt"
 
     def requires(self, state: CompileState) -> None:
         self.require_torch(state)
@@ -134,7 +135,8 @@ class _BlockPruner:
         hooks = []
         if opts.needs_data():
             for name, lin in linears.items():
-                acc = GramAccumulator(lin.in_features, hessian=opts.reconstruct)
+                acc = GramAccumulator(lin.in_features,
+                                      hessian=opts.reconstruct or opts.score == "sparsegpt")
                 stats[name] = acc
                 hooks.append(lin.register_forward_pre_hook(
                     lambda _m, args, acc=acc: acc.add(args[0].detach())))
@@ -161,11 +163,14 @@ class _BlockPruner:
             return {"name": name, "skipped": f"input size {w.shape[1]} is not divisible by "
                     f"{nm[1]}", "numel": w.numel(), "zeros": 0}
         act = acc.act_norm() if acc is not None else None
-        s = score(w, opts.score, act_norm=act, a=opts.a)
-        if opts.reconstruct:
+        if opts.score == "sparsegpt":
+            new, keep = sparsegpt_prune(w, acc.hessian(), sparsity=opts.sparsity, pattern=nm)
+        elif opts.reconstruct:
+            s = score(w, opts.score, act_norm=act, a=opts.a)
             new, keep = sparsegpt_prune(w, acc.hessian(), sparsity=opts.sparsity,
                                         pattern=nm, scores=s)
         else:
+            s = score(w, opts.score, act_norm=act, a=opts.a)
             if nm is not None:
                 keep = nm_mask(s, *nm)
             else:

@@ -43,7 +43,8 @@ def _linears(model):
 @pytest.mark.parametrize("pipeline", ["sparsify{score=ria,pattern=2:4}",
                                       "sparsify{score=wanda,pattern=2:4}",
                                       "sparsify{score=magnitude,pattern=4:8}",
-                                      "sparsify{score=ria,pattern=2:4,reconstruct=true}"])
+                                      "sparsify{score=ria,pattern=2:4,reconstruct=true}",
+                                      "sparsify{score=sparsegpt,pattern=2:4}"])
 def test_nm_patterns_hold_in_every_block_linear(tiny, tmp_path, pipeline):
     rc, out = _compile(tiny, tmp_path, pipeline)
     assert rc == 0

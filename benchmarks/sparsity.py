@@ -1,0 +1,132 @@
+"""Post-training sparsity on SmolLM2: the quality table of BENCHMARK.md.
+
+For each method (magnitude, Wanda, RIA; each with and without SparseGPT-style
+reconstruction) at 50% unstructured and at 2:4: prune with 64 x 512 calibration windows
+drawn from the calibration split (seed 0), then perplexity over 40 x 512 tokens of the
+evaluation split. Each configuration runs in a fresh process that also times one dense
+forward pass over the calibration set (the reference time of the same run) and reports
+its own peak RSS.
+
+Usage: python benchmarks/sparsity.py [--only NAME ...] [--windows 40] [--samples 64]
+Writes benchmarks/results/sparsity.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+CONFIGS = {}
+for score in ("magnitude", "wanda", "ria"):
+    for rec in (False, True):
+        suffix = ",reconstruct=true" if rec else ""
+        tag = "+rec" if rec else ""
+        scope = ",scope=row" if score == "wanda" else ""
+        CONFIGS[f"{score}{tag} 50%"] = f"sparsify{{score={score},sparsity=0.5{scope}{suffix}}}"
+        CONFIGS[f"{score}{tag} 2:4"] = f"sparsify{{score={score},pattern=2:4{suffix}}}"
+CONFIGS["sparsegpt 50%"] = "sparsify{score=sparsegpt,sparsity=0.5}"
+CONFIGS["sparsegpt 2:4"] = "sparsify{score=sparsegpt,pattern=2:4}"
+
+
+def split(work: Path) -> tuple[Path, Path]:
+    text = open(WIKI, newline="").read().replace("\r\n", "\n")
+    cut = int(0.75 * len(text))
+    ev, cal = work / "eval.txt", work / "calib.txt"
+    ev.write_text(text[:cut])
+    cal.write_text(text[cut:])
+    return ev, cal
+
+
+def child(name: str, work: Path, samples: int) -> dict:
+    import torch
+
+    from slimgraph.compile import compile_model
+    from slimgraph.frontends.loading import load_model
+    from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
+
+    torch.set_num_threads(2)
+    calib = work / "calib.txt"
+    out = work / name.replace(" ", "_").replace(":", "-").replace("%", "")
+    loaded = load_model("smollm2-135m", verbose=False)
+    windows = sample_windows(calibration_tokens(loaded.tokenizer, calib), samples, 512, 0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, samples, 8):
+            loaded.model(input_ids=windows[i : i + 8], use_cache=False)
+    dense_forward = time.perf_counter() - t0
+    del loaded
+    report = compile_model("smollm2-135m", f"{CONFIGS[name]},save-hf", out,
+                           calib={"file": str(calib), "samples": samples, "seqlen": 512})
+    p = report["passes"][0]
+    return {"name": name, "pipeline": CONFIGS[name], "prune_s": round(p["seconds"], 1),
+            "dense_forward_calib_s": round(dense_forward, 1),
+            "sparsity": round(p["report"]["sparsity"], 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "out": str(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["dense", *CONFIGS])
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--work", default="benchmarks/out/sparsity")
+    ap.add_argument("--out", default="benchmarks/results/sparsity.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.work)
+    if args.child:
+        print(json.dumps(child(args.child, work, args.samples)))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    ev, _ = split(work)
+    path = Path(args.out)
+    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    cli = [sys.executable, "-m", "slimgraph.cli"]
+    for name in args.only:
+        if name == "dense":
+            row = {"name": "dense"}
+            target = "smollm2-135m"
+        else:
+            proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
+                                   "--samples", str(args.samples)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            target = row.pop("out")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cli + ["eval", target, "--ppl", str(ev), "--windows", str(args.windows),
+                                     "--json", "--no-progress", "--threads", "2"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"eval of {name} failed:\n{proc.stderr[-3000:]}")
+        row["ppl"] = round(json.loads(proc.stdout)["ppl"], 2)
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        if name != "dense":
+            shutil.rmtree(target, ignore_errors=True)
+        rows[name] = row
+        print(json.dumps(row), flush=True)
+        result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
+    print("| method | ppl | prune wall s | dense fwd over calib s | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['ppl']} | {r.get('prune_s', '-')} | {r.get('dense_forward_calib_s', '-')} "
+              f"| {r.get('peak_rss_mb', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
