@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     from slimgraph import evaluation
 
     evaluation.add_parser(sub)
+    from slimgraph import sparsity_check; sparsity_check.add_parser(sub)  # noqa: E702
     return p
 
 

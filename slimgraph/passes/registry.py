@@ -11,6 +11,7 @@ _MODULES = {
     "prune-structured": "slimgraph.passes.prune_structured",
     "remove": "slimgraph.passes.remove",
     "sparsify": "slimgraph.passes.sparsify",
+    "check-sparsity": "slimgraph.passes.check_sparsity",
     "export-onnx": "slimgraph.backends.onnx_export",
     "save-hf": "slimgraph.backends.hf_checkpoint",
 }
