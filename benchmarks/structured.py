@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=list(CONFIGS))
     ap.add_argument("--work", default="benchmarks/out")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-measure latency of existing OUTDIRs (keeps compile/ppl figures)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -74,8 +76,16 @@ def main() -> None:
     eval_txt.write_text(text[: int(0.75 * len(text))])
     cli = [sys.executable, "-m", "slimgraph.cli"]
     rows = {}
+    path = Path(args.out)
+    if args.latency_only:
+        rows = json.loads(path.read_text())["rows"]
     for name in args.only:
         out = work / name
+        if args.latency_only:
+            rows[name]["latency_ms"] = {str(s): round(latency(out / "model.onnx", s, args.runs), 1)
+                                        for s in (128, 512)}
+            print(name, rows[name]["latency_ms"], flush=True)
+            continue
         _, secs = run(cli + ["compile", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out)])
         report = json.loads((out / "report.json").read_text())
         target = str(out) if (out / "hf").exists() else "smollm2-135m"
@@ -101,7 +111,6 @@ def main() -> None:
             row["over_ideal_pct"] = {s: round(100 * (row["latency_ms"][s] / row["ideal_ms"][s] - 1), 1)
                                      for s in ("128", "512")}
     result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows}
-    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
