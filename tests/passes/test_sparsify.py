@@ -159,3 +159,21 @@ def test_alpaca_jsonl_calibration_and_errors(tiny, tmp_path, capsys):
     rc = main(["compile", str(tiny / "m"), "-p", "sparsify{score=wanda,sparsity=0.5}", "-o",
                str(tmp_path / "o2"), "--calib-file", str(bad)])
     assert rc == 2 and "b.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_model_without_prunable_linears_is_an_error():
+    from torch import nn
+
+    from slimgraph.errors import SlimgraphError
+    from slimgraph.frontends.torch_export import trace
+    from slimgraph.ir.dependency import analyze
+    from slimgraph.sparsity.calibration import block_sequential
+
+    class NoBlocks(nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    model = NoBlocks()
+    r = analyze(trace(model, (torch.randn(1, 4, 8),)))
+    with pytest.raises(SlimgraphError, match="no decoder blocks with prunable linears"):
+        block_sequential(model, r, torch.zeros((1, 2), dtype=torch.long), lambda *a: {})
