@@ -126,30 +126,50 @@ class _BlockPruner:
         self.opts = opts
 
     def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
-        from slimgraph.sparsity.reconstruct import GramAccumulator
-
         opts = self.opts
         linears = {name: module.get_submodule(name[len(block.module_name) + 1:])
                    for name in block.linears}
-        stats: dict[str, GramAccumulator] = {}
-        hooks = []
+        stats: dict = {}
         if opts.needs_data():
-            for name, lin in linears.items():
-                acc = GramAccumulator(lin.in_features,
-                                      hessian=opts.reconstruct or opts.score == "sparsegpt")
-                stats[name] = acc
-                hooks.append(lin.register_forward_pre_hook(
-                    lambda _m, args, acc=acc: acc.add(args[0].detach())))
-            try:
-                with torch.no_grad():
-                    for args, kwargs in inputs:
-                        module(*args, **kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
+            stats = self.observe(module, linears, inputs)
         return {"layer": block.layer,
                 "layers": [self.prune_linear(name, lin, stats.get(name)) for name, lin in
                            linears.items()]}
+
+    def observe(self, module: torch.nn.Module, linears: dict, inputs: list) -> dict:
+        """Run the block over the calibration inputs, accumulating each linear's input
+        statistics. Linears that read the same tensor in a forward (q/k/v, gate/up) share
+        one accumulator, so a Gram matrix is built once per distinct input."""
+        from slimgraph.sparsity.reconstruct import GramAccumulator
+
+        hessian = self.opts.reconstruct or self.opts.score == "sparsegpt"
+        accs: dict[str, GramAccumulator] = {}
+        # id -> (tensor, accumulator); holding the tensor keeps its id from being reused
+        batch_seen: dict[int, tuple[torch.Tensor, GramAccumulator]] = {}
+
+        def hook(_m, args, name):
+            x = args[0]
+            hit = batch_seen.get(id(x))
+            if hit is not None and hit[0] is x:
+                accs[name] = hit[1]
+                return
+            acc = accs.get(name)
+            if acc is None:
+                acc = accs[name] = GramAccumulator(x.shape[-1], hessian=hessian)
+            batch_seen[id(x)] = (x, acc)
+            acc.add(x.detach())
+
+        hooks = [lin.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
+                 for name, lin in linears.items()]
+        try:
+            with torch.no_grad():
+                for args, kwargs in inputs:
+                    batch_seen.clear()
+                    module(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return accs
 
     def prune_linear(self, name: str, lin: torch.nn.Linear, acc) -> dict:
         from slimgraph.sparsity.masks import nm_mask, unstructured_mask
