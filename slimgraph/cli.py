@@ -20,6 +20,7 @@ examples:
   slimgraph inspect model.onnx --json > groups.json   machine-readable groups
   slimgraph inspect smollm2-135m --ops --all          op kinds, barriers, unprunable groups
   slimgraph inspect smollm2-135m --dot graph.dot      graph with groups coloured (+ SVG if Graphviz)
+  slimgraph inspect --diff smollm2-135m out/c/hf       what a compile changed
 
 MODEL is one of: an HF model directory, a .gguf file, a .onnx file, the alias
 smollm2-135m, or hf-config:PATH.json (random weights; with --meta no weights at all;
@@ -42,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG_INSPECT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ins.add_argument("model", help="model to inspect (see below)")
+    ins.add_argument("model", nargs="?", help="model to inspect (see below)")
+    ins.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                     help="show what changed between two models (groups, shapes, parameters)")
     ins.add_argument("--meta", action="store_true",
                      help="build the model on the meta device: no weights, no memory")
     ins.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
@@ -141,6 +144,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from slimgraph.ir.verifier import verify
 
     err = Console(stderr=True)
+    if args.diff:
+        return _inspect_diff(args, err)
+    if not args.model:
+        raise SlimgraphError("inspect needs a MODEL (or --diff A B)")
     t0 = time.perf_counter()
     with err.status(f"loading {args.model} ..."):
         loaded = load_model(args.model, meta=args.meta)
@@ -169,6 +176,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         render_tables(graph, result, out, show_ops=args.ops, all_groups=args.all)
         out.print(f"load {timing['load_s']} s, trace {timing['trace_s']} s, "
                   f"analysis {timing['analysis_s']} s")
+    return 0
+
+
+def _inspect_diff(args: argparse.Namespace, err) -> int:
+    from rich.console import Console
+
+    from slimgraph.frontends.build import load_graph
+    from slimgraph.inspect_report import diff, render_diff
+    from slimgraph.ir.dependency import analyze
+
+    results = []
+    for spec in args.diff:
+        with err.status(f"loading and tracing {spec} ..."):
+            _, graph = load_graph(spec, meta=args.meta, seq=args.seq)
+            results.append(analyze(graph))
+    d = diff(*results)
+    if args.json:
+        json.dump({"a": args.diff[0], "b": args.diff[1], **d}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        render_diff(d, Console(width=None if sys.stdout.isatty() else 200), *args.diff)
     return 0
 
 

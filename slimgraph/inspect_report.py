@@ -150,3 +150,54 @@ def write_dot(graph: Graph, result: DependencyResult, path: Path) -> list[Path]:
         else:
             tmp.unlink(missing_ok=True)
     return written
+
+
+def diff(a: DependencyResult, b: DependencyResult) -> dict[str, Any]:
+    """What changed between two analysed models: parameters, shapes, groups."""
+    pa = {n: tuple(v.shape) for n, v in a.graph.params.items()}
+    pb = {n: tuple(v.shape) for n, v in b.graph.params.items()}
+    shapes = [{"param": n, "a": list(pa[n]) if n in pa else None,
+               "b": list(pb[n]) if n in pb else None}
+              for n in sorted(set(pa) | set(pb)) if pa.get(n) != pb.get(n)]
+
+    def key(g):
+        return (g.kind, g.layer, min(m.param for m in g.members))
+
+    ga = {key(g): g for g in a.groups}
+    gb = {key(g): g for g in b.groups}
+    groups = []
+    for k in sorted(set(ga) | set(gb), key=lambda k: (k[1] is None, k[1] or 0, k[0], k[2])):
+        x, y = ga.get(k), gb.get(k)
+        if x is not None and y is not None and x.units == y.units and x.prunable == y.prunable:
+            continue
+        groups.append({"kind": k[0], "layer": k[1], "first_member": k[2],
+                       "units_a": x.units if x else None, "units_b": y.units if y else None,
+                       "prunable_a": x.prunable if x else None,
+                       "prunable_b": y.prunable if y else None})
+    return {"parameters": {"a": a.graph.num_parameters(), "b": b.graph.num_parameters()},
+            "changed_shapes": shapes, "changed_groups": groups,
+            "nodes": {"a": len(a.graph.nodes), "b": len(b.graph.nodes)}}
+
+
+def render_diff(d: dict[str, Any], console, name_a: str, name_b: str) -> None:
+    from rich.table import Table
+
+    pa, pb = d["parameters"]["a"], d["parameters"]["b"]
+    console.print(f"A = {name_a}: {pa:,} parameters, {d['nodes']['a']} nodes\n"
+                  f"B = {name_b}: {pb:,} parameters ({100 * pb / max(pa, 1):.1f}% of A), "
+                  f"{d['nodes']['b']} nodes")
+    t = Table(title=f"groups that changed ({len(d['changed_groups'])})")
+    for col in ("kind", "layer", "units A", "units B", "prunable A/B", "first member"):
+        t.add_column(col)
+    for g in d["changed_groups"]:
+        t.add_row(g["kind"], "-" if g["layer"] is None else str(g["layer"]),
+                  str(g["units_a"] if g["units_a"] is not None else "-"),
+                  str(g["units_b"] if g["units_b"] is not None else "-"),
+                  f"{g['prunable_a']}/{g['prunable_b']}", g["first_member"])
+    console.print(t)
+    s = Table(title=f"parameters whose shape changed ({len(d['changed_shapes'])})")
+    for col in ("parameter", "A", "B"):
+        s.add_column(col)
+    for row in d["changed_shapes"][:200]:
+        s.add_row(row["param"], str(row["a"]), str(row["b"]))
+    console.print(s)

@@ -46,3 +46,21 @@ def test_compile_bad_pipeline_exit_2(tiny_dir, tmp_path, capsys, pipeline, needl
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("slimgraph: error: ") and needle in err
     assert not (out / "report.json").exists()
+
+
+def test_inspect_diff_after_compile(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_dir), "-p", "prune-structured{mlp=0.25},save-hf",
+                 "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--diff", str(tiny_dir), str(out / "hf"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["parameters"]["b"] < d["parameters"]["a"]
+    changed = {r["param"]: (r["a"], r["b"]) for r in d["changed_shapes"]}
+    assert changed["model.layers.0.mlp.gate_proj.weight"] == ([96, 64], [72, 64])
+    assert changed["model.layers.1.mlp.down_proj.weight"] == ([64, 96], [64, 72])
+    assert len(changed) == 6
+    mlp = [g for g in d["changed_groups"] if g["kind"] == "mlp"]
+    assert [(g["units_a"], g["units_b"]) for g in mlp] == [(96, 72), (96, 72)]
+    assert main(["inspect", "--diff", str(tiny_dir), str(out / "hf")]) == 0
+    assert "groups that changed (2)" in capsys.readouterr().out
