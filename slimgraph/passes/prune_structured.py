@@ -5,6 +5,11 @@
 Ratios are fractions of the units of every group of that kind to remove (heads:
 attention heads or whole GQA KV-groups; mlp: MLP channels; hidden: the residual
 dimension). ``ratio`` sets heads and mlp at once; explicit kinds override it.
+
+Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit owns) or
+``act`` (activation-aware: for each linear reading the unit's channels, the sum over
+its positions j of ||X_j||^2 ||W[:, j]||^2 on calibration data, i.e. the output energy
+the unit carries; calibration as for `sparsify`, ``samples`` windows of ``seqlen``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class PruneStructured(Pass):
     round_to: int = 1
     protect: str = ""
     remove: bool = True
+    samples: int = 16
+    seqlen: int = 512
 
     def ratios(self) -> dict[str, float]:
         out = {}
@@ -61,14 +68,21 @@ class PruneStructured(Pass):
         if not any(self.ratios().values()):
             raise self.option_error("heads/mlp/hidden/ratio", "nothing to remove: give a ratio "
                                     "> 0, e.g. prune-structured{mlp=0.5}")
-        if self.importance not in ("l1", "l2"):
-            raise self.option_error("importance", f"{self.importance!r} is not one of l1, l2")
+        if self.importance not in ("l1", "l2", "act"):
+            raise self.option_error("importance", f"{self.importance!r} is not one of l1, l2, act")
+        for opt in ("samples", "seqlen"):
+            if getattr(self, opt) < 1:
+                raise self.option_error(opt, f"must be >= 1, got {getattr(self, opt)}")
         if self.round_to < 1:
             raise self.option_error("round_to", f"must be >= 1, got {self.round_to}")
         parse_layers(self.protect, self.name)
 
     def requires(self, state: CompileState) -> None:
         self.require_torch(state)
+        if self.importance == "act" and state.loaded.tokenizer is None and \
+                (state.calib.get("file") or "self") != "self":
+            raise PipelineError(f"pass '{self.name}': importance=act needs calibration data "
+                                "and the model has no tokenizer")
 
     def run(self, state: CompileState) -> PassResult:
         result = state.analysis()
@@ -76,9 +90,9 @@ class PruneStructured(Pass):
                                       parse_layers(self.protect, self.name), self.name)
         selection: dict[int, list[int]] = {}
         by_id = {g.id: g for g in result.groups}
+        score_of = self._scorer(state) if counts else None
         for gid, n in counts.items():
-            scores = group_importance(state.graph, by_id[gid], self.importance)
-            selection[gid] = choose(scores, n)
+            selection[gid] = choose(score_of(by_id[gid]), n)
         report = {"skipped": skipped, "selected_units": {str(k): v for k, v in selection.items()}}
         if not selection:
             return PassResult(False, report)
@@ -89,6 +103,23 @@ class PruneStructured(Pass):
         state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
+
+
+    def _scorer(self, state: CompileState):
+        if self.importance in ("l1", "l2"):
+            return lambda g: group_importance(state.graph, g, self.importance)
+        from slimgraph.ir.graph import OpKind
+        from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
+        from slimgraph.structured.importance import activation_importance, consumer_input_norms
+
+        source = state.calib.get("file") or "self"
+        tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
+                                    seqlen=self.seqlen, samples=self.samples)
+        windows = sample_windows(tokens, self.samples, self.seqlen, 0)
+        norms = consumer_input_norms(state.model, state.graph, windows)
+        inputs = {n.inputs[1].name: n.attrs["w_in"] for n in state.graph.nodes
+                  if n.kind is OpKind.LINEAR}
+        return lambda g: activation_importance(state.graph, g, norms, inputs)
 
 
 register(PruneStructured)

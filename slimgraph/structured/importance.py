@@ -34,3 +34,53 @@ def group_importance(graph: Graph, group: ChannelGroup, norm: str = "l2") -> tor
         keep = owner >= 0
         score.index_add_(0, owner[keep], per_pos[keep])
     return score.sqrt() if norm == "l2" else score
+
+
+def consumer_input_norms(model: torch.nn.Module, graph: Graph, windows: torch.Tensor,
+                         batch: int = 8) -> dict[str, torch.Tensor]:
+    """Sum of squares of every linear's input channels over calibration windows."""
+    from slimgraph.ir.graph import OpKind
+
+    names = {n.inputs[1].name[: -len(".weight")] for n in graph.nodes
+             if n.kind is OpKind.LINEAR and n.inputs[1].name.endswith(".weight")}
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(_m, args, name=name):
+            x = args[0].detach().double()
+            s = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            sums[name + ".weight"] = sums.get(name + ".weight", 0) + s
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), batch):
+                model(input_ids=windows[i : i + batch], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def activation_importance(graph: Graph, group: ChannelGroup, sq_norms: dict[str, torch.Tensor],
+                          linear_inputs: dict[str, int]) -> torch.Tensor:
+    """Importance of each unit from what it feeds forward: for every member that is a
+    linear's input dim, sum over the unit's positions j of ||X_j||^2 * ||W[:, j]||^2
+    (the energy the unit contributes to that linear's output on calibration data)."""
+    score = torch.zeros(group.units, dtype=torch.float64)
+    used = False
+    for m in group.members:
+        if linear_inputs.get(m.param) != m.dim or m.param not in sq_norms:
+            continue
+        w = graph.params[m.param].param.read().to(torch.float64)
+        other = [d for d in range(w.dim()) if d != m.dim]
+        per_pos = w.pow(2).sum(dim=other) * sq_norms[m.param]
+        owner = torch.from_numpy(unit_of_position(m, group.units))
+        keep = owner >= 0
+        score.index_add_(0, owner[keep], per_pos[keep])
+        used = True
+    if not used:
+        raise ValueError(f"group {group.id} has no linear consuming its channels")
+    return score

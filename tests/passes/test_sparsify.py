@@ -177,3 +177,11 @@ def test_model_without_prunable_linears_is_an_error():
     r = analyze(trace(model, (torch.randn(1, 4, 8),)))
     with pytest.raises(SlimgraphError, match="no decoder blocks with prunable linears"):
         block_sequential(model, r, torch.zeros((1, 2), dtype=torch.long), lambda *a: {})
+
+
+def test_prune_structured_activation_importance(tiny, tmp_path):
+    rc = main(["compile", str(tiny / "m"), "-p", "prune-structured{mlp=0.5,importance=act,samples=4,"
+               "seqlen=32},save-hf", "-o", str(tmp_path / "o"), "--calib-file", str(tiny / "calib.txt")])
+    assert rc == 0
+    m = load_model(str(tmp_path / "o" / "hf")).model
+    assert m.model.layers[0].mlp.down_proj.weight.shape == (zoo.HIDDEN, zoo.INTER // 2)

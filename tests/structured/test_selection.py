@@ -79,3 +79,26 @@ def test_kv_group_importance_covers_its_query_heads(llama):
     g2 = next(x for x in r2.groups if x.kind == "heads" and x.layer == 0)
     s1, s2 = group_importance(r.graph, g), group_importance(r2.graph, g2)
     assert s2[1] > 10 * s1[1] and torch.isclose(s2[0], s1[0])
+
+
+def test_activation_importance_matches_hand_computation(llama):
+    from slimgraph.ir.graph import OpKind
+    from slimgraph.structured.importance import activation_importance, consumer_input_norms
+
+    model, r = llama
+    ids = torch.randint(0, zoo.VOCAB, (3, 9), generator=torch.Generator().manual_seed(0))
+    norms = consumer_input_norms(model, r.graph, ids, batch=2)
+    inputs = {n.inputs[1].name: n.attrs["w_in"] for n in r.graph.nodes if n.kind is OpKind.LINEAR}
+    down = model.model.layers[1].mlp.down_proj
+    seen = []
+    h = down.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    h.remove()
+    x2 = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).pow(2).sum(0)
+    expect = x2 * down.weight.detach().double().pow(2).sum(0)
+    g = next(g for g in r.groups if g.kind == "mlp" and g.layer == 1)
+    assert torch.allclose(activation_importance(r.graph, g, norms, inputs), expect)
+    heads = next(g for g in r.groups if g.kind == "heads" and g.layer == 0)
+    s = activation_importance(r.graph, heads, norms, inputs)
+    assert s.shape == (zoo.KV,) and bool((s > 0).all())
