@@ -28,6 +28,9 @@ CONFIGS = {
     "mlp25": "prune-structured{mlp=0.25},save-hf,export-onnx",
     "mlp50": "prune-structured{mlp=0.5},save-hf,export-onnx",
     "kv1of3+mlp50": "prune-structured{heads=0.33,mlp=0.5},save-hf,export-onnx",
+    "mlp25-act": "prune-structured{mlp=0.25,importance=act},save-hf,export-onnx",
+    "mlp50-act": "prune-structured{mlp=0.5,importance=act},save-hf,export-onnx",
+    "kv1of3+mlp50-act": "prune-structured{heads=0.33,mlp=0.5,importance=act},save-hf,export-onnx",
 }
 
 
@@ -64,6 +67,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--calib-file", default=None, help="calibration text for importance=act "
+                    "(default: the protocol's calibration split, written to WORK/calib.txt)")
     ap.add_argument("--work", default="benchmarks/out")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
     ap.add_argument("--latency-only", action="store_true",
@@ -74,11 +79,12 @@ def main() -> None:
     text = open(WIKI, newline="").read().replace("\r\n", "\n")
     eval_txt = work / "eval.txt"
     eval_txt.write_text(text[: int(0.75 * len(text))])
+    calib_txt = Path(args.calib_file) if args.calib_file else work / "calib.txt"
+    if not args.calib_file:
+        calib_txt.write_text(text[int(0.75 * len(text)):])
     cli = [sys.executable, "-m", "slimgraph.cli"]
-    rows = {}
     path = Path(args.out)
-    if args.latency_only:
-        rows = json.loads(path.read_text())["rows"]
+    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
     for name in args.only:
         out = work / name
         if args.latency_only:
@@ -86,7 +92,8 @@ def main() -> None:
                                         for s in (128, 512)}
             print(name, rows[name]["latency_ms"], flush=True)
             continue
-        _, secs = run(cli + ["compile", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out)])
+        _, secs = run(cli + ["compile", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out),
+                             "--calib-file", str(calib_txt)])
         report = json.loads((out / "report.json").read_text())
         target = str(out) if (out / "hf").exists() else "smollm2-135m"
         ev, _ = run(cli + ["eval", target, "--ppl", str(eval_txt), "--windows", str(args.windows),
@@ -102,6 +109,8 @@ def main() -> None:
         }
         rows[name] = row
         print(name, json.dumps(row), flush=True)
+    order = [n for n in CONFIGS if n in rows]
+    rows = {n: rows[n] for n in order}
     if "dense" in rows:
         dense = rows["dense"]
         for row in rows.values():
