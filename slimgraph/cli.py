@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     from slimgraph import evaluation
 
     evaluation.add_parser(sub)
-    from slimgraph import sparsity_check; sparsity_check.add_parser(sub)  # noqa: E702
+    from slimgraph.sparsity import check as sparsity_check
+
+    sparsity_check.add_parser(sub)
     return p
 
 

@@ -4,7 +4,7 @@
 
 Checks the in-memory PyTorch model (or, for ONNX input, the input file) and every ONNX
 file an earlier pass of this pipeline wrote (``export-onnx``: ``OUTDIR/model.onnx``) with
-:mod:`slimgraph.sparsity_check`: the decoder-block linears by default, every linear with
+:mod:`slimgraph.sparsity.check`: the decoder-block linears by default, every linear with
 ``all_linear=true``. The report (per layer: axis, zero fraction, violating groups,
 TensorRT eligibility) goes into the pass result; the pass modifies nothing and fails with
 an error naming the layers when the pattern does not hold. ``pattern=none`` only records
@@ -31,7 +31,7 @@ class CheckSparsity(Pass):
     onnx: bool = True
 
     def nm(self) -> tuple[int, int] | None:
-        from slimgraph.sparsity_check import SparsityCheckError, parse_pattern
+        from slimgraph.sparsity.check import SparsityCheckError, parse_pattern
 
         try:
             return parse_pattern(self.pattern)
@@ -50,7 +50,7 @@ class CheckSparsity(Pass):
         self.require_torch(state)
 
     def run(self, state: CompileState) -> PassResult:
-        from slimgraph.sparsity_check import check_onnx, check_torch, format_pattern
+        from slimgraph.sparsity.check import check_onnx, check_torch, format_pattern
 
         pattern = self.nm()
         targets = "all-linear" if self.all_linear else "blocks"

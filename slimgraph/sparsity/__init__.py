@@ -1,4 +1,4 @@
-"""Post-training sparsity: pure-tensor kernels, independent of any model or graph.
+"""Post-training sparsity: kernels (independent of any model), calibration, checks.
 
 - :mod:`slimgraph.sparsity.scores` -- importance scores (magnitude, Wanda, RI, RIA)
   of a weight ``[C_out, C_in]`` (ALGORITHMS.md section 1).
@@ -9,6 +9,10 @@
   channel norms) and the SparseGPT-style weight update (ALGORITHMS.md section 2),
   usable with any score and both mask kinds.
 - :mod:`slimgraph.sparsity.calibration` -- block-sequential calibration over a model.
+- :mod:`slimgraph.sparsity.permutation` -- channel permutation search for N:M
+  (heuristic allocation + linear-sum-assignment refinement; exact and fast modes).
+- :mod:`slimgraph.sparsity.check` -- verification of stored sparsity in PyTorch weights
+  and ONNX files (TensorRT's axis rules), behind `slimgraph check-sparsity`.
 
 Conventions: a linear computes ``y = x Wᵀ``; ``W_ij`` joins input channel ``j`` to
 output channel ``i``; masks are boolean *keep*-masks (``True`` = weight stays).

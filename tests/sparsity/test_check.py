@@ -1,4 +1,4 @@
-"""N:M sparsity checks (slimgraph.sparsity_check): a tiny LLaMA made exactly 2:4 by hand,
+"""N:M sparsity checks (slimgraph.sparsity.check): a tiny LLaMA made exactly 2:4 by hand,
 checked in PyTorch, as a state dict, as a dynamo ONNX export (weights stored transposed as
 MatMul B [K, N]); hand-built ONNX graphs (Gemm transB, Transpose incl. a 3-D perm, Cast,
 Conv, Reshape-hidden weights, K not a multiple of M); the CLI's exit codes and JSON; the
@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.cli import main
 from slimgraph.errors import OnnxImportError, PipelineError, SlimgraphError
-from slimgraph.sparsity_check import (
+from slimgraph.sparsity.check import (
     SparsityCheckError,
     check_model,
     check_onnx,
