@@ -61,7 +61,7 @@ def _transformers_can_build(config, shapes: dict[str, list[int]]) -> bool:
 
 
 def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str, dict],
-            base_config=None) -> dict[str, Any]:
+            base_config=None, gathers: list[str] | None = None) -> dict[str, Any]:
     """Write the checkpoint to ``out`` atomically (a temp dir renamed at the end).
 
     ``base_config`` is the config before pruning: written instead of the updated one
@@ -84,7 +84,8 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)
-        cfg[SECTION] = {"loader": loader, "module_attrs": module_attrs, "param_shapes": shapes}
+        cfg[SECTION] = {"loader": loader, "module_attrs": module_attrs, "param_shapes": shapes,
+                        "gather_linears": list(gathers or [])}
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -151,7 +152,10 @@ def _is_tied(model, key: str) -> bool:
 def _build_resized(cls, config, section) -> torch.nn.Module:
     from slimgraph.structured.removal import _sync_module_sizes
 
+    from slimgraph.sparsity.deploy import restore_gathers
+
     model = cls(config)
+    restore_gathers(model, section.get("gather_linears", []))
     for name, shape in section["param_shapes"].items():
         owner_path, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
@@ -204,7 +208,7 @@ class SaveHF(Pass):
     def run(self, state: CompileState) -> PassResult:
         out = state.out_dir / self.subdir
         report = save_hf(state.model, state.loaded.tokenizer, out, state.module_attrs,
-                         state.original_config)
+                         state.original_config, state.gathers)
         if self.check:
             reloaded = load_pruned(out)
             vocab = int(getattr(state.model.config, "vocab_size", 2) or 2)

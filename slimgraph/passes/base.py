@@ -36,6 +36,7 @@ class CompileState:
     files: list[str] = field(default_factory=list)
     # module attributes changed by removal (head counts, eps), replayed when reloading
     module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gathers: list[str] = field(default_factory=list)  # linears turned into GatherLinear
     notes: list[str] = field(default_factory=list)
     calib: dict[str, Any] = field(default_factory=dict)  # file, samples, seqlen defaults
     progress: Any = None  # callable(done, total) for long passes, set by the driver

@@ -24,6 +24,7 @@ from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
 SCORES = ("magnitude", "wanda", "ri", "ria", "sparsegpt")  # sparsegpt: its own saliency
+PERMUTE_MODES = ("none", "mask-only", "fold", "gather")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Sparsify(Pass):
     seqlen: int | None = None
     seed: int = 0
     batch: int = 8
+    permute: str = "none"
+    search: str = "fast"
 
     def nm(self) -> tuple[int, int] | None:
         from slimgraph.sparsity.masks import parse_pattern
@@ -67,6 +70,13 @@ class Sparsify(Pass):
             raise self.option_error("scope", f"{self.scope!r} is not one of layer, row")
         if self.pattern is not None and self.scope is not None:
             raise self.option_error("scope", "N:M masks are always per row and group of M")
+        if self.permute not in PERMUTE_MODES:
+            raise self.option_error("permute", f"{self.permute!r} is not one of "
+                                    f"{', '.join(PERMUTE_MODES)}")
+        if self.permute != "none" and self.pattern is None:
+            raise self.option_error("permute", "channel permutation needs an N:M pattern")
+        if self.search not in ("fast", "exact"):
+            raise self.option_error("search", f"{self.search!r} is not one of fast, exact")
         if self.a < 0:
             raise self.option_error("a", f"must be >= 0, got {self.a}")
         for opt in ("samples", "seqlen", "batch"):
@@ -99,7 +109,7 @@ class Sparsify(Pass):
             windows = sample_windows(tokens, samples, seqlen, self.seed)
         else:  # magnitude / RI need no activations: one tiny window drives the block walk
             windows = torch.zeros((1, 2), dtype=torch.long)
-        pruner = _BlockPruner(self)
+        pruner = _BlockPruner(self, state.model, result)
         reports = block_sequential(state.model, result, windows, pruner, batch=self.batch,
                                    progress=state.progress)
         layers = [r for rep in reports for r in rep["layers"]]
@@ -116,14 +126,28 @@ class Sparsify(Pass):
                       "samples": samples if self.needs_data() else 0, "seqlen": seqlen},
                   "layers": layers, "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped],
                   "sparsity": zeros / total}
+        if self.permute != "none":
+            perms = [r["permutation"] for r in pruned if "permutation" in r]
+            report["permutation"] = {
+                "mode": self.permute, "search": self.search,
+                "seconds": round(sum(p.get("seconds", 0) for p in perms), 2),
+                "layers_permuted": sum(1 for p in perms if p["realised"] != "none"),
+                "layers_unpermuted": [f"{r['name']}: {r['permutation']['why']}" for r in pruned
+                                      if r.get("permutation", {}).get("realised") == "none"]}
+        if any(r.get("permutation", {}).get("realised") == "gather" for r in pruned):
+            state.gathers.extend(r["name"] for r in pruned
+                                 if r.get("permutation", {}).get("realised") == "gather")
+            state.retrace()
         return PassResult(True, report)
 
 
 class _BlockPruner:
     """Observe a block's linear inputs, then prune every linear of the block."""
 
-    def __init__(self, opts: Sparsify) -> None:
+    def __init__(self, opts: Sparsify, model, result) -> None:
         self.opts = opts
+        self.model = model
+        self.result = result
 
     def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
         opts = self.opts
@@ -133,8 +157,8 @@ class _BlockPruner:
         if opts.needs_data():
             stats = self.observe(module, linears, inputs)
         return {"layer": block.layer,
-                "layers": [self.prune_linear(name, lin, stats.get(name)) for name, lin in
-                           linears.items()]}
+                "layers": [self.prune_linear(name, linears[name], stats.get(name))
+                           for name in linears]}
 
     def observe(self, module: torch.nn.Module, linears: dict, inputs: list) -> dict:
         """Run the block over the calibration inputs, accumulating each linear's input
@@ -183,14 +207,22 @@ class _BlockPruner:
             return {"name": name, "skipped": f"input size {w.shape[1]} is not divisible by "
                     f"{nm[1]}", "numel": w.numel(), "zeros": 0}
         act = acc.act_norm() if acc is not None else None
-        if opts.score == "sparsegpt":
-            new, keep = sparsegpt_prune(w, acc.hessian(), sparsity=opts.sparsity, pattern=nm)
+        hess = acc.hessian() if acc is not None and (opts.reconstruct or opts.score == "sparsegpt") \
+            else None
+        s = score(w, "magnitude" if opts.score == "sparsegpt" else opts.score, act_norm=act, a=opts.a)
+        fixed_mask, perm_info = None, None
+        if opts.permute != "none":
+            lin, w, s, act, hess, fixed_mask, perm_info = self.permute(name, lin, w, s, act, hess, nm)
+        if fixed_mask is not None:  # mask-only: the permuted choice, in the original order
+            if hess is not None:
+                new, keep = sparsegpt_prune(w, hess, mask=fixed_mask)
+            else:
+                new, keep = w * fixed_mask, fixed_mask
+        elif opts.score == "sparsegpt":
+            new, keep = sparsegpt_prune(w, hess, sparsity=opts.sparsity, pattern=nm)
         elif opts.reconstruct:
-            s = score(w, opts.score, act_norm=act, a=opts.a)
-            new, keep = sparsegpt_prune(w, acc.hessian(), sparsity=opts.sparsity,
-                                        pattern=nm, scores=s)
+            new, keep = sparsegpt_prune(w, hess, sparsity=opts.sparsity, pattern=nm, scores=s)
         else:
-            s = score(w, opts.score, act_norm=act, a=opts.a)
             if nm is not None:
                 keep = nm_mask(s, *nm)
             else:
@@ -200,8 +232,48 @@ class _BlockPruner:
         with torch.no_grad():
             lin.weight.copy_(new.to(lin.weight.dtype))
         zeros = int((lin.weight == 0).sum())
-        return {"name": name, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
-                "sparsity": round(zeros / w.numel(), 6)}
+        out = {"name": name, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
+               "sparsity": round(zeros / w.numel(), 6)}
+        if perm_info is not None:
+            out["permutation"] = perm_info
+        return out
+
+    def permute(self, name, lin, w, s, act, hess, nm):
+        """Search a permutation for this linear and realise it as the mode says."""
+        from slimgraph.sparsity.deploy import (fold_group, install_gather, permute_group,
+                                               stacked_scores, unit_positions)
+        from slimgraph.sparsity.permutation import permuted_nm_mask, search_permutation
+
+        opts = self.opts
+        n, m = nm
+        info = {"realised": "none"}
+        if opts.permute == "mask-only":
+            res = search_permutation(s, n, m, mode=opts.search)
+            info.update(realised="mask-only", kept_before=res.kept_before, kept_after=res.kept_after,
+                        seconds=round(res.seconds, 3))
+            return lin, w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
+        if opts.permute == "fold":
+            group, why = fold_group(self.result, name + ".weight", m)
+            if group is None:
+                info["why"] = why
+                return lin, w, s, act, hess, None, info
+            pos = unit_positions(group, name + ".weight", 1)
+            res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
+            idx = permute_group(self.result, group, res.perm)[(name + ".weight", 1)]
+            info.update(realised="fold", group=group.id, group_kind=group.kind,
+                        perm=res.perm.tolist())
+        else:  # gather
+            res = search_permutation(s, n, m, mode=opts.search)
+            idx = res.perm
+            lin = install_gather(self.model, name, idx)
+            info.update(realised="gather")
+        info.update(kept_before=res.kept_before, kept_after=res.kept_after,
+                    seconds=round(res.seconds, 3))
+        w = lin.weight.detach().float()
+        s = s[:, idx]
+        act = act[idx] if act is not None else None
+        hess = hess[idx][:, idx] if hess is not None else None
+        return lin, w, s, act, hess, None, info
 
 
 register(Sparsify)

@@ -1,0 +1,109 @@
+"""Make N:M channel permutations real: stored weights N:M in stored order, function kept.
+
+Two exact realisations (ALGORITHMS.md section 3.3), chosen per linear:
+
+- **fold**: the permutation of a linear's input channels is folded into the producers of
+  those channels, decided from the channel groups: if one group covers the linear's
+  input dim with unit-contiguous positions (MLP channels: down_proj columns with gate and
+  up rows; a layer's v head_dim: o_proj columns with v_proj rows, shared by every head),
+  permuting the group's units permutes every member consistently. Zero runtime cost.
+- **gather**: the linear stores ``W[:, pi]`` and gathers its input ``x[..., pi]``
+  (:class:`GatherLinear`); exact for any linear, one small gather per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.ir.dependency import HEAD_DIM_REASON, ChannelGroup, DependencyResult
+
+
+def unit_positions(group: ChannelGroup, param: str, dim: int) -> torch.Tensor | None:
+    """[units, P] positions of every unit in (param, dim), when unit-contiguous.
+
+    Unit-contiguous means position k of unit u is ``offset_k + u``: consecutive units are
+    consecutive channels, so N:M groups of the dim are groups of units.
+    """
+    member = next((m for m in group.members if m.param == param and m.dim == dim), None)
+    if member is None:
+        return None
+    pos = torch.tensor([member.indices(u) for u in range(group.units)], dtype=torch.long)
+    if pos.numel() == 0:
+        return None
+    expect = pos[0].unsqueeze(0) + torch.arange(group.units).unsqueeze(1)
+    return pos if torch.equal(pos, expect) else None
+
+
+def foldable(group: ChannelGroup) -> bool:
+    """Structurally free to permute: no reasons other than the head_dim pruning policy."""
+    return all(r == HEAD_DIM_REASON for r in group.reasons)
+
+
+def fold_group(result: DependencyResult, weight: str, m: int) -> tuple[ChannelGroup | None, str]:
+    """The group whose unit permutation realises a permutation of ``weight``'s inputs."""
+    for g in result.groups:
+        pos = unit_positions(g, weight, 1)
+        if pos is None:
+            continue
+        if g.layer is None:
+            return None, (f"its input is the {g.kind} space shared by every layer (only a "
+                          "whole-space or gather permutation could reorder it)")
+        if not foldable(g):
+            return None, f"group {g.id} ({g.kind}) cannot be permuted: {'; '.join(g.reasons)}"
+        if g.units % m or int(pos[0].remainder(m).max()) != 0:
+            return None, f"group {g.id} units do not align with groups of {m}"
+        return g, ""
+    return None, "no channel group covers its input channels unit by unit"
+
+
+def stacked_scores(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Scores of a consumer regrouped per unit: [C_out * P, units]."""
+    return torch.cat([scores[:, pos[:, k]] for k in range(pos.shape[1])], dim=0)
+
+
+def permute_group(result: DependencyResult, group: ChannelGroup, perm: torch.Tensor
+                  ) -> dict[tuple[str, int], torch.Tensor]:
+    """New unit ``i`` of every member holds old unit ``perm[i]`` (an exact reordering).
+
+    Returns, per member (param, dim), the index array applied along that dim.
+    """
+    applied = {}
+    for m in group.members:
+        handle = result.graph.params[m.param].param
+        idx = torch.arange(m.size)
+        pos = torch.tensor([m.indices(u) for u in range(group.units)], dtype=torch.long)
+        idx[pos.reshape(-1)] = pos[perm].reshape(-1)
+        handle.write(handle.read().index_select(m.dim, idx).contiguous())
+        applied[(m.param, m.dim)] = idx
+    return applied
+
+
+class GatherLinear(torch.nn.Linear):
+    """``y = W x[..., perm] + b``: a linear whose weight columns were permuted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.input_perm), self.weight, self.bias)
+
+
+def install_gather(model: torch.nn.Module, name: str, perm: torch.Tensor) -> GatherLinear:
+    """Replace linear ``name`` by a GatherLinear storing ``W[:, perm]`` (same function)."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    lin = getattr(owner, attr)
+    new = GatherLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                       device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[:, perm])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    new.register_buffer("input_perm", perm.to(torch.long).clone())
+    setattr(owner, attr, new)
+    return new
+
+
+def restore_gathers(model: torch.nn.Module, names: list[str]) -> None:
+    """Before loading a checkpoint that has gathers: put GatherLinear modules in place."""
+    for name in names:
+        lin = model.get_submodule(name)
+        install_gather(model, name, torch.arange(lin.in_features))
