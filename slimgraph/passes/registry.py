@@ -13,6 +13,7 @@ _MODULES = {
     "sparsify": "slimgraph.passes.sparsify",
     "check-sparsity": "slimgraph.passes.check_sparsity",
     "export-onnx": "slimgraph.backends.onnx_export",
+    "export-trt": "slimgraph.backends.trt_export",
     "save-hf": "slimgraph.backends.hf_checkpoint",
 }
 _CLASSES: dict[str, type] = {}

@@ -116,3 +116,22 @@ def test_gather_exports_to_onnx_and_checks_2_4(tiny, tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert "Gather" in ops
+
+
+@pytest.mark.parametrize("mode,ok", [("fold", True), ("mask-only", False)])
+def test_export_trt_verifies_stored_2_4(tiny, tmp_path, capsys, mode, ok):
+    out = tmp_path / mode
+    rc = main(["compile", str(tiny / "m"), "-p",
+               f"sparsify{{score=ria,pattern=2:4,permute={mode}}},export-trt",
+               "-o", str(out), "--calib-file", str(tiny / "calib.txt"), "--calib-samples", "4",
+               "--calib-seqlen", "32"])
+    if ok:
+        assert rc == 0
+        rep = json.loads((out / "report.json").read_text())["passes"][1]["report"]
+        assert rep["check"]["ok"]
+        assert all(lyr["status"] == "holds" for lyr in rep["layers"])
+        # tiny layers (64 x 96) are below TensorRT's sparse-kernel sizes: reasons are given
+        assert all(not lyr["trt_sparse"] and lyr["why_not"] for lyr in rep["layers"])
+    else:
+        assert rc == 2
+        assert "not 2:4 along TensorRT's reduction axis" in capsys.readouterr().err
