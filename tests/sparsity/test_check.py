@@ -231,7 +231,7 @@ def test_onnx_export_holds_along_axis_0(model, onnx_path):
 
 
 def test_polygraphy_agrees_when_installed(onnx_path, tmp_path):
-    """``polygraphy inspect sparsity``'s checker (not a dependency; skipped without it) finds
+    """``polygraphy inspect sparsity``'s checker (a test dependency) finds
     the same 2:4 initializers. Not compared: a batched B behind a 3-D Transpose (polygraphy
     assumes 2-D B and maps the axis with the inverse perm) and weights it skips silently."""
     sparse = pytest.importorskip("polygraphy.tools.sparse")
