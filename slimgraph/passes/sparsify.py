@@ -24,7 +24,7 @@ from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
 SCORES = ("magnitude", "wanda", "ri", "ria", "sparsegpt")  # sparsegpt: its own saliency
-PERMUTE_MODES = ("none", "mask-only", "fold", "gather")
+PERMUTE_MODES = ("none", "mask-only", "fold", "space", "gather")
 
 
 @dataclass
@@ -109,6 +109,9 @@ class Sparsify(Pass):
             windows = sample_windows(tokens, samples, seqlen, self.seed)
         else:  # magnitude / RI need no activations: one tiny window drives the block walk
             windows = torch.zeros((1, 2), dtype=torch.long)
+        space_info = None
+        if self.permute == "space":
+            space_info = permute_residual_space(self, state, result, windows)
         pruner = _BlockPruner(self, state.model, result)
         reports = block_sequential(state.model, result, windows, pruner, batch=self.batch,
                                    progress=state.progress)
@@ -134,6 +137,8 @@ class Sparsify(Pass):
                 "layers_permuted": sum(1 for p in perms if p["realised"] != "none"),
                 "layers_unpermuted": [f"{r['name']}: {r['permutation']['why']}" for r in pruned
                                       if r.get("permutation", {}).get("realised") == "none"]}
+            if space_info is not None:
+                report["permutation"]["space"] = space_info
         if any(r.get("permutation", {}).get("realised") == "gather" for r in pruned):
             state.gathers.extend(r["name"] for r in pruned
                                  if r.get("permutation", {}).get("realised") == "gather")
@@ -252,10 +257,13 @@ class _BlockPruner:
             info.update(realised="mask-only", kept_before=res.kept_before, kept_after=res.kept_after,
                         seconds=round(res.seconds, 3))
             return lin, w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
-        if opts.permute == "fold":
+        if opts.permute in ("fold", "space"):
             group, why = fold_group(self.result, name + ".weight", m)
             if group is None:
-                info["why"] = why
+                if opts.permute == "space" and "shared by every layer" in why:
+                    info.update(realised="space")  # its input space was permuted up front
+                else:
+                    info["why"] = why
                 return lin, w, s, act, hess, None, info
             pos = unit_positions(group, name + ".weight", 1)
             res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
@@ -274,6 +282,50 @@ class _BlockPruner:
         act = act[idx] if act is not None else None
         hess = hess[idx][:, idx] if hess is not None else None
         return lin, w, s, act, hess, None, info
+
+
+def permute_residual_space(opts: Sparsify, state: CompileState, result, windows) -> dict:
+    """One permutation of the residual stream, chosen for all its decoder-block readers.
+
+    The readers' scores (with activation norms from one dense pass over the calibration
+    windows) are stacked; the permutation that maximises the N:M score they keep is
+    applied to the whole hidden group (embedding, norms, readers' columns, writers' rows,
+    tied lm_head): an exact reordering, before block 0 is calibrated.
+    """
+    from slimgraph.ir.dependency import layer_of
+    from slimgraph.ir.graph import OpKind
+    from slimgraph.sparsity.deploy import permute_group, stacked_scores, unit_positions
+    from slimgraph.sparsity.permutation import search_permutation
+    from slimgraph.sparsity.scores import score
+    from slimgraph.structured.importance import consumer_input_norms
+
+    n, m = opts.nm()
+    hidden = [g for g in result.groups if g.kind == "hidden" and g.layer is None]
+    if len(hidden) != 1 or hidden[0].units % m:
+        return {"realised": "none", "why": "no single hidden space whose size divides by M"}
+    group = hidden[0]
+    if group.reasons:
+        return {"realised": "none", "why": "; ".join(group.reasons)}
+    readers = [nd.inputs[1].name for nd in result.graph.nodes if nd.kind is OpKind.LINEAR
+               and layer_of([nd.inputs[1].name]) is not None
+               and unit_positions(group, nd.inputs[1].name, nd.attrs["w_in"]) is not None
+               and nd.attrs["w_in"] == 1]
+    readers = list(dict.fromkeys(readers))
+    need_data = opts.score in ("wanda", "ria")
+    norms = consumer_input_norms(state.model, result.graph, windows[: min(len(windows), 16)]) \
+        if need_data else {}
+    parts = []
+    for name in readers:
+        w = result.graph.params[name].param.read().float()
+        act = norms[name].sqrt().float() if need_data else None
+        parts.append(stacked_scores(score(w, "magnitude" if opts.score == "sparsegpt" else
+                                          opts.score, act_norm=act, a=opts.a),
+                                    unit_positions(group, name, 1)).float())
+    res = search_permutation(torch.cat(parts), n, m, mode=opts.search)
+    permute_group(result, group, res.perm)
+    return {"realised": "space", "readers": len(readers), "units": group.units,
+            "kept_before": res.kept_before, "kept_after": res.kept_after,
+            "seconds": round(res.seconds, 2), "perm": res.perm.tolist()}
 
 
 register(Sparsify)

@@ -40,7 +40,7 @@ def _weights(model):
             yield f"{i}.{n}", mod
 
 
-@pytest.mark.parametrize("mode", ["fold", "gather"])
+@pytest.mark.parametrize("mode", ["fold", "space", "gather"])
 def test_deployable_permutation_is_exact_and_nm_in_stored_order(tiny, tmp_path, mode):
     from slimgraph.frontends.torch_export import trace
     from slimgraph.ir.dependency import analyze
@@ -57,15 +57,21 @@ def test_deployable_permutation_is_exact_and_nm_in_stored_order(tiny, tmp_path, 
         # residual stream and stay unpermuted, with the reason
         assert perm["layers_permuted"] == 2 * zoo.LAYERS
         assert all("shared by every layer" in why for why in perm["layers_unpermuted"])
+    elif mode == "space":  # the residual stream is permuted once, for all its readers
+        assert perm["layers_permuted"] == 7 * zoo.LAYERS and not perm["layers_unpermuted"]
+        assert perm["space"]["kept_after"] >= perm["space"]["kept_before"]
     else:
         assert perm["layers_permuted"] == 7 * zoo.LAYERS
     ids = torch.randint(0, zoo.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
     # undo every realised permutation: back in the original channel order
-    if mode == "fold":
+    if mode in ("fold", "space"):
         r = analyze(trace(model, *zoo.example("llama")))
         by_id = {g.id: g for g in r.groups}
+        if mode == "space":
+            (hidden,) = r.by_kind("hidden")
+            permute_group(r, hidden, torch.argsort(torch.tensor(perm["space"]["perm"])))
         for layer in rep["layers"]:
             p = layer.get("permutation", {})
             if p.get("realised") == "fold":
