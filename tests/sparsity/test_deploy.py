@@ -141,3 +141,17 @@ def test_export_trt_verifies_stored_2_4(tiny, tmp_path, capsys, mode, ok):
     else:
         assert rc == 2
         assert "not 2:4 along TensorRT's reduction axis" in capsys.readouterr().err
+
+
+def test_export_trt_fp16(tiny, tmp_path):
+    import onnx
+
+    out = tmp_path / "h"
+    rc = main(["compile", str(tiny / "m"), "-p",
+               "sparsify{score=magnitude,pattern=2:4,permute=gather},export-trt{fp16=true}",
+               "-o", str(out)])
+    assert rc == 0
+    model = onnx.load(str(out / "model.trt.onnx"))
+    big = [i for i in model.graph.initializer if len(i.dims) == 2 and min(i.dims) >= 16]
+    assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
+    assert main(["check-sparsity", str(out / "model.trt.onnx"), "--pattern", "2:4"]) == 0
