@@ -1,11 +1,12 @@
 """Post-training sparsity on SmolLM2: the quality table of BENCHMARK.md.
 
 For each method (magnitude, Wanda, RIA; each with and without SparseGPT-style
-reconstruction) at 50% unstructured and at 2:4: prune with 64 x 512 calibration windows
-drawn from the calibration split (seed 0), then perplexity over 40 x 512 tokens of the
-evaluation split. Each configuration runs in a fresh process that also times one dense
-forward pass over the calibration set (the reference time of the same run) and reports
-its own peak RSS.
+reconstruction; SparseGPT's own saliency; RIA 2:4 with each channel-permutation mode) at
+50% unstructured and/or 2:4: prune with 64 x 512 calibration windows drawn from the
+calibration split (seed 0), then perplexity over 40 x 512 tokens of the evaluation
+split. Each configuration runs in a fresh process and reports its own peak RSS; the
+"dense" row times one dense forward pass over the calibration set, the reference time
+of the same run.
 
 Usage: python benchmarks/sparsity.py [--only NAME ...] [--windows 40] [--samples 64]
 Writes benchmarks/results/sparsity.json and prints a Markdown table.
@@ -36,6 +37,9 @@ for score in ("magnitude", "wanda", "ria"):
         CONFIGS[f"{score}{tag} 2:4"] = f"sparsify{{score={score},pattern=2:4{suffix}}}"
 CONFIGS["sparsegpt 50%"] = "sparsify{score=sparsegpt,sparsity=0.5}"
 CONFIGS["sparsegpt 2:4"] = "sparsify{score=sparsegpt,pattern=2:4}"
+for mode in ("mask-only", "fold", "space", "gather"):  # issue 5: channel permutation
+    CONFIGS[f"ria 2:4 permute={mode}"] = f"sparsify{{score=ria,pattern=2:4,permute={mode}}}"
+CONFIGS["ria+rec 2:4 permute=fold"] = "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=fold}"
 
 
 def split(work: Path) -> tuple[Path, Path]:
@@ -47,30 +51,43 @@ def split(work: Path) -> tuple[Path, Path]:
     return ev, cal
 
 
-def child(name: str, work: Path, samples: int) -> dict:
+def dense_forward(work: Path, samples: int) -> dict:
+    """One dense forward pass over the calibration windows (batches of 8, 2 threads)."""
     import torch
 
-    from slimgraph.compile import compile_model
     from slimgraph.frontends.loading import load_model
     from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 
     torch.set_num_threads(2)
-    calib = work / "calib.txt"
-    out = work / name.replace(" ", "_").replace(":", "-").replace("%", "")
     loaded = load_model("smollm2-135m", verbose=False)
-    windows = sample_windows(calibration_tokens(loaded.tokenizer, calib), samples, 512, 0)
+    windows = sample_windows(calibration_tokens(loaded.tokenizer, work / "calib.txt"), samples,
+                             512, 0)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, samples, 8):
             loaded.model(input_ids=windows[i : i + 8], use_cache=False)
-    dense_forward = time.perf_counter() - t0
-    del loaded
+    return {"name": "dense", "dense_forward_calib_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def child(name: str, work: Path, samples: int) -> dict:
+    import torch
+
+    from slimgraph.compile import compile_model
+
+    if name == "dense":
+        return dense_forward(work, samples)
+    torch.set_num_threads(2)
+    calib = work / "calib.txt"
+    out = work / name.replace(" ", "_").replace(":", "-").replace("%", "").replace("=", "-")
     report = compile_model("smollm2-135m", f"{CONFIGS[name]},save-hf", out,
                            calib={"file": str(calib), "samples": samples, "seqlen": 512})
     p = report["passes"][0]
+    perm = p["report"].get("permutation")
+    extra = {"permutation_s": perm["seconds"] + perm.get("space", {}).get("seconds", 0),
+             "layers_permuted": perm["layers_permuted"]} if perm else {}
     return {"name": name, "pipeline": CONFIGS[name], "prune_s": round(p["seconds"], 1),
-            "dense_forward_calib_s": round(dense_forward, 1),
-            "sparsity": round(p["report"]["sparsity"], 4),
+            **extra, "sparsity": round(p["report"]["sparsity"], 4),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "out": str(out)}
 
@@ -94,22 +111,24 @@ def main() -> None:
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
     cli = [sys.executable, "-m", "slimgraph.cli"]
     for name in args.only:
-        if name == "dense":
-            row = {"name": "dense"}
-            target = "smollm2-135m"
-        else:
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
-                                   "--samples", str(args.samples)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            target = row.pop("out")
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work),
+                               "--samples", str(args.samples)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            rows[name] = {"name": name, "error": tail[0]}
+            print(f"{name} failed: {tail[0]}", flush=True)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        target = row.pop("out", "smollm2-135m")
         t0 = time.perf_counter()
         proc = subprocess.run(cli + ["eval", target, "--ppl", str(ev), "--windows", str(args.windows),
                                      "--json", "--no-progress", "--threads", "2"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"eval of {name} failed:\n{proc.stderr[-3000:]}")
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            rows[name] = {**row, "error": "eval: " + tail[0]}
+            print(f"eval of {name} failed: {tail[0]}", flush=True)
+            continue
         row["ppl"] = round(json.loads(proc.stdout)["ppl"], 2)
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         if name != "dense":
@@ -121,10 +140,13 @@ def main() -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(path)
-    print("| method | ppl | prune wall s | dense fwd over calib s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| method | ppl | prune wall s | peak RSS MB |")
+    print("|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['ppl']} | {r.get('prune_s', '-')} | {r.get('dense_forward_calib_s', '-')} "
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | |")
+            continue
+        print(f"| {name} | {r['ppl']} | {r.get('prune_s', r.get('dense_forward_calib_s'))} "
               f"| {r.get('peak_rss_mb', '-')} |")
 
 
