@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from slimgraph.backends.ort_session import providers as ort_providers
+from slimgraph.frontends.loading import TOKENIZER_FILES
 from slimgraph.errors import SlimgraphError
 
 __all__ = [
@@ -402,14 +403,6 @@ class EvalModel:
 
 
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-)
 
 
 def _has_weights(d: Path) -> bool:
@@ -417,7 +410,7 @@ def _has_weights(d: Path) -> bool:
 
 
 def _has_tokenizer_files(d: Path) -> bool:
-    return d.is_dir() and any((d / name).is_file() for name in _TOKENIZER_FILES)
+    return d.is_dir() and any((d / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _tokenizer_from_dir(d: Path) -> Any:

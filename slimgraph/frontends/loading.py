@@ -281,7 +281,7 @@ def _load_hf_config(spec: str, ref: str, *, meta: bool, dtype: torch.dtype) -> L
 # --------------------------------------------------------------------------- HF directory
 
 
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -322,7 +322,7 @@ def _load_hf_dir(
 
 
 def _has_tokenizer_files(path: Path) -> bool:
-    return any((path / name).exists() for name in _TOKENIZER_FILES)
+    return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
 def _try_tokenizer(path: Path) -> Any | None:

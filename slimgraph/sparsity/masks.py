@@ -98,7 +98,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "layer
     raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
 
 
-def _check_nm(n, m) -> tuple[int, int]:
+def check_nm(n, m) -> tuple[int, int]:
+    """Validate an N:M pattern given as two integers (0 < N < M)."""
     for name, v in (("N", n), ("M", m)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"N:M pattern: {name} must be an integer, got {v!r}")
@@ -114,7 +115,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     In every output row, in every group of ``m`` consecutive input channels, keep the
     ``n`` largest scores (ties: lower channel index kept). ``C_in`` must be a multiple of ``m``.
     """
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     s = _check_scores(scores)
     c_out, c_in = s.shape
     if c_in % m:
@@ -139,7 +140,7 @@ def parse_pattern(pattern) -> tuple[int, int]:
     if isinstance(pattern, (tuple, list)):
         if len(pattern) != 2:
             raise ValueError(f"N:M pattern must be a pair (N, M), got {pattern!r}")
-        return _check_nm(*pattern)
+        return check_nm(*pattern)
     if not isinstance(pattern, str):
         raise ValueError(f"N:M pattern must be a string like '2:4', got {pattern!r}")
     match = _PATTERN.match(pattern)
@@ -179,7 +180,7 @@ def nm_violations(weight, n: int, m: int, axis: int) -> tuple[int, int]:
     as a numpy array), of any rank; every group lies along ``axis`` at a fixed position
     of the other axes. The size of ``axis`` must be a multiple of ``m`` (ValueError).
     """
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     groups = _nonzero_groups(weight, m, axis)
     bad = int((groups.sum(dim=1) > n).sum())
     return bad, int(groups.shape[0])

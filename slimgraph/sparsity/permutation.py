@@ -41,7 +41,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from scipy.optimize import linear_sum_assignment
+
+from slimgraph.sparsity.masks import check_nm
 
 __all__ = [
     "MODES",
@@ -66,16 +69,6 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_nm(n, m) -> tuple[int, int]:
-    for name, v in (("N", n), ("M", m)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"N:M pattern: {name} must be an integer, got {v!r}")
-    n, m = int(n), int(m)
-    if not 0 < n < m:
-        raise ValueError(f"invalid N:M pattern {n}:{m}: need 0 < N < M (N kept of every M)")
-    return n, m
 
 
 def _check_m(m) -> int:
@@ -198,7 +191,7 @@ def _heuristic(s: torch.Tensor, m: int) -> torch.Tensor:
 
 def kept_score(scores: torch.Tensor, perm, n: int, m: int) -> float:
     """Total score kept by N:M selection on ``scores[:, perm]`` (sum over all rows and groups, float64)."""
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     s = _as_scores(scores, m)
     return _kept(s, _as_perm(perm, s.shape[1]), n, m)
 
@@ -221,7 +214,7 @@ def lsa_table(scores: torch.Tensor, perm, n: int, m: int, p: int) -> np.ndarray:
     ``B[r, k]`` = score kept by group ``r`` (N of M per output row, summed over rows) if its
     slot-``p`` channel were replaced by group ``k``'s slot-``p`` channel. float64 numpy.
     """
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     s = _as_scores(scores, m)
     if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) < m:
         raise ValueError(f"slot p must be an integer in [0, {m}), got {p!r}")
@@ -236,7 +229,7 @@ def refine_lsa(scores: torch.Tensor, perm, n: int, m: int, rounds: int = 1) -> t
     accordingly. A step is kept only if it strictly raises :func:`kept_score`, so the
     result never keeps less than ``perm``; rounds stop early once a round changes nothing.
     """
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     s = _as_scores(scores, m)
     return _refine(s, _as_perm(perm, s.shape[1]), n, m, _check_rounds(rounds))
 
@@ -255,7 +248,7 @@ def permuted_nm_mask(scores: torch.Tensor, perm, n: int, m: int) -> torch.Tensor
 
     ``mask[:, perm]`` is N:M; ``mask`` itself generally is not (ALGORITHMS.md 3.3).
     """
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     s = _as_scores(scores, m)
     p = _as_perm(perm, s.shape[1]).to(s.device)
     c_out, c_in = s.shape
@@ -313,7 +306,7 @@ def search_permutation(scores: torch.Tensor, n: int, m: int, mode: str = "exact"
     Guarantees ``kept_after >= max(kept_before, kept_heuristic)``.
     """
     t0 = time.perf_counter()
-    n, m = _check_nm(n, m)
+    n, m = check_nm(n, m)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     rounds = _check_rounds(rounds)
