@@ -82,18 +82,16 @@ def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int
 
 
 def _self_generated(model, tokenizer, seqlen, samples, seed) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
+    """Data-free calibration: sequences sampled from the model itself (KV-cached)."""
+    torch.manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    out: list[int] = []
-    need = seqlen * max(1, min(samples, 8)) + seqlen + 2
-    ids = torch.tensor([[start]])
+    n_seq = max(1, min(samples, 8))
+    ids = torch.full((n_seq, 1), start, dtype=torch.long)
     with torch.no_grad():
-        while len(out) < need:
-            logits = model(input_ids=ids[:, -256:], use_cache=False).logits[0, -1]
-            nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            out.append(int(nxt))
-    return out
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             do_sample=True, top_k=0, top_p=1.0, max_new_tokens=seqlen + 2,
+                             min_new_tokens=seqlen + 2, pad_token_id=start)
+    return out[:, 1:].reshape(-1).tolist()
 
 
 def sample_windows(tokens: list[int], samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -185,3 +185,12 @@ def test_prune_structured_activation_importance(tiny, tmp_path):
     assert rc == 0
     m = load_model(str(tmp_path / "o" / "hf")).model
     assert m.model.layers[0].mlp.down_proj.weight.shape == (zoo.HIDDEN, zoo.INTER // 2)
+
+
+def test_self_calibration_is_data_free(tiny, tmp_path):
+    rc = main(["compile", str(tiny / "m"), "-p", "sparsify{score=wanda,pattern=2:4},save-hf", "-o",
+               str(tmp_path / "o"), "--calib-file", "self", "--calib-samples", "4",
+               "--calib-seqlen", "16"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())["passes"][0]["report"]
+    assert rep["calibration"]["source"] == "self" and rep["sparsity"] == pytest.approx(0.5)
