@@ -82,8 +82,9 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
             if status:
                 status.update(f"pass {i + 1}/{n}: {p.describe()} ...")
 
-                def progress(done, total, p=p, i=i, n=n):
-                    status.update(f"pass {i + 1}/{n}: {p.describe()} ... {done}/{total} blocks")
+                def progress(done, total, unit="blocks", info="", p=p, i=i, n=n):
+                    extra = f" ({info})" if info else ""
+                    status.update(f"pass {i + 1}/{n}: {p.describe()} ... {done}/{total} {unit}{extra}")
 
                 state.progress = progress
 

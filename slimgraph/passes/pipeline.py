@@ -202,6 +202,8 @@ class PassManager:
                     raise TypeError(f"pass {p.name} returned {type(result).__name__}")
                 p.ensures(state, result)
             except SlimgraphError as e:
+                if str(e).startswith(f"pass '{p.name}'"):
+                    raise
                 raise type(e)(f"pass '{p.name}': {e}") from e
             seconds = time.perf_counter() - t0
             if self.verify and result.modified and state.graph is not None:

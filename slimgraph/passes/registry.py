@@ -10,6 +10,7 @@ from slimgraph.errors import PipelineError
 _MODULES = {
     "prune-structured": "slimgraph.passes.prune_structured",
     "remove": "slimgraph.passes.remove",
+    "l0": "slimgraph.passes.l0",
     "sparsify": "slimgraph.passes.sparsify",
     "check-sparsity": "slimgraph.passes.check_sparsity",
     "export-onnx": "slimgraph.backends.onnx_export",

@@ -32,7 +32,10 @@ class CalibrationError(SlimgraphError):
 
 # -- data -------------------------------------------------------------------------------
 
-def _alpaca_texts(path: Path) -> list[str]:
+def read_instructions(path: Path) -> list[dict[str, str]]:
+    """Alpaca-format records ``{instruction, input, output}`` from JSON or JSONL (the
+    self-instruct seed format with ``instances`` is accepted too). Errors name the file
+    and the line or record at fault."""
     raw = path.read_text(encoding="utf-8")
     records = []
     if path.suffix == ".jsonl":
@@ -40,7 +43,7 @@ def _alpaca_texts(path: Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append((f"line {i}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise CalibrationError(f"{path}:{i}: not valid JSON ({e.msg})") from None
     else:
@@ -48,20 +51,24 @@ def _alpaca_texts(path: Path) -> list[str]:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        records = data if isinstance(data, list) else [data]
-    texts = []
-    for i, rec in enumerate(records, 1):
-        if not isinstance(rec, dict) or "instruction" not in rec:
-            raise CalibrationError(f"{path}: record {i} has no 'instruction'")
-        parts = [rec["instruction"], rec.get("input", "")]
-        out = rec.get("output")
-        if out is None and isinstance(rec.get("instances"), list):  # self-instruct seed format
+        records = [(f"record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data], 1)]
+    out = []
+    for where, rec in records:
+        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
+            raise CalibrationError(f"{path}: {where} has no 'instruction'")
+        inp, output = rec.get("input", ""), rec.get("output")
+        if output is None and isinstance(rec.get("instances"), list):  # self-instruct seed format
             inst = rec["instances"][0] if rec["instances"] else {}
-            parts[1] = inst.get("input", "")
-            out = inst.get("output", "")
-        parts.append(out or "")
-        texts.append("\n".join(p for p in parts if p))
-    return texts
+            inp, output = inst.get("input", ""), inst.get("output", "")
+        out.append({"instruction": rec["instruction"], "input": inp or "", "output": output or ""})
+    if not out:
+        raise CalibrationError(f"{path}: no records")
+    return out
+
+
+def _alpaca_texts(path: Path) -> list[str]:
+    return ["\n".join(p for p in (r["instruction"], r["input"], r["output"]) if p)
+            for r in read_instructions(path)]
 
 
 def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int = 512,

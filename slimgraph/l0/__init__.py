@@ -1,0 +1,1 @@
+"""L0 structured pruning (Compresso): gates, data, training loop."""

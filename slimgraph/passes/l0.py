@@ -1,0 +1,211 @@
+"""`l0`: L0 structured pruning trained with LoRA and a collaborative prompt (Compresso).
+
+    l0{target=0.2,steps=200,data=train.jsonl},remove,export-onnx
+
+Hard-concrete gates go on the units of the chosen group kinds (``kinds``: heads, mlp,
+hidden), where the dependency analysis says the units' channels are read (heads, MLP) or
+written (hidden) — no per-architecture model files. LoRA (peft; ``lora`` names the
+linears, default q_proj and v_proj, rank 8) and the gates train on ``data`` (Alpaca
+JSON/JSONL, loss on responses only, or plain text) with the collaborative prompt
+prepended; the Lagrangian drives the expected sparsity of the attention + MLP weights to
+``target`` (and optionally ``heads_target`` / ``mlp_target`` per kind).
+
+At the end the gates become deterministic, an optional fine-tune (``finetune_steps``)
+trains LoRA with the gates frozen, LoRA is merged, the soft gate values are folded into
+the weights they scale, and the units whose gate is 0 are selected: the next pass
+(``remove``) slices them out, so the slim model equals the trained masked model.
+
+Checkpoints go to OUTDIR/l0-checkpoint/ every ``save_every`` steps; the same command run
+again resumes from the last one. The prompt used is written to OUTDIR/prompt.txt, for
+``slimgraph eval --prompt OUTDIR/prompt.txt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimgraph.errors import PipelineError
+from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.registry import register
+
+KINDS = ("heads", "mlp", "hidden")
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.replace(",", " ").replace("+", " ").split() if t]
+
+
+@dataclass
+class L0(Pass):
+    name = "l0"
+    summary = "train hard-concrete gates with LoRA to a target sparsity (Compresso); select units"
+    target: float = 0.2
+    heads_target: float | None = None
+    mlp_target: float | None = None
+    kinds: str = "heads mlp"
+    data: str = ""
+    steps: int = 200
+    lora_steps: int | None = None  # default steps // 8
+    ramp_steps: int | None = None  # default steps // 2
+    batch: int = 4
+    accum: int = 1
+    seqlen: int = 256
+    lr: float = 1e-4
+    mask_lr: float = 0.1
+    lambda_lr: float = 0.1
+    droprate_init: float = 0.5
+    lora: str = "q_proj v_proj"
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    prompt: str = "default"
+    prompt_file: str = ""
+    finetune_steps: int = 0
+    finetune_lr: float = 4e-4
+    seed: int = 0
+    save_every: int = 50
+    checkpoint: str = ""  # default OUTDIR/l0-checkpoint
+
+    def check_options(self) -> None:
+        for opt in ("target", "heads_target", "mlp_target"):
+            val = getattr(self, opt)
+            if val is not None and not 0.0 < val < 1.0:
+                raise self.option_error(opt, f"target sparsity {val} is outside (0, 1)")
+        bad = [k for k in _names(self.kinds) if k not in KINDS]
+        if bad or not _names(self.kinds):
+            raise self.option_error("kinds", f"{' '.join(bad) or 'nothing'}: choose from "
+                                    f"{', '.join(KINDS)} (e.g. kinds=heads+mlp)")
+        for opt, kind in (("heads_target", "heads"), ("mlp_target", "mlp")):
+            if getattr(self, opt) is not None and kind not in _names(self.kinds):
+                raise self.option_error(opt, f"{kind} is not gated (kinds={self.kinds})")
+        for opt in ("steps", "batch", "accum", "seqlen", "lora_rank", "lora_alpha", "save_every"):
+            if getattr(self, opt) < 1:
+                raise self.option_error(opt, f"must be >= 1, got {getattr(self, opt)}")
+        for opt in ("lora_steps", "ramp_steps", "finetune_steps"):
+            val = getattr(self, opt)
+            if val is not None and val < 0:
+                raise self.option_error(opt, f"must be >= 0, got {val}")
+        if (self.lora_steps or 0) >= self.steps:
+            raise self.option_error("lora_steps", f"{self.lora_steps} leaves no step for the "
+                                    f"gates (steps={self.steps})")
+        if not 0.0 < self.droprate_init < 1.0:
+            raise self.option_error("droprate_init", f"{self.droprate_init} is outside (0, 1)")
+        if not _names(self.lora):
+            raise self.option_error("lora", "name at least one linear, e.g. lora=q_proj+v_proj")
+        from slimgraph.l0.data import prompt_text
+
+        prompt_text(self.prompt, self.prompt_file, self.name)
+
+    def requires(self, state: CompileState) -> None:
+        self.require_torch(state)
+        if state.loaded.tokenizer is None:
+            raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read "
+                                "its training data")
+        data = self.data or state.calib.get("file") or ""
+        if not data:
+            raise self.option_error("data", "training data is required: data=FILE (Alpaca "
+                                    "JSON/JSONL or plain text), or compile --calib-file FILE")
+        if not Path(data).is_file():
+            raise self.option_error("data", f"'{data}' does not exist")
+
+    # -- the pass ---------------------------------------------------------------------
+    def config(self):
+        from slimgraph.l0.train import TrainConfig
+
+        targets = {"all": self.target}
+        if self.heads_target is not None:
+            targets["heads"] = self.heads_target
+        if self.mlp_target is not None:
+            targets["mlp"] = self.mlp_target
+        return TrainConfig(
+            steps=self.steps,
+            lora_steps=self.steps // 8 if self.lora_steps is None else self.lora_steps,
+            ramp_steps=self.steps // 2 if self.ramp_steps is None else self.ramp_steps,
+            batch=self.batch, accum=self.accum, lr=self.lr, mask_lr=self.mask_lr,
+            lambda_lr=self.lambda_lr, seed=self.seed, targets=targets,
+            save_every=self.save_every)
+
+    def start(self, state: CompileState):
+        """Examples, gates and the LoRA-wrapped model: a training session, not yet trained."""
+        from slimgraph.l0.data import load_examples, prompt_text
+        from slimgraph.l0.gates import GateSet, SizeModel, plan_families
+        from slimgraph.l0.train import Session, wrap_lora
+
+        prompt = prompt_text(self.prompt, self.prompt_file, self.name)
+        data = self.data or state.calib["file"]
+        examples = load_examples(state.loaded.tokenizer, data, prompt, self.seqlen)
+        result = state.analysis()
+        families = plan_families(state.model, result, set(_names(self.kinds)), self.name)
+        size = SizeModel.build(state.model, result, families)
+        cfg = self.config()
+        gates = GateSet(families, self.droprate_init, tuple(cfg.targets))
+        peft_model = wrap_lora(state.model, _names(self.lora), self.lora_rank, self.lora_alpha,
+                               self.seed)
+        return Session(peft_model, state.model, gates, size), examples, prompt, cfg
+
+    def _checkpoint(self, state: CompileState, suffix: str) -> Path | None:
+        if self.checkpoint:
+            return Path(self.checkpoint) / f"l0{suffix}.pt"
+        if state.out_dir is None:
+            return None
+        return state.out_dir / "l0-checkpoint" / f"l0{suffix}.pt"
+
+    def fingerprint(self, state: CompileState) -> str:
+        desc = f"{self.describe()}|{state.graph.num_parameters()}"
+        return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+    def run(self, state: CompileState) -> PassResult:
+        from slimgraph.l0.gates import fold_gates
+        from slimgraph.l0.train import train
+
+        session, examples, prompt, cfg = self.start(state)
+        pad = state.loaded.tokenizer.pad_token_id
+        pad = pad if pad is not None else (state.loaded.tokenizer.eos_token_id or 0)
+        fp = self.fingerprint(state)
+        train(session, examples, cfg, pad_id=pad, checkpoint=self._checkpoint(state, ""),
+              fingerprint=fp, progress=state.progress)
+        report = {"examples": len(examples), "steps": cfg.steps, "train_seconds":
+                  round(session.seconds, 1), "history": session.history,
+                  "expected_sparsity": round(session.sparsity(), 4),
+                  "lambdas": {k: [round(float(x), 4) for x in v]
+                              for k, v in session.gates.lambdas.items()},
+                  "prompt": prompt}
+        if self.finetune_steps:
+            ft = self.config()
+            ft.steps, ft.lora_steps, ft.lr = self.finetune_steps, 0, self.finetune_lr
+            ft_session = type(session)(session.model, session.base, session.gates, session.size)
+            train(ft_session, examples, ft, pad_id=pad, checkpoint=self._checkpoint(state, "-finetune"),
+                  fingerprint=fp, progress=state.progress, finetune=True)
+            report["finetune"] = {"steps": ft.steps, "seconds": round(ft_session.seconds, 1),
+                                  "history": ft_session.history}
+        values = self.finalize(session)
+        selection = fold_gates(state.model, session.gates, values)
+        kept = {}
+        for fam, z in zip(session.gates.families, values):
+            kept[fam.name] = f"{int((z > 0).sum())}/{len(z)}"
+        report["kept_units"] = kept
+        state.selection.update(selection)
+        if prompt and state.out_dir is not None:
+            from slimgraph.io import atomic_write_text
+
+            path = atomic_write_text(state.out_dir / "prompt.txt", prompt)
+            state.files.append(str(path))
+        state.notes.append("l0: units selected; add the 'remove' pass to slim the model")
+        return PassResult(True, report)
+
+    @staticmethod
+    def finalize(session) -> list[torch.Tensor]:
+        """Deterministic gates; LoRA merged into the base weights; hooks removed. Returns the
+        final gate values (to fold with ``fold_gates``)."""
+        values = session.gates.set_deterministic()
+        session.gates.remove_hooks()
+        merged = session.model.merge_and_unload()
+        if merged is not session.base:
+            raise RuntimeError("peft returned a different model object after merging")
+        return [v.detach().cpu() for v in values]
+
+
+register(L0)

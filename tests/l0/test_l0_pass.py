@@ -1,0 +1,190 @@
+"""`l0` on the tiny LLaMA: training moves the gates, the slim model equals the masked
+model, an interrupted run resumes to the same result, bad input fails early."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from slimgraph.cli import main
+from slimgraph.errors import PipelineError
+from slimgraph.frontends.build import graph_of
+from slimgraph.frontends.loading import load_model
+from slimgraph.l0.gates import fold_gates
+from slimgraph.l0.train import train
+from slimgraph.passes.base import CompileState
+from slimgraph.passes.l0 import L0
+from slimgraph.passes.pipeline import from_text_or_file
+from slimgraph.structured.removal import remove_units
+from tests import zoo
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("l0")
+    zoo.build("llama").save_pretrained(d / "m")
+    zoo.tiny_tokenizer().save_pretrained(d / "m")
+    rng = random.Random(0)
+    with open(d / "train.jsonl", "w") as f:
+        for _ in range(24):
+            f.write(json.dumps({"instruction": " ".join(rng.choices(zoo.WORDS, k=6)),
+                                "input": " ".join(rng.choices(zoo.WORDS, k=3)),
+                                "output": " ".join(rng.choices(zoo.WORDS, k=10))}) + "\n")
+    (d / "train.txt").write_text(zoo.tiny_text(600, seed=2))
+    return d
+
+
+def _state(tiny, out=None):
+    loaded = load_model(str(tiny / "m"))
+    state = CompileState(loaded=loaded, out_dir=out)
+    state.graph = graph_of(loaded)
+    return state
+
+
+def _pass(tiny, **kw):
+    opts = dict(target=0.5, steps=16, data=str(tiny / "train.jsonl"), seqlen=40, batch=2,
+                lr=1e-3, prompt="none")
+    opts.update(kw)
+    return L0(**opts)
+
+
+def test_training_moves_sparsity_toward_target_and_lambda_from_zero(tiny):
+    state = _state(tiny)
+    p = _pass(tiny, steps=30, lora_steps=2, ramp_steps=6)
+    session, examples, _, cfg = p.start(state)
+    before = session.sparsity()
+    train(session, examples, cfg, pad_id=0)
+    after = session.sparsity()
+    assert after > before + 0.05, (before, after)
+    lam = session.gates.lambdas["all"].detach()
+    assert lam[0] < -0.1 and lam[1] > 0.1  # ascent: λ1 pushes ŝ up, λ2 grows
+    hist = session.history
+    assert hist[-1]["step"] == 30 and hist[-1]["target"] == 0.5
+    lora = [n for n, p in session.model.named_parameters() if "lora_B" in n]
+    params = dict(session.model.named_parameters())
+    assert lora and all(float(params[n].detach().abs().sum()) > 0 for n in lora)
+
+
+@pytest.mark.parametrize("kinds", ["heads mlp", "heads mlp hidden"])
+def test_slim_model_equals_trained_masked_model(tiny, kinds):
+    state = _state(tiny)
+    p = _pass(tiny, kinds=kinds, steps=10, lora_steps=1, ramp_steps=4, lora="q_proj v_proj o_proj")
+    session, examples, _, cfg = p.start(state)
+    train(session, examples, cfg, pad_id=0)
+    ids = torch.randint(0, zoo.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    session.model.eval()
+    values = session.gates.set_deterministic()
+    assert any(0 < float(v) < 1 for z in values for v in z)  # soft values to fold
+    with torch.no_grad():
+        masked = session.model(input_ids=ids, use_cache=False).logits
+    values = L0.finalize(session)
+    selection = fold_gates(state.model, session.gates, values)
+    assert selection, "training removed nothing"
+    before = sum(p.numel() for p in state.model.parameters())
+    remove_units(state.model, state.analysis(), selection)
+    assert sum(p.numel() for p in state.model.parameters()) < before
+    assert not any("lora" in n for n, _ in state.model.named_parameters())
+    with torch.no_grad():
+        slim = state.model(input_ids=ids, use_cache=False).logits
+    rel = float((slim - masked).norm() / masked.norm())
+    assert rel <= 1e-5, rel
+
+
+def _final(state):
+    return {n: p.detach().clone() for n, p in state.model.named_parameters()}
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny, tmp_path):
+    p = _pass(tiny, steps=8, lora_steps=1, ramp_steps=4, save_every=3)
+    full = _state(tiny, tmp_path / "a")
+    p.run(full)
+    ref, ref_sel = _final(full), dict(full.selection)
+
+    state = _state(tiny, tmp_path / "b")
+
+    def interrupt(done, total, **_):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    state.progress = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        p.run(state)
+    assert (tmp_path / "b" / "l0-checkpoint" / "l0.pt").is_file()
+    resumed = _state(tiny, tmp_path / "b")
+    steps_seen = []
+    resumed.progress = lambda done, total, **_: steps_seen.append(done)
+    p.run(resumed)
+    assert steps_seen[0] == 4  # resumed after the checkpoint of step 3
+    assert resumed.selection == ref_sel
+    got = _final(resumed)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-6), n
+
+
+def test_changed_options_refuse_a_foreign_checkpoint(tiny, tmp_path):
+    state = _state(tiny, tmp_path)
+    _pass(tiny, steps=2, lora_steps=1, ramp_steps=1).run(state)
+    with pytest.raises(PipelineError, match="different l0 run"):
+        _pass(tiny, steps=3, lora_steps=1, ramp_steps=1).run(_state(tiny, tmp_path))
+
+
+def test_plain_text_data_and_prompt_file(tiny, tmp_path):
+    (tmp_path / "p.txt").write_text("w5 w6 w7 ")
+    state = _state(tiny, tmp_path)
+    p = _pass(tiny, steps=3, lora_steps=1, ramp_steps=1, data=str(tiny / "train.txt"),
+              prompt="default", prompt_file=str(tmp_path / "p.txt"))
+    session, examples, prompt, _ = p.start(state)
+    assert prompt == "w5 w6 w7 "
+    assert all(e.ids[:3] == [5, 6, 7] and e.labels[:3] == [-100] * 3 for e in examples)
+    session.model.unload()
+
+
+def test_cli_pipeline_l0_remove_export_onnx(tiny, tmp_path):
+    out = tmp_path / "out"
+    pipe = (f"l0{{target=0.3,steps=6,data={tiny / 'train.jsonl'},seqlen=160,batch=2,"
+            "lora_steps=1,ramp_steps=2,finetune_steps=2},remove,save-hf,export-onnx")
+    assert main(["compile", str(tiny / "m"), "-p", pipe, "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    l0 = report["passes"][0]["report"]
+    assert l0["finetune"]["steps"] == 2 and l0["prompt"]
+    assert (out / "prompt.txt").read_text() == l0["prompt"]
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert (out / "model.onnx").is_file()
+    assert main(["eval", str(out), "--ppl", str(tiny / "train.txt"), "--seqlen", "16",
+                 "--windows", "2", "--prompt", str(out / "prompt.txt"), "--json"]) == 0
+
+
+@pytest.mark.parametrize("text, match", [
+    ("l0{target=1.5,data=X}", "target sparsity 1.5 is outside"),
+    ("l0{target=0,data=X}", "outside"),
+    ("l0{kinds=heads+foo,data=X}", "foo: choose from"),
+    ("l0{mlp_target=0.3,kinds=heads,data=X}", "mlp is not gated"),
+    ("l0{prompt=maybe,data=X}", "not 'default' or 'none'"),
+    ("l0{steps=4,lora_steps=4,data=X}", "leaves no step"),
+])
+def test_bad_options_fail_before_any_work(text, match):
+    with pytest.raises(PipelineError, match=match):
+        from_text_or_file(text)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"instruction": "a", "output": "b"}\nnot json\n', r"train.jsonl:2: not valid JSON"),
+    ('{"input": "a", "output": "b"}\n', "line 1 has no 'instruction'"),
+])
+def test_malformed_training_data_is_named(tiny, tmp_path, content, match):
+    (tmp_path / "train.jsonl").write_text(content)
+    with pytest.raises(Exception, match=match):
+        _pass(tiny, data=str(tmp_path / "train.jsonl")).start(_state(tiny))
+
+
+def test_missing_data_is_an_error_before_training(tiny, tmp_path):
+    rc = main(["compile", str(tiny / "m"), "-p", "l0{steps=2},remove", "-o", str(tmp_path / "o")])
+    assert rc != 0
+    rc = main(["compile", str(tiny / "m"), "-p", f"l0{{steps=2,data={tmp_path}/nope.jsonl}}",
+               "-o", str(tmp_path / "o")])
+    assert rc != 0
+    assert not (tmp_path / "o" / "l0-checkpoint").exists()
