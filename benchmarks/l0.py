@@ -1,0 +1,131 @@
+"""L0 structured pruning (Compresso) on SmolLM2, CPU-sized, against one-shot removal.
+
+1. `slimgraph compile smollm2-135m -p "l0{target=T,steps=S,data=seed_tasks.jsonl,...},remove,
+   save-hf,export-onnx"`: LoRA + gates trained on the 175 self-instruct seed tasks with the
+   collaborative prompt, then physically slimmed. Training time from the pass report.
+2. Perplexity (BENCHMARK.md protocol, 40 x 512 of the WikiText-2 evaluation split) with
+   and without the collaborative prompt; size on disk (safetensors, ONNX); ONNX Runtime
+   CPU latency (2 threads, batch 1, 128 / 512 tokens, median of 20).
+3. One-shot structured removal to the same size: prune-structured with the per-kind unit
+   fractions L0 removed, magnitude (l2) importance, and activation-aware (act) for
+   reference; the same measurements.
+
+Usage: python benchmarks/l0.py [--steps 120] [--batch 4] [--target 0.2] [--windows 40]
+Writes benchmarks/results/l0.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from structured import WIKI, latency  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_TASKS = ROOT.parent / "shared" / "data" / "instructions" / "seed_tasks.jsonl"
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.perf_counter() - t0
+
+
+def disk_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 1)
+
+
+def measure(out: Path, eval_txt: Path, windows: int, runs: int, prompt: Path | None) -> dict:
+    cli = [sys.executable, "-m", "slimgraph.cli", "eval", str(out), "--ppl", str(eval_txt),
+           "--windows", str(windows), "--seqlen", "512", "--json", "--no-progress", "--threads", "2"]
+    row = {"ppl": round(json.loads(run(cli)[0])["ppl"], 3)}
+    if prompt is not None:
+        row["ppl_with_prompt"] = round(json.loads(run(cli + ["--prompt", str(prompt)])[0])["ppl"], 3)
+    row["safetensors_mb"] = disk_mb(out / "hf" / "model.safetensors")
+    onnx = [p for p in out.iterdir() if p.name.startswith("model.onnx")]
+    row["onnx_mb"] = round(sum(disk_mb(p) for p in onnx), 1)
+    row["latency_ms"] = {str(s): round(latency(out / "model.onnx", s, runs), 1) for s in (128, 512)}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--target", type=float, default=0.2)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--work", default="benchmarks/out/l0")
+    ap.add_argument("--out", default="benchmarks/results/l0.json")
+    ap.add_argument("--skip-train", action="store_true", help="reuse WORK/l0 from an earlier run")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = open(WIKI, newline="").read().replace("\r\n", "\n")
+    eval_txt = work / "eval.txt"
+    eval_txt.write_text(text[: int(0.75 * len(text))])
+    (work / "calib.txt").write_text(text[int(0.75 * len(text)):])
+    cli = [sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m"]
+    rows: dict[str, dict] = {}
+
+    l0_out = work / "l0"
+    pipe = (f"l0{{target={args.target},steps={args.steps},data={SEED_TASKS},batch={args.batch},"
+            f"seqlen={args.seqlen}}},remove,save-hf,export-onnx")
+    secs = 0.0
+    if not args.skip_train:
+        _, secs = run(cli + ["-p", pipe, "-o", str(l0_out)])
+    report = json.loads((l0_out / "report.json").read_text())
+    l0 = report["passes"][0]["report"]
+    removed = report["passes"][1]["report"]["removed_units"]
+    fractions = {"heads": 0.0, "mlp": 0.0}
+    totals = {"heads": 0, "mlp": 0}
+    for fam, kept in l0["kept_units"].items():
+        kind = fam.split("[")[0]
+        k, n = map(int, kept.split("/"))
+        fractions[kind] += n - k
+        totals[kind] += n
+    fractions = {k: round(fractions[k] / totals[k], 4) for k in fractions if totals[k]}
+    rows["l0"] = {"pipeline": pipe, "compile_s": round(secs, 1), "train_s": l0["train_seconds"],
+                  "steps": l0["steps"], "examples": l0["examples"],
+                  "expected_sparsity": l0["expected_sparsity"], "removed_units": removed,
+                  "params": report["parameters"]["after"],
+                  **measure(l0_out, eval_txt, args.windows, args.runs, l0_out / "prompt.txt")}
+    print("l0", json.dumps(rows["l0"]), flush=True)
+    for imp in ("l2", "act"):
+        name = f"one-shot {imp}"
+        out = work / f"oneshot-{imp}"
+        opts = ",".join(f"{k}={v}" for k, v in fractions.items() if v > 0)
+        pipe = f"prune-structured{{{opts},importance={imp}}},save-hf,export-onnx"
+        _, secs = run(cli + ["-p", pipe, "-o", str(out), "--calib-file", str(work / "calib.txt")]
+                      if imp == "act" else cli + ["-p", pipe, "-o", str(out)])
+        rep = json.loads((out / "report.json").read_text())
+        rows[name] = {"pipeline": pipe, "compile_s": round(secs, 1),
+                      "params": rep["parameters"]["after"],
+                      **measure(out, eval_txt, args.windows, args.runs, None)}
+        print(name, json.dumps(rows[name]), flush=True)
+    result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
+              "dense_params": report["parameters"]["before"], "rows": rows}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    print("| model | params | ppl | ppl with prompt | safetensors MB | ORT 128 ms | ORT 512 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['params']:,} | {r['ppl']} | {r.get('ppl_with_prompt', '-')} | "
+              f"{r['safetensors_mb']} | {r['latency_ms']['128']} | {r['latency_ms']['512']} |")
+
+
+if __name__ == "__main__":
+    main()
