@@ -70,6 +70,28 @@ def dense_forward(work: Path, samples: int) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def permutation_stats(report: dict, out: Path) -> dict:
+    """Per-layer permutation time, importance kept by the permuted mask relative to the
+    unpermuted one, and the share of groups of 4 (along the reduction axis, in stored
+    order) that hold more than 2 non-zeros in the saved checkpoint."""
+    from safetensors.torch import load_file
+
+    infos = [r["permutation"] for r in report["layers"] if "seconds" in r.get("permutation", {})]
+    secs = [i["seconds"] for i in infos]
+    gain = sum(i["kept_after"] for i in infos) / max(sum(i["kept_before"] for i in infos), 1e-30)
+    bad = total = 0
+    for f in (out / "hf").glob("*.safetensors"):
+        for key, w in load_file(str(f)).items():
+            if w.dim() == 2 and key.rsplit(".", 2)[-2].endswith("_proj") and w.shape[1] % 4 == 0:
+                nz = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+                bad += int((nz > 2).sum())
+                total += nz.numel()
+    return {"perm_layer_s_mean": round(sum(secs) / max(len(secs), 1), 3),
+            "perm_layer_s_max": round(max(secs, default=0.0), 3),
+            "importance_kept_gain": round(gain, 4),
+            "groups_violating_2of4_stored": round(bad / max(total, 1), 4)}
+
+
 def child(name: str, work: Path, samples: int) -> dict:
     import torch
 
@@ -85,7 +107,8 @@ def child(name: str, work: Path, samples: int) -> dict:
     p = report["passes"][0]
     perm = p["report"].get("permutation")
     extra = {"permutation_s": perm["seconds"] + perm.get("space", {}).get("seconds", 0),
-             "layers_permuted": perm["layers_permuted"]} if perm else {}
+             "layers_permuted": perm["layers_permuted"], **permutation_stats(p["report"], out)} \
+        if perm else {}
     return {"name": name, "pipeline": CONFIGS[name], "prune_s": round(p["seconds"], 1),
             **extra, "sparsity": round(p["report"]["sparsity"], 4),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
