@@ -14,13 +14,12 @@ Writes benchmarks/results/gather_latency.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run, write_result  # noqa: E402
 from structured import latency  # noqa: E402
 
 CONFIGS = {
@@ -43,11 +42,8 @@ def main() -> None:
     for name, pipe in CONFIGS.items():
         out = work / name.split()[-1].replace("=", "-").replace(":", "-")
         if not args.latency_only:
-            cmd = [sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m", "-p", pipe,
-                   "-o", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+            run([sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m", "-p", pipe,
+                 "-o", str(out)])
         report = json.loads((out / "report.json").read_text())
         perm = report["passes"][0]["report"].get("permutation", {})
         rows[name] = {"pipeline": pipe, "onnx": str(out / "model.onnx"),
@@ -60,13 +56,7 @@ def main() -> None:
     base = rows["2:4 no permutation"]["latency_ms"]
     g = rows["2:4 permute=gather"]["latency_ms"]
     cost = {s: round(100 * (g[s] / base[s] - 1), 1) for s in base}
-    result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows,
-              "gather_cost_pct": cost}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_result(args.out, rows, gather_cost_pct=cost)
     print("gather cost (% over the same masks without gathers):", cost)
 
 

@@ -17,26 +17,16 @@ Writes benchmarks/results/l0.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run, write_result  # noqa: E402
 from structured import WIKI, latency  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT.parent / "shared" / "data" / "instructions" / "seed_tasks.jsonl"
-
-
-def run(cmd: list[str]) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return proc.stdout, time.perf_counter() - t0
 
 
 def disk_mb(path: Path) -> float:
@@ -113,13 +103,7 @@ def main() -> None:
                       "params": rep["parameters"]["after"],
                       **measure(out, eval_txt, args.windows, args.runs, None)}
         print(name, json.dumps(rows[name]), flush=True)
-    result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
-              "dense_params": report["parameters"]["before"], "rows": rows}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_result(args.out, rows, dense_params=report["parameters"]["before"])
     print("| model | params | ppl | ppl with prompt | safetensors MB | ORT 128 ms | ORT 512 ms |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts: run a command, write a result file atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    """Run ``cmd``; return its stdout and wall seconds; exit with its stderr on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.perf_counter() - t0
+
+
+def write_result(path: str | Path, rows: dict, **extra) -> None:
+    """``{"date", "command", **extra, "rows"}`` to ``path`` (temp file, then rename)."""
+    result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), **extra,
+              "rows": rows}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
