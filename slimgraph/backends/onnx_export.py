@@ -5,6 +5,11 @@ Dynamo export with dynamic batch and sequence axes, input ``input_ids`` and outp
 with PyTorch's on a random input. The file is written to a temporary name in the
 output directory and renamed at the end, so an interrupted export leaves nothing.
 Models over 2 GB are saved with external data (``model.onnx.data``).
+
+ONNX input (no PyTorch model): the imported ONNX model, as the passes before left it
+(``sparsify`` writes its masked weights into it), is saved instead -- same atomic write,
+the checker on the file, and ONNX Runtime runs it on a random input (there is no PyTorch
+reference to compare with); the tokenizer next to the input file is copied along.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from slimgraph.io import make_temp_dir
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import PipelineError, SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
@@ -73,6 +78,50 @@ def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | 
     return path
 
 
+def save_onnx_model(model, path: Path) -> Path:
+    """Save an ``onnx_ir`` model to ``path`` atomically: into a temporary directory beside
+    it, checked by ``onnx.checker``, then renamed. Over 2 GB of weights go to external data
+    (``NAME.data``); below, every tensor is stored in the file (tensors still mapped from
+    the input's data file are read in). ``model`` is not modified."""
+    import onnx
+    import onnx_ir as ir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = make_temp_dir(path.parent, ".export-")
+    try:
+        tmp = tmpdir / path.name
+        size = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+                   if v.const_value is not None)
+        data = tmpdir / (path.name + ".data")
+        ir.save(model, tmp, external_data=data.name,
+                size_threshold_bytes=256 if size > TWO_GB else 2**62)
+        if data.is_file() and data.stat().st_size == 0:
+            data.unlink()
+        onnx.checker.check_model(str(tmp))
+        for f in tmpdir.iterdir():  # model.onnx (+ model.onnx.data)
+            os.replace(f, path.parent / f.name)
+    except SlimgraphError:
+        raise
+    except Exception as e:
+        raise SlimgraphError(f"saving the ONNX model failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def ort_smoke_test(path: Path, *, vocab: int, seq: int = 13) -> dict:
+    """Run ``path`` with ONNX Runtime on random token ids; the output must be finite."""
+    from slimgraph.backends.ort_session import session, token_feeds
+
+    g = np.random.default_rng(0)
+    sess = session(path)
+    out = sess.run(None, token_feeds(sess, g.integers(0, max(vocab, 2), (1, seq))))[0]
+    if not np.isfinite(out).all():
+        raise SlimgraphError(f"ONNX Runtime output of {path} has non-finite values")
+    return {"output_shape": list(out.shape), "finite": True, "providers": sess.get_providers()}
+
+
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress and warnings; keep the CLI output readable."""
@@ -121,11 +170,22 @@ class ExportOnnx(Pass):
             raise self.option_error("opset", f"{self.opset} is not a supported opset (17-25)")
 
     def requires(self, state: CompileState) -> None:
+        if state.model is None and getattr(state.loaded, "onnx_path", None) is not None:
+            if self.opset:
+                raise self.option_error("opset", "the ONNX input is saved with its own opset; "
+                                        "opset is for export from PyTorch")
+            if state.graph is None or state.graph.meta.get("onnx_model") is None:
+                raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
+            if state.out_dir is None:
+                raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
+            return
         self.require_torch(state, out_dir=True)
 
     def run(self, state: CompileState) -> PassResult:
         import onnx
 
+        if state.model is None:
+            return self.save_onnx_input(state)
         vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
         path = export_onnx(state.model, state.out_dir / self.filename, vocab=vocab,
                            opset=self.opset or None)
@@ -140,6 +200,25 @@ class ExportOnnx(Pass):
         state.files.append(str(path))
         if state.loaded.tokenizer is not None:
             save_tokenizer(state.loaded.tokenizer, state.out_dir, state)
+        return PassResult(False, report)
+
+    def save_onnx_input(self, state: CompileState) -> PassResult:
+        from slimgraph.ir.graph import OpKind
+        from slimgraph.sparsity.onnx_path import onnx_tokenizer
+
+        path = save_onnx_model(state.graph.meta["onnx_model"], state.out_dir / self.filename)
+        report: dict = {"file": str(path), "bytes": _size(path), "source": "the ONNX input, "
+                        "as modified by the passes before (saved, not re-exported)",
+                        "modified": bool(state.graph.meta.get("onnx_modified"))}
+        if self.check:
+            tables = [n.inputs[0].shape[0] for n in state.graph.nodes
+                      if n.kind is OpKind.EMBEDDING and n.inputs[0].shape]
+            vocab = tables[0] if tables and isinstance(tables[0], int) else 2
+            report["ort_check"] = ort_smoke_test(path, vocab=vocab)
+        state.files.append(str(path))
+        tokenizer = onnx_tokenizer(state)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, state.out_dir, state)
         return PassResult(False, report)
 
 

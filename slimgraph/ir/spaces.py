@@ -176,6 +176,8 @@ class ChannelSpaces:
                 self.union(x, y)
                 i += 1
                 j += 1
+            elif not sx or not sy:  # 0: a symbolic size (dynamic axis, shape not inferred)
+                raise LayoutConflict(f"sizes {sx or '?'} and {sy or '?'} cannot be compared")
             elif sx > sy and sx % sy == 0:
                 a[i : i + 1] = self._split_product(x, sy)
             elif sy > sx and sy % sx == 0:

@@ -2,7 +2,8 @@
 
     sparsify{score=ria,pattern=2:4},export-onnx,check-sparsity{pattern=2:4}
 
-Checks the in-memory PyTorch model (or, for ONNX input, the input file) and every ONNX
+Checks the in-memory PyTorch model (or, for ONNX input, the input file -- unless an
+earlier pass such as ``sparsify`` modified the model in memory) and every ONNX
 file an earlier pass of this pipeline wrote (``export-onnx``: ``OUTDIR/model.onnx``) with
 :mod:`slimgraph.sparsity.check`: the decoder-block linears by default, every linear with
 ``all_linear=true``. The report (per layer: axis, zero fraction, violating groups,
@@ -60,6 +61,10 @@ class CheckSparsity(Pass):
         if state.model is not None:
             reports.append(check_torch(state.model, pattern, targets=targets,
                                        name=f"{state.loaded.spec} (in memory)"))
+        elif state.graph is not None and state.graph.meta.get("onnx_modified"):
+            # the input file no longer is the model: check what export-onnx wrote from it
+            notes.append(f"{state.loaded.onnx_path} (the input) was modified in memory by an "
+                         "earlier pass; only the ONNX files written since are checked")
         else:
             path = Path(state.loaded.onnx_path).resolve()
             checked.add(path)
@@ -73,6 +78,10 @@ class CheckSparsity(Pass):
             stale = state.out_dir / "model.onnx" if state.out_dir is not None else None
             if stale is not None and stale.is_file() and stale.resolve() not in checked:
                 notes.append(f"{stale} was not written by this pipeline; not checked")
+        if not reports:
+            raise PipelineError(f"pass '{self.name}': the ONNX input was modified in memory and "
+                                "no ONNX file has been written from it yet: put export-onnx "
+                                "before check-sparsity")
         notes.extend(r.headline() for r in reports)
         for r in reports:
             notes.extend(f"{r.source}: {n}" for n in r.notes)

@@ -11,6 +11,11 @@ unstructured at ``sparsity`` (compared per ``scope``: layer or row) or N:M
 weight update. Calibration is block-sequential (``sparsity/calibration.py``): samples
 x seqlen tokens from ``calib`` (a text file, Alpaca JSON/JSONL, or ``self``); the
 compile command's --calib-* options set the defaults.
+
+ONNX input (a model that exists only as an .onnx file) goes through
+``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
+model (``export-onnx`` saves it), but calibration is one-shot on the dense model with
+ONNX Runtime, and reconstruct / sparsegpt / permute / calib=self are refused.
 """
 
 from __future__ import annotations
@@ -90,6 +95,11 @@ class Sparsify(Pass):
         return self.score in SCORES_NEED_DATA or self.reconstruct or self.score == "sparsegpt"
 
     def requires(self, state: CompileState) -> None:
+        from slimgraph.sparsity import onnx_path
+
+        if onnx_path.is_onnx_input(state):
+            onnx_path.check_onnx_input(self, state)
+            return
         self.require_torch(state)
         if self.needs_data() and state.loaded.tokenizer is None and (self.calib or state.calib.get(
                 "file")) != "self":
@@ -97,8 +107,11 @@ class Sparsify(Pass):
                                 "and the model has no tokenizer")
 
     def run(self, state: CompileState) -> PassResult:
+        from slimgraph.sparsity import onnx_path
         from slimgraph.sparsity.calibration import block_sequential, calibration_tokens, sample_windows
 
+        if onnx_path.is_onnx_input(state):
+            return onnx_path.sparsify_onnx(self, state)
         result = state.analysis()
         samples = self.samples or state.calib.get("samples", 64)
         seqlen = self.seqlen or state.calib.get("seqlen", 512)
