@@ -116,7 +116,14 @@ def ort_smoke_test(path: Path, *, vocab: int, seq: int = 13) -> dict:
 
     g = np.random.default_rng(0)
     sess = session(path)
-    out = sess.run(None, token_feeds(sess, g.integers(0, max(vocab, 2), (1, seq))))[0]
+    inputs = sess.get_inputs()
+    ids_in = next((i for i in inputs if "input_ids" in i.name), inputs[0])
+    shape = list(ids_in.shape or [])
+    batch = 1
+    if len(shape) == 2:  # a static-shape export accepts only its own batch and length
+        batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
+        seq = shape[1] if isinstance(shape[1], int) and shape[1] > 0 else seq
+    out = sess.run(None, token_feeds(sess, g.integers(0, max(vocab, 2), (batch, seq))))[0]
     if not np.isfinite(out).all():
         raise SlimgraphError(f"ONNX Runtime output of {path} has non-finite values")
     return {"output_shape": list(out.shape), "finite": True, "providers": sess.get_providers()}

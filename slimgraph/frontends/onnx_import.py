@@ -55,7 +55,7 @@ from slimgraph.errors import OnnxImportError
 from slimgraph.ir.graph import Graph, OpKind, Value
 from slimgraph.ir.params import ArrayParamHandle
 
-__all__ = ["CONVERTERS", "OnnxParamHandle", "import_onnx"]
+__all__ = ["CONVERTERS", "OnnxParamHandle", "import_onnx", "import_onnx_model"]
 
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
 INPUT_KIND_KEY = "pkg.torch.export.graph_signature.InputSpec.kind"
@@ -83,6 +83,12 @@ def import_onnx(path: str | Path) -> Graph:
     path = Path(path)
     model = _load(path)
     return _Importer(model, path).run()
+
+
+def import_onnx_model(model: ir.Model, path: str | Path) -> Graph:
+    """Translate an ``onnx_ir`` model already in memory (e.g. one a pass modified; it was
+    loaded from ``path``) to a :class:`Graph` whose handles write into ``model``."""
+    return _Importer(model, Path(path)).run()
 
 
 # -- loading and validation -------------------------------------------------------------
@@ -423,6 +429,10 @@ class _Importer:
             "producer": " ".join(x for x in (self.model.producer_name,
                                              self.model.producer_version) if x),
             "onnx_provenance": self.provenance,
+            # ONNX value name -> IR value name (node outputs and graph inputs)
+            "onnx_values": {v.name: self.env[id(v)].name
+                            for v in [*self.g.inputs, *(o for n in self.g for o in n.outputs)]
+                            if v.name and id(v) in self.env},
         })
         return self.graph
 

@@ -78,6 +78,11 @@ class PruneStructured(Pass):
         parse_layers(self.protect, self.name)
 
     def requires(self, state: CompileState) -> None:
+        from slimgraph.structured.onnx_removal import is_onnx_state
+
+        if is_onnx_state(state):
+            self._check_onnx(state)
+            return
         self.require_torch(state)
         if self.importance == "act" and state.loaded.tokenizer is None and \
                 (state.calib.get("file") or "self") != "self":
@@ -86,8 +91,16 @@ class PruneStructured(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         result = state.analysis()
-        counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
-                                      parse_layers(self.protect, self.name), self.name)
+        try:
+            counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
+                                          parse_layers(self.protect, self.name), self.name)
+        except PipelineError as e:
+            if state.model is None and "heads" in str(e) and "unprunable" in str(e):
+                raise PipelineError(f"{e}; on ONNX input, attention heads are tracked on files "
+                                    "exported with static shapes (dynamic batch/sequence axes "
+                                    "hide the head count behind run-time shape arithmetic)"
+                                    ) from None
+            raise
         selection: dict[int, list[int]] = {}
         by_id = {g.id: g for g in result.groups}
         score_of = self._scorer(state) if counts else None
@@ -99,11 +112,26 @@ class PruneStructured(Pass):
         if not self.remove:
             state.selection.update(selection)
             return PassResult(False, report)
-        report.update(remove_units(state.model, result, selection))
+        if state.model is None:
+            from slimgraph.structured.onnx_removal import remove_units_onnx
+
+            report.update(remove_units_onnx(result, selection, self.name))
+        else:
+            report.update(remove_units(state.model, result, selection))
         state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
 
+    def _check_onnx(self, state: CompileState) -> None:
+        """ONNX input: what only the PyTorch path supports is refused here, by option."""
+        if self.importance == "act":
+            raise self.option_error("importance", "'act' runs the PyTorch model on calibration "
+                                    "data; it is not supported for ONNX input (use l1 or l2)")
+        if self.hidden:
+            raise self.option_error("hidden", "removing hidden (residual) channels is not "
+                                    "supported for ONNX input (only heads and mlp)")
+        if state.graph is None or state.graph.meta.get("onnx_model") is None:
+            raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
 
     def _scorer(self, state: CompileState):
         if self.importance in ("l1", "l2"):

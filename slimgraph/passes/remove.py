@@ -15,12 +15,23 @@ class Remove(Pass):
     summary = "slice out the units selected by an earlier pass"
 
     def requires(self, state: CompileState) -> None:
+        from slimgraph.structured.onnx_removal import check_selection, is_onnx_state
+
+        if is_onnx_state(state):
+            if state.selection:
+                check_selection(state.analysis(), state.selection, self.name)
+            return
         self.require_torch(state)
 
     def run(self, state: CompileState) -> PassResult:
         if not state.selection:
             return PassResult(False, {"note": "no units were selected; nothing removed"})
-        report = remove_units(state.model, state.analysis(), state.selection)
+        if state.model is None:
+            from slimgraph.structured.onnx_removal import remove_units_onnx
+
+            report = remove_units_onnx(state.analysis(), state.selection, self.name)
+        else:
+            report = remove_units(state.model, state.analysis(), state.selection)
         state.selection = {}
         state.record_removal(report)
         state.retrace()

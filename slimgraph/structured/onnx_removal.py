@@ -1,0 +1,374 @@
+"""Physically remove selected units from a model that exists only as an ONNX file.
+
+    slimgraph compile model.onnx -p "prune-structured{mlp=0.5},export-onnx" -o OUT
+
+The imported IR (``slimgraph.frontends.onnx_import``) holds every weight as an
+:class:`~slimgraph.frontends.onnx_import.OnnxParamHandle`; slicing a member through its
+handle slices the ``onnx_ir`` initializer it is stored in (transposed storage, e.g. a
+MatMul ``B`` of ``[K, N]`` or a ``Gemm`` with ``transB``, included), exactly as the
+PyTorch path slices module parameters.
+
+What the weights do not carry is rewritten from the analysis: every tensor dim of the
+graph has a layout of channel spaces, so removing unit ``u`` of a group's space removes
+``Tree.positions(space, u)`` from every dim that space reaches -- parameters *and*
+activations. From that, for each ONNX value its new shape follows, and:
+
+- constant target shapes that encode a removed size (``Reshape`` / ``Expand`` /
+  ``ConstantOfShape`` shape inputs, from an initializer or a ``Constant`` node; the
+  ``[1, 7, 4, 16]`` / ``[4, 7, 16]`` / ``[1, 2, 2, 7, 16]`` of a static-shape export's
+  attention) are rewritten, per use (a constant shared with an untouched layer is left
+  to it); ``-1`` / ``0`` (inferred / copied) entries and broadcast ``1`` s stay;
+- ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads``
+  attributes, when present, follow the new head counts;
+- the shapes recorded on values (``value_info``) are updated (symbolic dims stay).
+
+A node that would need a rewrite this module does not know (a target shape computed at
+run time, a ``num_heads`` attribute of a contrib op) is refused before anything is
+changed, naming the node and the group. Afterwards the modified model is checked with
+ONNX shape inference on a copy whose recorded shapes are cleared: every re-inferred
+static dim must equal the new shape predicted by the analysis, else the pass fails
+(no file is written; the input file is never touched -- the model is in memory).
+
+Not supported on ONNX input: hidden (residual) channels (RMSNorm's epsilon and gains
+would have to be corrected inside the decomposed norm), importance=act.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from slimgraph.errors import PipelineError
+from slimgraph.ir.dependency import DependencyResult
+from slimgraph.structured.removal import positions
+
+SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+PROTO_LIMIT = 1_800_000_000  # bytes; above, the shape-inference check needs a file
+
+
+def is_onnx_state(state) -> bool:
+    return state.model is None and getattr(state.loaded, "onnx_path", None) is not None
+
+
+def _const(v) -> np.ndarray | None:
+    """The value of an initializer or a ``Constant`` node output, else None."""
+    if v is None:
+        return None
+    if v.const_value is not None:
+        return v.const_value.numpy()
+    p = v.producer()
+    if p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx"):
+        a = p.attributes.get("value")
+        if a is not None:
+            return a.value.numpy()
+        a = p.attributes.get("value_ints")
+        if a is not None:
+            return np.asarray(list(a.value), dtype=np.int64)
+    return None
+
+
+def _attr(node, name, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+class _Plan:
+    """New shapes of the ONNX values, and the constant rewrites they need."""
+
+    def __init__(self, result: DependencyResult, selection: dict[int, list[int]]) -> None:
+        self.result = result
+        self.graph = result.graph
+        self.model = self.graph.meta["onnx_model"]
+        by_id = {g.id: g for g in result.groups}
+        self.sel = [(by_id[gid], units) for gid, units in selection.items() if units]
+        self.names: dict[str, str] = self.graph.meta.get("onnx_values", {})
+        self.new_shape: dict[str, tuple] = {}  # onnx value name -> new dims (changed only)
+        self.old_shape: dict[str, tuple] = {}
+        self.group_of: dict[str, str] = {}  # onnx value name -> group label that shrinks it
+        self.rewrites: list[tuple[Any, int, np.ndarray, np.ndarray]] = []  # node, input, old, new
+        self.attr_rewrites: list[tuple[Any, str, int, int]] = []
+        self.split_rewrites: list[tuple[Any, list[int], list[int]]] = []
+
+    @staticmethod
+    def label(g) -> str:
+        return f"{g.kind} group {g.id}" + (f" (layer {g.layer})" if g.layer is not None else "")
+
+    def shapes(self) -> None:
+        ctx = self.result.context
+        sp = ctx.spaces
+        for onnx_name, ir_name in self.names.items():
+            v = self.graph.values.get(ir_name)
+            if v is None or not v.is_tensor or v.shape is None or not ctx.has(v):
+                continue
+            dims = list(v.shape)
+            changed = False
+            for d, lay in enumerate(ctx.layouts(v)):
+                tree = sp.tree(lay)
+                removed: set[int] = set()
+                for g, units in self.sel:
+                    for u in units:
+                        p = tree.positions(g.space, u)
+                        if p:
+                            removed.update(p)
+                            self.group_of.setdefault(onnx_name, self.label(g))
+                if removed:
+                    if not isinstance(dims[d], int):
+                        raise PipelineError(
+                            f"{self.group_of[onnx_name]}: dim {d} of ONNX value {onnx_name!r} "
+                            f"has no static size ({dims[d]}); it cannot be resized")
+                    dims[d] -= len(removed)
+                    changed = True
+            if changed:
+                self.new_shape[onnx_name] = tuple(dims)
+                self.old_shape[onnx_name] = tuple(v.shape)
+
+    def nodes(self) -> None:
+        for node in self.model.graph:
+            outs = [o for o in node.outputs if o.name in self.new_shape]
+            ins = [v for v in node.inputs if v is not None and v.name in self.new_shape]
+            if not outs and not ins:
+                continue
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            if op in SHAPE_INPUT and outs:
+                self._shape_input(node, SHAPE_INPUT[op], outs[0])
+            elif op == "Split" and outs:
+                self._split(node)
+            elif op == "Attention":
+                self._attention(node)
+            elif "num_heads" in node.attributes or any(
+                    a.type.name.startswith("GRAPH") for a in node.attributes.values()):
+                why = ("has a num_heads attribute" if "num_heads" in node.attributes
+                       else "has subgraphs")
+                v = (outs or ins)[0]
+                raise PipelineError(
+                    f"{self.group_of.get(v.name, 'a group')}: ONNX node {node.name!r} ({op}) "
+                    f"{why} that removal does not rewrite")
+
+    def _where(self, node, v) -> str:
+        return (f"{self.group_of.get(v.name, 'a group')}: ONNX node {node.name!r} "
+                f"({node.op_type})")
+
+    def _shape_input(self, node, idx: int, out) -> None:
+        new, old = self.new_shape[out.name], self.old_shape[out.name]
+        shape_v = node.inputs[idx] if idx < len(node.inputs) else None
+        arr = _const(shape_v)
+        if arr is None:
+            raise PipelineError(
+                f"{self._where(node, out)} computes its target shape at run time; the sizes "
+                "it encodes cannot be rewritten (a static-shape export has constant shapes)")
+        flat = arr.reshape(-1).astype(np.int64)
+        if flat.size != len(new):
+            raise PipelineError(f"{self._where(node, out)}: target shape {flat.tolist()} does "
+                                f"not have rank {len(new)}")
+        allowzero = bool(_attr(node, "allowzero", 0))
+        out_arr = flat.copy()
+        for d, (o, n) in enumerate(zip(old, new)):
+            if o == n:
+                continue
+            if flat[d] == o:
+                out_arr[d] = n
+            elif flat[d] == -1 and node.op_type == "Reshape":
+                continue
+            elif flat[d] == 0 and node.op_type == "Reshape" and not allowzero:
+                continue
+            elif flat[d] == 1 and node.op_type == "Expand":
+                continue
+            else:
+                raise PipelineError(f"{self._where(node, out)}: entry {d} of the target shape "
+                                    f"{flat.tolist()} does not encode the size {o} that changes "
+                                    f"to {n}")
+        if not np.array_equal(out_arr, flat):
+            self.rewrites.append((node, idx, flat, out_arr.astype(arr.dtype)))
+
+    def _split(self, node) -> None:
+        axis = int(_attr(node, "axis", 0))
+        sizes = []
+        for o in node.outputs:
+            shape = self.new_shape.get(o.name)
+            if shape is None and o.name in self.names:
+                shape = self.graph.values[self.names[o.name]].shape
+            if not shape or not isinstance(shape[axis], int):
+                raise PipelineError(f"{self._where(node, o)}: split sizes are unknown")
+            sizes.append(int(shape[axis]))
+        old = []
+        for o in node.outputs:
+            v = self.graph.values.get(self.names.get(o.name, ""))
+            old.append(int(v.shape[axis]) if v is not None and v.shape else -1)
+        if sizes != old:
+            self.split_rewrites.append((node, old, sizes))
+
+    def _attention(self, node) -> None:
+        for attr, i in (("q_num_heads", 0), ("kv_num_heads", 1)):
+            if attr not in node.attributes:
+                continue
+            v = node.inputs[i]
+            new = self.new_shape.get(v.name)
+            if new is None:
+                continue
+            if len(new) != 4:
+                raise PipelineError(f"{self._where(node, v)}: {attr} with 3-D inputs is not "
+                                    "rewritten")
+            self.attr_rewrites.append((node, attr, int(_attr(node, attr)), int(new[1])))
+
+
+def check_selection(result: DependencyResult, selection: dict[int, list[int]],
+                    pass_name: str) -> None:
+    """Refuse what ONNX removal does not support, before anything is changed."""
+    by_id = {g.id: g for g in result.groups}
+    for gid, units in selection.items():
+        g = by_id[gid]
+        if units and g.kind not in ("mlp", "heads"):
+            raise PipelineError(
+                f"pass '{pass_name}': removing {g.kind} units ({_Plan.label(g)}) is not "
+                "supported for ONNX input (only mlp channels and attention heads / KV-groups)")
+
+
+def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
+                      pass_name: str) -> dict[str, Any]:
+    """Slice the selected units out of the ``onnx_ir`` model behind ``result.graph``;
+    rewrite the shape constants and recorded shapes; verify with shape inference."""
+    import onnx_ir as ir
+
+    check_selection(result, selection, pass_name)
+    graph = result.graph
+    plan = _Plan(result, selection)
+    plan.shapes()
+    plan.nodes()  # every refusal happens here, before anything is written
+    before = graph.num_parameters()
+    report: dict[str, Any] = {"removed_units": {}, "module_attrs": {}, "notes": [],
+                              "input": "onnx", "onnx_rewrites": []}
+    for (param, dim), idx in sorted(positions(result, selection).items()):
+        handle = graph.params[param].param
+        keep = [i for i in range(handle.shape[dim]) if i not in idx]
+        handle.slice(dim, keep)
+    by_id = {g.id: g for g in result.groups}
+    for gid, units in selection.items():
+        g = by_id[gid]
+        key = f"{g.kind}" + (f"[{g.layer}]" if g.layer is not None else "")
+        report["removed_units"][key] = report["removed_units"].get(key, 0) + len(units)
+    model = plan.model
+    g = model.graph
+    taken = set(g.initializers) | {o.name for n in g for o in n.outputs} | \
+        {v.name for v in g.inputs}
+    stale = []
+    for node, i, old, new in plan.rewrites:
+        old_v = node.inputs[i]
+        name = _fresh(f"{node.name or node.op_type}_shape", taken)
+        value = ir.Value(name=name, shape=ir.Shape(new.shape), type=ir.TensorType(
+            ir.DataType.from_numpy(new.dtype)), const_value=ir.Tensor(new, name=name))
+        g.register_initializer(value)
+        node.replace_input_with(i, value)
+        stale.append(old_v)
+        report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "input": i,
+                                        "old": old.tolist(), "new": new.tolist()})
+    for node, old, sizes in plan.split_rewrites:
+        arr = np.asarray(sizes, dtype=np.int64)
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            name = _fresh(f"{node.name or 'Split'}_sizes", taken)
+            value = ir.Value(name=name, shape=ir.Shape(arr.shape),
+                             type=ir.TensorType(ir.DataType.INT64),
+                             const_value=ir.Tensor(arr, name=name))
+            g.register_initializer(value)
+            stale.append(node.inputs[1])
+            node.replace_input_with(1, value)
+        elif "split" in node.attributes or plan.model.opset_imports.get("", 13) < 13:
+            node.attributes["split"] = ir.AttrInt64s("split", sizes)
+        else:
+            name = _fresh(f"{node.name or 'Split'}_sizes", taken)
+            value = ir.Value(name=name, shape=ir.Shape(arr.shape),
+                             type=ir.TensorType(ir.DataType.INT64),
+                             const_value=ir.Tensor(arr, name=name))
+            g.register_initializer(value)
+            node.resize_inputs(2)
+            node.replace_input_with(1, value)
+            node.attributes.pop("num_outputs", None)
+        report["onnx_rewrites"].append({"node": node.name, "op": "Split", "old": old,
+                                        "new": sizes})
+    for node, attr, old, new in plan.attr_rewrites:
+        node.attributes[attr] = ir.AttrInt64(attr, new)
+        report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
+                                        "old": old, "new": new})
+    for v in stale:  # shape constants no longer used by anything
+        if v.uses() or v in g.outputs:
+            continue
+        if v.name in g.initializers and v not in g.inputs:
+            g.initializers.pop(v.name)
+        elif v.producer() is not None and v.producer().op_type == "Constant":
+            g.remove(v.producer(), safe=True)
+    # recorded shapes: only the changed static dims
+    values = {v.name: v for v in g.inputs}
+    values.update((o.name, o) for n in g for o in n.outputs if o.name)
+    for name, new in plan.new_shape.items():
+        v = values.get(name)
+        if v is None or v.shape is None:
+            continue
+        if v in g.outputs or v in g.inputs:
+            raise PipelineError(f"pass '{pass_name}': removal would change the shape of the "
+                                f"model {'output' if v in g.outputs else 'input'} {name!r}")
+        dims = [new[d] if isinstance(new[d], int) and isinstance(v.shape[d], int) else v.shape[d]
+                for d in range(len(new))]
+        v.shape = ir.Shape(dims)
+    report["shape_check"] = verify_shapes(model, plan.new_shape, pass_name)
+    graph.meta["onnx_modified"] = True
+    report["params_before"] = before
+    report["params_after"] = graph.num_parameters()
+    return report
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def verify_shapes(model, expected: dict[str, tuple], pass_name: str) -> dict[str, Any]:
+    """Re-infer every intermediate shape of ``model`` (a serialized copy with the
+    recorded shapes dropped) and compare with the shapes the analysis predicts."""
+    import onnx
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+    if size > PROTO_LIMIT:
+        return {"checked": False, "why": "weights over the in-memory protobuf limit"}
+    proto = ir.serde.serialize_model(model)
+    del proto.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+                                                     data_prop=True)
+        strict = True
+    except Exception as e:  # strict mode also trips on ops without schemas (contrib)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        except Exception:
+            raise PipelineError(f"pass '{pass_name}': ONNX shape inference fails on the slimmed "
+                                f"model: {str(e).strip().splitlines()[0]}") from e
+        strict = False
+    seen = {vi.name: vi for vi in inferred.graph.value_info}
+    seen.update((vi.name, vi) for vi in inferred.graph.output)
+    producer = {o: n for n in inferred.graph.node for o in n.output}
+    checked = 0
+    for name, want in expected.items():
+        vi = seen.get(name)
+        if vi is None or not vi.type.HasField("tensor_type") or \
+                not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in vi.type.tensor_type.shape.dim]
+        if len(dims) != len(want):
+            continue
+        for d, w in zip(dims, want):
+            if d is not None and isinstance(w, int) and d != w:
+                n = producer.get(name)
+                raise PipelineError(
+                    f"pass '{pass_name}': after removal ONNX shape inference gives {dims} for "
+                    f"{name!r} (node {n.name if n else '?'!r}, {n.op_type if n else '?'}), the "
+                    f"analysis expects {list(want)}: the node encodes a size that removal "
+                    "does not rewrite")
+        checked += 1
+    return {"checked": True, "strict": strict, "values_compared": checked}
+
