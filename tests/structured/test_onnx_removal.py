@@ -1,0 +1,264 @@
+"""Structured removal on ONNX input (slimgraph.structured.onnx_removal).
+
+The invariant of the PyTorch path, on ONNX files run by ONNX Runtime: the slimmed ONNX
+model's outputs equal those of the original ONNX model with the same units zeroed, and
+those of the PyTorch path's slimmed model on the same selection. Files: tiny zoo models
+exported with static shapes (heads and MLP channels are exact groups there) and, for
+llama, with dynamic batch/sequence axes as export-onnx writes them (MLP only: the head
+count hides behind run-time shape arithmetic and the heads groups are unprunable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slimgraph.cli import main
+from slimgraph.errors import PipelineError
+from slimgraph.frontends.onnx_import import import_onnx
+from slimgraph.frontends.torch_export import trace
+from slimgraph.ir.dependency import analyze
+from slimgraph.structured.onnx_removal import remove_units_onnx
+from slimgraph.structured.removal import mask_units, remove_units
+from tests import zoo
+
+ort = pytest.importorskip("onnxruntime")
+
+STATIC = ["llama", "qwen2", "opt", "gpt2"]
+SEQ = 7
+
+
+def _export_static(model, path):
+    from slimgraph.backends.onnx_export import LogitsOnly, _quiet
+
+    ids = torch.randint(0, zoo.VOCAB, (1, SEQ))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(LogitsOnly(model).eval(), (ids,), dynamo=True,
+                                 input_names=["input_ids"], output_names=["logits"],
+                                 verbose=False)
+    prog.save(str(path))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{"llama": .../llama/model.onnx (static), ..., "llama-dyn": dynamic axes}."""
+    from slimgraph.backends.onnx_export import export_onnx
+
+    d = tmp_path_factory.mktemp("onnx_rm")
+    out = {}
+    for name in STATIC:
+        out[name] = d / name / "model.onnx"
+        _export_static(zoo.build(name), out[name])
+    out["llama-dyn"] = d / "llama-dyn" / "model.onnx"
+    export_onnx(zoo.build("llama"), out["llama-dyn"], vocab=zoo.VOCAB)
+    return out
+
+
+def _hashes(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _ids(seed=3, batch=1):
+    return torch.randint(0, zoo.VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _ort(path, ids):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": ids.numpy()})[0]
+
+
+def _save(result, path):
+    from slimgraph.backends.onnx_export import save_onnx_model
+
+    return save_onnx_model(result.graph.meta["onnx_model"], path)
+
+
+def _selection(result, seed, kinds):
+    rng = random.Random(seed)
+    sel = {}
+    for g in result.prunable():
+        if g.kind in kinds and rng.random() < 0.8:
+            k = rng.randint(1, g.units - 1)
+            sel[g.id] = sorted(rng.sample(range(g.units), k))
+    if not sel:  # at least one group
+        g = next(g for g in result.prunable() if g.kind in kinds)
+        sel[g.id] = [rng.randrange(g.units)]
+    return sel
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _check_strict(path):
+    onnx.checker.check_model(str(path))
+    onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
+
+
+@pytest.mark.parametrize("name,kinds", [(n, ("heads", "mlp")) for n in STATIC]
+                         + [("llama-dyn", ("mlp",))])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_slim_equals_masked_and_the_torch_path(files, tmp_path, name, kinds, seed):
+    src = files[name]
+    before = _hashes(src.parent)
+    result = analyze(import_onnx(src))
+    sel = _selection(result, seed, kinds)
+    # masked: the same units zeroed in a fresh copy of the original ONNX model
+    masked = analyze(import_onnx(src))
+    mask_units(masked, sel)
+    masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
+    report = remove_units_onnx(result, sel, "test")
+    slim_path = _save(result, tmp_path / "slim" / "model.onnx")
+    assert report["params_after"] < report["params_before"]
+    assert report["shape_check"]["checked"] and report["shape_check"]["strict"]
+    _check_strict(slim_path)
+    assert slim_path.stat().st_size < src.stat().st_size
+    ids = _ids(seed)
+    want = _ort(masked_path, ids)
+    got = _ort(slim_path, ids)
+    assert got.shape == want.shape == (1, SEQ, zoo.VOCAB)
+    assert _rel(got, want) <= 1e-5
+    assert _hashes(src.parent) == before  # the input is never written
+
+    # the PyTorch path on the same selection (groups matched by kind and layer)
+    base = name.removesuffix("-dyn")
+    model = zoo.build(base)
+    args, kwargs = (ids,), {"use_cache": False}
+    tr = analyze(trace(model, args, kwargs))
+    key = {(g.kind, g.layer): g.id for g in tr.groups}
+    by_id = {g.id: g for g in result.groups}
+    t_by_id = {g.id: g for g in tr.groups}
+    tsel = {}
+    for gid, units in sel.items():
+        tid = key[(by_id[gid].kind, by_id[gid].layer)]
+        assert t_by_id[tid].units == by_id[gid].units
+        tsel[tid] = units
+    remove_units(model, tr, tsel)
+    with torch.no_grad():
+        torch_out = model(*args, **kwargs).logits.numpy()
+    assert _rel(got, torch_out) <= 1e-4
+
+    # the slimmed file imports again, with the smaller groups
+    again = analyze(import_onnx(slim_path))
+    for gid, units in sel.items():
+        g = by_id[gid]
+        if g.units - len(units) > 1:
+            assert any(h.kind == g.kind and h.layer == g.layer and
+                       h.units == g.units - len(units) for h in again.groups), (g.kind, g.layer)
+
+
+def _compile(src, out, pipeline, *extra):
+    return main(["compile", str(src), "-p", pipeline, "-o", str(out), *extra])
+
+
+def test_cli_static_heads_and_mlp_end_to_end(files, tmp_path, capsys):
+    src = files["llama"]
+    before = _hashes(src.parent)
+    out = tmp_path / "out"
+    assert _compile(src, out, "prune-structured{heads=0.5,mlp=0.5},export-onnx") == 0
+    path = out / "model.onnx"
+    _check_strict(path)
+    assert path.stat().st_size < src.stat().st_size
+    assert _hashes(src.parent) == before
+    rep = json.loads((out / "report.json").read_text())
+    pr = rep["passes"][0]["report"]
+    assert pr["input"] == "onnx" and pr["removed_units"] == {
+        "heads[0]": 1, "mlp[0]": 48, "heads[1]": 1, "mlp[1]": 48}
+    ops = {r["op"] for r in pr["onnx_rewrites"]}
+    assert ops == {"Reshape", "Expand"}  # head counts in the static attention's shapes
+    assert rep["parameters"]["after"] < rep["parameters"]["before"]
+    assert rep["passes"][1]["report"]["ort_check"]["finite"]
+    logits = _ort(path, _ids())
+    assert logits.shape == (1, SEQ, zoo.VOCAB) and np.isfinite(logits).all()
+
+    # the same selection in two steps: prune-structured{remove=false}, then remove
+    out2 = tmp_path / "two"
+    assert _compile(src, out2, "prune-structured{heads=0.5,mlp=0.5,remove=false},remove,"
+                    "export-onnx") == 0
+    np.testing.assert_array_equal(_ort(out2 / "model.onnx", _ids()), logits)
+
+    # the ONNX path's l2 scores pick what the PyTorch path picks
+    hf = tmp_path / "hf"
+    zoo.build("llama").save_pretrained(hf)
+    assert _compile(hf, tmp_path / "t", "prune-structured{heads=0.5,mlp=0.5},export-onnx") == 0
+    torch_logits = _ort(tmp_path / "t" / "model.onnx", _ids())
+    assert _rel(logits, torch_logits) <= 1e-4
+
+    capsys.readouterr()
+    assert main(["inspect", "--diff", str(src), str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "mlp.gate_proj.weight" in text and "[96, 64]" in text and "[48, 64]" in text
+
+
+def test_cli_dynamic_axes_mlp(files, tmp_path):
+    src = files["llama-dyn"]
+    out = tmp_path / "out"
+    assert _compile(src, out, "prune-structured{mlp=0.5,importance=l1},export-onnx") == 0
+    path = out / "model.onnx"
+    _check_strict(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = _ids(batch=2)
+    assert sess.run(None, {"input_ids": ids.numpy()})[0].shape == (2, SEQ, zoo.VOCAB)
+    # dynamic axes survive
+    inp = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in inp] == ["batch", "seq"]
+
+
+@pytest.mark.parametrize("name,pipeline,needle", [
+    ("llama", "prune-structured{mlp=0.5,importance=act}", "option 'importance'"),
+    ("llama", "prune-structured{mlp=0.5,hidden=0.25}", "option 'hidden'"),
+    ("llama-dyn", "prune-structured{heads=0.5}", "static shapes"),
+    ("llama", "prune-structured{hidden=0.25,remove=false},remove", "option 'hidden'"),
+])
+def test_unsupported_is_refused_before_anything_is_written(files, tmp_path, capsys, name,
+                                                           pipeline, needle):
+    src = files[name]
+    before = _hashes(src.parent)
+    out = tmp_path / "out"
+    assert _compile(src, out, pipeline + ",export-onnx") == 2
+    err = capsys.readouterr().err
+    assert needle in err and "prune-structured" in err, err
+    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
+    assert _hashes(src.parent) == before
+
+
+def test_remove_refuses_hidden_units_on_onnx(files):
+    from slimgraph.structured.onnx_removal import check_selection
+
+    result = analyze(import_onnx(files["llama"]))
+    hidden = next(g for g in result.groups if g.kind == "hidden")
+    with pytest.raises(PipelineError, match="pass 'remove': removing hidden units"):
+        check_selection(result, {hidden.id: [0]}, "remove")
+
+
+def test_a_size_left_unrewritten_is_caught_by_shape_inference(files, monkeypatch):
+    """If a node encoding a head count were missed, the re-inferred shapes disagree with
+    the analysis and the pass fails instead of producing a wrong model."""
+    from slimgraph.structured import onnx_removal
+
+    monkeypatch.setattr(onnx_removal._Plan, "_shape_input", lambda *a, **k: None)
+    result = analyze(import_onnx(files["llama"]))
+    heads = next(g for g in result.prunable() if g.kind == "heads")
+    with pytest.raises(PipelineError, match="the analysis expects"):
+        remove_units_onnx(result, {heads.id: [0]}, "prune-structured")
+
+
+def test_selections_cover_heads_and_mlp(files):
+    """The random selections of the invariant test remove heads and MLP channels."""
+    kinds = set()
+    for name in STATIC:
+        result = analyze(import_onnx(files[name]))
+        for seed in (0, 1, 2):
+            by_id = {g.id: g for g in result.groups}
+            kinds |= {by_id[gid].kind for gid in _selection(result, seed, ("heads", "mlp"))}
+    assert kinds == {"heads", "mlp"}
