@@ -10,6 +10,12 @@ Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit ow
 ``act`` (activation-aware: for each linear reading the unit's channels, the sum over
 its positions j of ||X_j||^2 ||W[:, j]||^2 on calibration data, i.e. the output energy
 the unit carries; calibration as for `sparsify`, ``samples`` windows of ``seqlen``).
+
+ONNX input (``compile model.onnx -p "prune-structured{mlp=0.5},export-onnx"``): heads and
+mlp units are removed from the ONNX model in memory (``slimgraph.structured.onnx_removal``:
+initializers sliced through the handles, shape constants rewritten, shapes re-checked);
+``hidden`` and ``importance=act`` are refused. Heads are exact groups only on files
+exported with static shapes; with dynamic batch/sequence axes they are unprunable.
 """
 
 from __future__ import annotations

@@ -105,8 +105,11 @@ class _Plan:
             changed = False
             for d, lay in enumerate(ctx.layouts(v)):
                 tree = sp.tree(lay)
+                leaves = set(tree.leaves())
                 removed: set[int] = set()
                 for g, units in self.sel:
+                    if g.space not in leaves:
+                        continue
                     for u in units:
                         p = tree.positions(g.space, u)
                         if p:
