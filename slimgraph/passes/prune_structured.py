@@ -101,10 +101,11 @@ class PruneStructured(Pass):
             counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
                                           parse_layers(self.protect, self.name), self.name)
         except PipelineError as e:
-            if state.model is None and "heads" in str(e) and "unprunable" in str(e):
-                raise PipelineError(f"{e}; on ONNX input, attention heads are tracked on files "
+            if state.model is None and ("unprunable" in str(e) or "has no" in str(e)):
+                raise PipelineError(f"{e}; on ONNX input, groups are tracked exactly on files "
                                     "exported with static shapes (dynamic batch/sequence axes "
-                                    "hide the head count behind run-time shape arithmetic)"
+                                    "can hide head counts and channels behind run-time shape "
+                                    "arithmetic; see slimgraph inspect MODEL.onnx --all)"
                                     ) from None
             raise
         selection: dict[int, list[int]] = {}
