@@ -29,11 +29,12 @@ def check_invariant(model, args, kwargs, seed: int, kinds=("heads", "mlp", "hidd
     r = analyze(trace(model, args, kwargs))
     rng = random.Random(seed)
     selection = {}
-    for g in r.prunable():
-        if g.kind in kinds and rng.random() < 0.8:
+    groups = [g for g in r.prunable() if g.kind in kinds]
+    assert groups
+    for i, g in enumerate(groups):
+        if rng.random() < 0.8 or (i == len(groups) - 1 and not selection):  # never empty
             k = rng.randint(1, g.units - 1)
             selection[g.id] = sorted(rng.sample(range(g.units), k))
-    assert selection
     mask_units(analyze(trace(masked, args, kwargs)), selection)
     report = remove_units(model, r, selection)
     assert report["params_after"] < report["params_before"]
