@@ -58,7 +58,20 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/out/l0")
     ap.add_argument("--out", default="benchmarks/results/l0.json")
     ap.add_argument("--skip-train", action="store_true", help="reuse WORK/l0 from an earlier run")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-measure ORT latency of the existing outputs (on a quiet machine)")
     args = ap.parse_args()
+    if args.latency_only:
+        result = json.loads(Path(args.out).read_text())
+        for name, row in result["rows"].items():
+            out = Path(args.work) / ("l0" if name == "l0" else f"oneshot-{name.split()[-1]}")
+            row["latency_ms"] = {str(s): round(latency(out / "model.onnx", s, args.runs), 1)
+                                 for s in (128, 512)}
+            print(name, row["latency_ms"], flush=True)
+        rows = result.pop("rows")
+        result.pop("date"), result.pop("command")
+        write_result(args.out, rows, **result)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     text = open(WIKI, newline="").read().replace("\r\n", "\n")
