@@ -16,12 +16,14 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import run  # noqa: E402
+
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CONFIGS = {
     "dense": "export-onnx",
@@ -32,14 +34,6 @@ CONFIGS = {
     "mlp50-act": "prune-structured{mlp=0.5,importance=act},save-hf,export-onnx",
     "kv1of3+mlp50-act": "prune-structured{heads=0.33,mlp=0.5,importance=act},save-hf,export-onnx",
 }
-
-
-def run(cmd: list[str]) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return proc.stdout, time.perf_counter() - t0
 
 
 def latency(path: Path, seqlen: int, runs: int, threads: int = 2) -> float:
