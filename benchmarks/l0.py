@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--target", type=float, default=0.2)
+    ap.add_argument("--opts", default="", help="more l0 options, e.g. droprate_init=0.05,mask_lr=0.2")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--work", default="benchmarks/out/l0")
@@ -83,7 +84,7 @@ def main() -> None:
 
     l0_out = work / "l0"
     pipe = (f"l0{{target={args.target},steps={args.steps},data={SEED_TASKS},batch={args.batch},"
-            f"seqlen={args.seqlen}}},remove,save-hf,export-onnx")
+            f"seqlen={args.seqlen}{',' + args.opts if args.opts else ''}}},remove,save-hf,export-onnx")
     secs = 0.0
     if not args.skip_train:
         _, secs = run(cli + ["-p", pipe, "-o", str(l0_out)])
