@@ -276,3 +276,37 @@ def fold_gates(model: nn.Module, gates: GateSet, values: list[torch.Tensor]) -> 
                 shape[axis] = -1
                 w.mul_(full.to(w.dtype).view(shape))
     return selection
+
+
+def values_at_target(gates: GateSet, size: SizeModel, targets: dict[str, float]) -> list[torch.Tensor]:
+    """Final gate values that hit the target sparsity exactly (``finalize=target``).
+
+    Units of the head and MLP families are ranked by log α over all layers (per kind when
+    that kind has its own target, else together) and zeroed, lowest first, until the
+    parameters they own reach the target share of the attention + MLP weights; every group
+    keeps at least one unit. Kept units take sigmoid(log α / β) as in ``deterministic_gate``;
+    hidden families keep the per-group rule (binary)."""
+    values = [deterministic_gate(la, f.binary) for la, f in zip(gates.log_alpha, gates.families)]
+    own = [k for k in ("heads", "mlp") if k in targets]
+    pools = [([k], targets[k] * size.prunable(k)) for k in own]
+    rest = [k for k in ("heads", "mlp") if k not in own]
+    if rest and "all" in targets:
+        pools.append((rest, max(targets["all"] * size.prunable() - sum(n for _, n in pools), 0.0)))
+    for kinds, need in pools:
+        fams = [i for i, f in enumerate(gates.families) if f.group.kind in kinds]
+        for i in fams:  # start from all kept, soft values as trained
+            la = gates.log_alpha[i].detach().float().cpu()
+            values[i] = torch.sigmoid(la / BETA)
+        units = sorted((float(gates.log_alpha[i][u]), i, u) for i in fams
+                       for u in range(gates.families[i].group.units))
+        left = {i: gates.families[i].group.units for i in fams}
+        removed = 0
+        for _, i, u in units:
+            if removed >= need:
+                break
+            if left[i] <= 1:
+                continue
+            values[i][u] = 0.0
+            left[i] -= 1
+            removed += gates.families[i].group.params_per_unit
+    return values

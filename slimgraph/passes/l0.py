@@ -10,7 +10,9 @@ JSON/JSONL, loss on responses only, or plain text) with the collaborative prompt
 prepended; the Lagrangian drives the expected sparsity of the attention + MLP weights to
 ``target`` (and optionally ``heads_target`` / ``mlp_target`` per kind).
 
-At the end the gates become deterministic, an optional fine-tune (``finetune_steps``)
+At the end the gates become deterministic — ``finalize=target`` (default) zeroes the units
+with the lowest log alpha until the target sparsity is reached exactly, ``finalize=expected``
+uses the paper's per-group rule (round(n - sum P(kept)) zeros) —, an optional fine-tune (``finetune_steps``)
 trains LoRA with the gates frozen, LoRA is merged, the soft gate values are folded into
 the weights they scale, and the units whose gate is 0 are selected: the next pass
 (``remove``) slices them out, so the slim model equals the trained masked model.
@@ -65,6 +67,7 @@ class L0(Pass):
     prompt_file: str = ""
     finetune_steps: int = 0
     finetune_lr: float = 4e-4
+    finalize: str = "target"  # target | expected
     seed: int = 0
     save_every: int = 50
     checkpoint: str = ""  # default OUTDIR/l0-checkpoint
@@ -93,6 +96,8 @@ class L0(Pass):
                                     f"gates (steps={self.steps})")
         if not 0.0 < self.droprate_init < 1.0:
             raise self.option_error("droprate_init", f"{self.droprate_init} is outside (0, 1)")
+        if self.finalize not in ("target", "expected"):
+            raise self.option_error("finalize", f"{self.finalize!r} is not 'target' or 'expected'")
         if not _names(self.lora):
             raise self.option_error("lora", "name at least one linear, e.g. lora=q_proj+v_proj")
         from slimgraph.l0.data import prompt_text
@@ -181,7 +186,7 @@ class L0(Pass):
                   fingerprint=fp, progress=state.progress, finetune=True)
             report["finetune"] = {"steps": ft.steps, "seconds": round(ft_session.seconds, 1),
                                   "history": ft_session.history}
-        values = self.finalize(session)
+        values = self.finish(session, self.config().targets if self.finalize == "target" else None)
         selection = fold_gates(state.model, session.gates, values)
         kept = {}
         for fam, z in zip(session.gates.families, values):
@@ -197,10 +202,17 @@ class L0(Pass):
         return PassResult(True, report)
 
     @staticmethod
-    def finalize(session) -> list[torch.Tensor]:
-        """Deterministic gates; LoRA merged into the base weights; hooks removed. Returns the
-        final gate values (to fold with ``fold_gates``)."""
-        values = session.gates.set_deterministic()
+    def finish(session, targets: dict[str, float] | None = None) -> list[torch.Tensor]:
+        """Deterministic gates (per group round(n - sum P(kept)) zeros, or, given
+        ``targets``, the lowest log alpha zeroed until the target sparsity is reached);
+        LoRA merged into the base weights; hooks removed. Returns the final gate values
+        (to fold with ``fold_gates``)."""
+        from slimgraph.l0.gates import values_at_target
+
+        if targets is None:
+            values = session.gates.set_deterministic()
+        else:
+            values = values_at_target(session.gates, session.size, targets)
         session.gates.remove_hooks()
         merged = session.model.merge_and_unload()
         if merged is not session.base:

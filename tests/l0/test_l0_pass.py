@@ -68,24 +68,38 @@ def test_training_moves_sparsity_toward_target_and_lambda_from_zero(tiny):
     assert lora and all(float(params[n].detach().abs().sum()) > 0 for n in lora)
 
 
-@pytest.mark.parametrize("kinds", ["heads mlp", "heads mlp hidden"])
-def test_slim_model_equals_trained_masked_model(tiny, kinds):
+@pytest.mark.parametrize("kinds, finalize", [("heads mlp", "expected"), ("heads mlp hidden", "expected"),
+                                             ("heads mlp", "target"), ("heads mlp hidden", "target")])
+def test_slim_model_equals_trained_masked_model(tiny, kinds, finalize):
+    from slimgraph.l0.gates import values_at_target
+
     state = _state(tiny)
-    p = _pass(tiny, kinds=kinds, steps=10, lora_steps=1, ramp_steps=4, lora="q_proj v_proj o_proj")
+    p = _pass(tiny, kinds=kinds, steps=10, lora_steps=1, ramp_steps=4, lora="q_proj v_proj o_proj",
+              target=0.3)
     session, examples, _, cfg = p.start(state)
     train(session, examples, cfg, pad_id=0)
     ids = torch.randint(0, zoo.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
     session.model.eval()
-    values = session.gates.set_deterministic()
+    targets = cfg.targets if finalize == "target" else None
+    if targets:
+        session.gates.current = values_at_target(session.gates, session.size, targets)
+    else:
+        session.gates.set_deterministic()
+    values = session.gates.current
     assert any(0 < float(v) < 1 for z in values for v in z)  # soft values to fold
     with torch.no_grad():
         masked = session.model(input_ids=ids, use_cache=False).logits
-    values = L0.finalize(session)
+    values = L0.finish(session, targets)
     selection = fold_gates(state.model, session.gates, values)
     assert selection, "training removed nothing"
+    size = session.size
     before = sum(p.numel() for p in state.model.parameters())
     remove_units(state.model, state.analysis(), selection)
-    assert sum(p.numel() for p in state.model.parameters()) < before
+    after = sum(p.numel() for p in state.model.parameters())
+    assert after < before
+    if targets and "hidden" not in kinds:  # the target share of attention + MLP weights is gone
+        per_unit = max(f.group.params_per_unit for f in session.gates.families)
+        assert 0.3 * size.prunable() <= before - after < 0.3 * size.prunable() + per_unit
     assert not any("lora" in n for n, _ in state.model.named_parameters())
     with torch.no_grad():
         slim = state.model(input_ids=ids, use_cache=False).logits
@@ -165,6 +179,7 @@ def test_cli_pipeline_l0_remove_export_onnx(tiny, tmp_path):
     ("l0{mlp_target=0.3,kinds=heads,data=X}", "mlp is not gated"),
     ("l0{prompt=maybe,data=X}", "not 'default' or 'none'"),
     ("l0{steps=4,lora_steps=4,data=X}", "leaves no step"),
+    ("l0{finalize=best,data=X}", "not 'target' or 'expected'"),
 ])
 def test_bad_options_fail_before_any_work(text, match):
     with pytest.raises(PipelineError, match=match):
