@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/out/l0")
     ap.add_argument("--out", default="benchmarks/results/l0.json")
     ap.add_argument("--skip-train", action="store_true", help="reuse WORK/l0 from an earlier run")
+    ap.add_argument("--no-oneshot", action="store_true", help="only the l0 row")
     ap.add_argument("--latency-only", action="store_true",
                     help="re-measure ORT latency of the existing outputs (on a quiet machine)")
     args = ap.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
                   "params": report["parameters"]["after"],
                   **measure(l0_out, eval_txt, args.windows, args.runs, l0_out / "prompt.txt")}
     print("l0", json.dumps(rows["l0"]), flush=True)
-    for imp in ("l2", "act"):
+    for imp in () if args.no_oneshot else ("l2", "act"):
         name = f"one-shot {imp}"
         out = work / f"oneshot-{imp}"
         pipe = f"prune-structured{{mlp={mlp_ratio},importance={imp}}},save-hf,export-onnx"
