@@ -53,6 +53,11 @@ class CompileState:
     def model(self):
         return self.loaded.model
 
+    @property
+    def is_onnx(self) -> bool:
+        """True when the input is an ONNX file (no PyTorch model behind it)."""
+        return self.model is None and getattr(self.loaded, "onnx_path", None) is not None
+
     def analysis(self):
         """The dependency analysis of the current graph (computed once, cached)."""
         if self._analysis is None:

@@ -84,9 +84,7 @@ class PruneStructured(Pass):
         parse_layers(self.protect, self.name)
 
     def requires(self, state: CompileState) -> None:
-        from slimgraph.structured.onnx_removal import is_onnx_state
-
-        if is_onnx_state(state):
+        if state.is_onnx:
             self._check_onnx(state)
             return
         self.require_torch(state)

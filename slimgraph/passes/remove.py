@@ -15,9 +15,9 @@ class Remove(Pass):
     summary = "slice out the units selected by an earlier pass"
 
     def requires(self, state: CompileState) -> None:
-        from slimgraph.structured.onnx_removal import check_selection, is_onnx_state
+        from slimgraph.structured.onnx_removal import check_selection
 
-        if is_onnx_state(state):
+        if state.is_onnx:
             if state.selection:
                 check_selection(state.analysis(), state.selection, self.name)
             return

@@ -97,7 +97,7 @@ class Sparsify(Pass):
     def requires(self, state: CompileState) -> None:
         from slimgraph.sparsity import onnx_path
 
-        if onnx_path.is_onnx_input(state):
+        if state.is_onnx:
             onnx_path.check_onnx_input(self, state)
             return
         self.require_torch(state)
@@ -110,7 +110,7 @@ class Sparsify(Pass):
         from slimgraph.sparsity import onnx_path
         from slimgraph.sparsity.calibration import block_sequential, calibration_tokens, sample_windows
 
-        if onnx_path.is_onnx_input(state):
+        if state.is_onnx:
             return onnx_path.sparsify_onnx(self, state)
         result = state.analysis()
         samples = self.samples or state.calib.get("samples", 64)

@@ -50,10 +50,6 @@ CALIBRATION = "one-shot (dense activations, ONNX Runtime)"
 RUN_BYTES = 1 << 30  # activations fetched from one ONNX Runtime run, at most (batch allowing)
 
 
-def is_onnx_input(state: CompileState) -> bool:
-    return state.model is None and getattr(state.loaded, "onnx_path", None) is not None
-
-
 def calib_source(opts: Sparsify, state: CompileState) -> str:
     return str(opts.calib or state.calib.get("file") or "self")
 

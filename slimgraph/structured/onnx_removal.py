@@ -47,10 +47,6 @@ SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
 PROTO_LIMIT = 1_800_000_000  # bytes; above, the shape-inference check needs a file
 
 
-def is_onnx_state(state) -> bool:
-    return state.model is None and getattr(state.loaded, "onnx_path", None) is not None
-
-
 def _const(v) -> np.ndarray | None:
     """The value of an initializer or a ``Constant`` node output, else None."""
     if v is None:
