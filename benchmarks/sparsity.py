@@ -15,7 +15,6 @@ Writes benchmarks/results/sparsity.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import resource
 import shutil
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import write_result  # noqa: E402
+
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 CONFIGS = {}
@@ -158,11 +160,7 @@ def main() -> None:
             shutil.rmtree(target, ignore_errors=True)
         rows[name] = row
         print(json.dumps(row), flush=True)
-        result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(path)
+        write_result(path, rows)
     print("| method | ppl | prune wall s | peak RSS MB |")
     print("|---|---|---|---|")
     for name, r in rows.items():

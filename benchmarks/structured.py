@@ -13,7 +13,6 @@ Writes benchmarks/results/structured.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run  # noqa: E402
+from common import run, write_result  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CONFIGS = {
@@ -113,11 +112,7 @@ def main() -> None:
             row["ideal_ms"] = {s: round(dense["latency_ms"][s] * frac, 1) for s in ("128", "512")}
             row["over_ideal_pct"] = {s: round(100 * (row["latency_ms"][s] / row["ideal_ms"][s] - 1), 1)
                                      for s in ("128", "512")}
-    result = {"date": dt.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_result(path, rows)
     print("| config | params | ppl | compile s | ORT 128 ms (ideal) | ORT 512 ms (ideal) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
