@@ -297,7 +297,7 @@ def values_at_target(gates: GateSet, size: SizeModel, targets: dict[str, float])
         for i in fams:  # start from all kept, soft values as trained
             la = gates.log_alpha[i].detach().float().cpu()
             values[i] = torch.sigmoid(la / BETA)
-        units = sorted((float(gates.log_alpha[i][u]), i, u) for i in fams
+        units = sorted((float(values[i][u]), i, u) for i in fams
                        for u in range(gates.families[i].group.units))
         left = {i: gates.families[i].group.units for i in fams}
         removed = 0

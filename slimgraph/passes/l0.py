@@ -175,7 +175,7 @@ class L0(Pass):
         report = {"examples": len(examples), "steps": cfg.steps, "train_seconds":
                   round(session.seconds, 1), "history": session.history,
                   "expected_sparsity": round(session.sparsity(), 4),
-                  "lambdas": {k: [round(float(x), 4) for x in v]
+                  "lambdas": {k: [round(float(x), 4) for x in v.detach()]
                               for k, v in session.gates.lambdas.items()},
                   "prompt": prompt}
         if self.finetune_steps:
