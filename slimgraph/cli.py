@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="calibration windows (default 64)")
     comp.add_argument("--calib-seqlen", type=int, default=512, metavar="L",
                       help="tokens per calibration window (default 512)")
+    comp.add_argument("--offload", action="store_true",
+                      help="keep the weights on disk but for the decoder block being pruned "
+                           "(an HF safetensors directory; sparsify and save-hf only)")
     comp.set_defaults(func=cmd_compile)
 
     from slimgraph import evaluation
@@ -124,7 +127,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            print_after=set(args.print_after), seq=args.seq, console=err,
                            printer=print, calib={"file": args.calib_file,
                                                  "samples": args.calib_samples,
-                                                 "seqlen": args.calib_seqlen})
+                                                 "seqlen": args.calib_seqlen},
+                           offload=args.offload)
     from slimgraph.compile import render_summary
 
     render_summary(report, out)

@@ -55,19 +55,34 @@ def _embedding_tables(graph) -> set[str]:
 def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = True,
                   print_after: set[str] | None = None, seq: int = 7, console=None,
                   printer: Callable[[str], None] = print,
-                  calib: dict[str, Any] | None = None) -> dict[str, Any]:
+                  calib: dict[str, Any] | None = None, offload: bool = False) -> dict[str, Any]:
+    """Load ``spec``, run ``pipeline``, write ``out_dir/report.json``.
+
+    ``offload``: weights stay on disk but for the block being pruned (an HF safetensors
+    directory; sparsify and save-hf only; see :mod:`slimgraph.sparsity.offload`).
+    """
     from slimgraph.frontends.build import graph_of
     from slimgraph.frontends.loading import load_model
     from slimgraph.ir.verifier import verify as verify_graph
 
     passes = from_text_or_file(pipeline)  # errors before any work starts
+    if offload:
+        for p in passes:
+            p.check_offload(dict(calib or {}))
     manager = PassManager(passes, verify=verify, print_after=print_after, printer=printer)
     t0 = time.perf_counter()
-    status = console.status(f"loading {spec} ...") if console is not None else None
+    what = " (offloaded: config and non-block weights)" if offload else ""
+    status = console.status(f"loading {spec}{what} ...") if console is not None else None
     if status:
         status.start()
+    state = None
     try:
-        loaded = load_model(spec)
+        if offload:
+            from slimgraph.sparsity.offload import load_offloaded
+
+            loaded = load_offloaded(spec)
+        else:
+            loaded = load_model(spec)
         if status:
             status.update("tracing ...")
         state = CompileState(loaded=loaded, out_dir=Path(out_dir), seq=seq, calib=dict(calib or {}))
@@ -90,9 +105,17 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
 
         manager.on_start = on_start
         state.out_dir.mkdir(parents=True, exist_ok=True)
+        if offload:
+            from slimgraph.sparsity.offload import Offload
+
+            if status:
+                status.update("reading the weights outside the decoder blocks ...")
+            state.offload = Offload.for_state(loaded, state.analysis(), state.out_dir)
         records = manager.run(state)
         after = linear_stats(state.analysis(), kinds)
     finally:
+        if state is not None and state.offload is not None:
+            state.offload.close()
         if status:
             status.stop()
     report: dict[str, Any] = {

@@ -81,19 +81,25 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
                 base_config.save_pretrained(str(tmp))  # buildable; shapes come from the section
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.pop("quantization_config", None)
-        cfg[SECTION] = {"loader": loader, "module_attrs": module_attrs, "param_shapes": shapes,
-                        "gather_linears": list(gathers or [])}
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        finish_checkpoint(tmp, out, loader, module_attrs, shapes, gathers)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"dir": str(out), "loader": loader}
+
+
+def finish_checkpoint(tmp: Path, out: Path, loader: str, module_attrs: dict[str, dict],
+                      shapes: dict[str, list[int]], gathers: list[str] | None) -> None:
+    """Add the slimgraph section to ``tmp/config.json``, then move ``tmp`` to ``out``."""
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg[SECTION] = {"loader": loader, "module_attrs": module_attrs, "param_shapes": shapes,
+                    "gather_linears": list(gathers or [])}
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def is_pruned_checkpoint(path: Path) -> bool:
@@ -192,6 +198,7 @@ class SaveHF(Pass):
     name = "save-hf"
     summary = "write OUTDIR/hf: safetensors, config, tokenizer (reload-checked)"
     writes_files = True
+    offload_ok = True
     subdir: str = "hf"
     check: bool = True
     tolerance: float = 1e-5
@@ -207,6 +214,14 @@ class SaveHF(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         out = state.out_dir / self.subdir
+        if state.offload is not None:  # streamed from the offload store; see sparsity/offload.py
+            from slimgraph.sparsity.offload import save_hf_offloaded
+
+            report = save_hf_offloaded(state.offload, state.loaded.tokenizer, out,
+                                       state.module_attrs, gathers=state.gathers,
+                                       progress=state.progress)
+            state.files.append(str(out))
+            return PassResult(False, report)
         report = save_hf(state.model, state.loaded.tokenizer, out, state.module_attrs,
                          state.original_config, state.gathers)
         if self.check:

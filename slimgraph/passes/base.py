@@ -41,6 +41,9 @@ class CompileState:
     calib: dict[str, Any] = field(default_factory=dict)  # file, samples, seqlen defaults
     progress: Any = None  # callable(done, total) for long passes, set by the driver
     original_config: Any = None  # the HF config before any pass changed it
+    # compile --offload: the weights' whereabouts (slimgraph.sparsity.offload.Offload);
+    # blocks not being worked on stay on the meta device
+    offload: Any = None
     _analysis: Any = None
 
     def __post_init__(self) -> None:
@@ -94,6 +97,15 @@ class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     writes_files: ClassVar[bool] = False
+    offload_ok: ClassVar[bool] = False  # can run with compile --offload
+
+    def check_offload(self, calib: dict[str, Any]) -> None:
+        """Refuse, before any work starts, a pass (or options) that cannot run with the
+        weights offloaded (compile --offload). ``calib`` holds the compile defaults."""
+        if not self.offload_ok:
+            raise PipelineError(f"pass '{self.name}' needs the whole model in memory and cannot "
+                                "run with --offload (offloaded pipelines take sparsify and "
+                                "save-hf; run other passes on the saved OUTDIR/hf)")
 
     def check_options(self) -> None:
         """Validate options; raise ``self.option_error`` naming the option."""
@@ -113,7 +125,7 @@ class Pass:
         if state.model is None:
             raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
                                 "supported by this pass yet)")
-        if weights and state.loaded.meta:
+        if weights and state.loaded.meta and state.offload is None:
             raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
         if out_dir and state.out_dir is None:
             raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")

@@ -35,6 +35,7 @@ PERMUTE_MODES = ("none", "mask-only", "fold", "space", "gather")
 @dataclass
 class Sparsify(Pass):
     name = "sparsify"
+    offload_ok = True
     summary = "magnitude / Wanda / RI / RIA sparsity (unstructured or N:M), optional reconstruction"
     score: str = "ria"
     sparsity: float | None = None
@@ -89,6 +90,15 @@ class Sparsify(Pass):
             if val is not None and val < 1:
                 raise self.option_error(opt, f"must be >= 1, got {val}")
 
+    def check_offload(self, calib: dict) -> None:
+        if self.permute in ("fold", "space", "gather"):
+            raise self.option_error("permute", f"{self.permute} changes weights outside one "
+                                    "block and cannot run with --offload (mask-only can)")
+        if self.needs_data() and str(self.calib or calib.get("file") or "self") == "self":
+            raise self.option_error("calib", "text sampled from the model itself ('self', the "
+                                    "default without --calib-file) needs the whole model in "
+                                    "memory; give --calib-file with --offload")
+
     def needs_data(self) -> bool:
         from slimgraph.sparsity.scores import SCORES_NEED_DATA
 
@@ -127,7 +137,7 @@ class Sparsify(Pass):
             space_info = permute_residual_space(self, state, result, windows)
         pruner = _BlockPruner(self, state.model, result)
         reports = block_sequential(state.model, result, windows, pruner, batch=self.batch,
-                                   progress=state.progress)
+                                   progress=state.progress, lazy=state.offload)
         layers = [r for rep in reports for r in rep["layers"]]
         skipped = [r for r in layers if r.get("skipped")]
         pruned = [r for r in layers if not r.get("skipped")]

@@ -186,19 +186,31 @@ def run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[
 
 def block_sequential(model, result: DependencyResult, windows: torch.Tensor,
                      prune_block: Callable[[Block, torch.nn.Module, list], dict], *,
-                     batch: int = 8, progress: Callable[[int, int], None] | None = None
-                     ) -> list[dict]:
-    """Capture block 0's inputs; per block observe+prune (``prune_block``), then re-run."""
+                     batch: int = 8, progress: Callable[..., None] | None = None,
+                     lazy=None) -> list[dict]:
+    """Capture block 0's inputs; per block observe+prune (``prune_block``), then re-run.
+
+    ``lazy`` (compile --offload: :class:`slimgraph.sparsity.offload.Offload`) keeps the
+    blocks on the meta device but one: ``lazy.materialize(name)`` right before a block
+    runs, ``lazy.release(name)`` (store its pruned weights, back to meta) once the next
+    block's inputs are computed.
+    """
     blocks = find_blocks(result)
     if not blocks:
         raise SlimgraphError("no decoder blocks with prunable linears were found")
     inputs = capture_block_inputs(model, model.get_submodule(blocks[0].module_name), windows, batch)
     reports = []
     for i, blk in enumerate(blocks):
+        if lazy is not None:
+            lazy.materialize(blk.module_name)
         module = model.get_submodule(blk.module_name)
         reports.append(prune_block(blk, module, inputs))
         if i + 1 < len(blocks):
             inputs = run_block(module, inputs)
-        if progress:
+        if lazy is not None:
+            lazy.release(blk.module_name)
+        if progress and lazy is not None:
+            progress(i + 1, len(blocks), "blocks", "offloaded")
+        elif progress:
             progress(i + 1, len(blocks))
     return reports
