@@ -52,6 +52,7 @@ import onnx_ir as ir
 import torch
 
 from slimgraph.errors import OnnxImportError
+from slimgraph.ir import symdims
 from slimgraph.ir.graph import Graph, OpKind, Value
 from slimgraph.ir.params import ArrayParamHandle
 
@@ -368,6 +369,11 @@ class _Importer:
         self.param_of_storage: dict[int, Value] = {}  # default param for a storage
         self.provenance: dict[str, str] = {}
         self.seq_parts: dict[int, list[Value]] = {}  # id(sequence value) -> SPLIT outputs
+        # id(ir.Value) -> a shape tensor computed at run time from symbolic dims: an object
+        # array of ints and dim names (``Shape`` of a dynamic-axis value, sliced, concatenated)
+        self.symbolic: dict[int, np.ndarray] = {}
+        # id(ir.Value) -> shape completed by the importer where the file's is unknown
+        self.inferred: dict[int, tuple] = {}
         self.sig = _signature(model)
         self._names: set[str] = set()
         self._node_names: set[str] = set()
@@ -392,6 +398,8 @@ class _Importer:
 
     # shapes -------------------------------------------------------------------------
     def shape(self, v: ir.Value | None):
+        if v is not None and id(v) in self.inferred:
+            return self.inferred[id(v)]
         if v is None or v.shape is None:
             return None
         dims = []
@@ -687,6 +695,41 @@ class _Importer:
             return v, _identity(v.rank)
         return self.views.get(id(v))
 
+    def shape_tensor(self, v: ir.Value | None) -> list | None:
+        """The entries of a 1-D shape tensor known at import time: ints, and dim names
+        where they are only known at run time (a dynamic axis), else None."""
+        if v is None:
+            return None
+        arr = self.consts.get(id(v))
+        if arr is None:
+            arr = self.symbolic.get(id(v))
+        if arr is None or arr.ndim != 1:
+            return None
+        return [x if isinstance(x, str) else int(x) for x in arr.tolist()]
+
+    def _complete_shapes(self, node: ir.Node) -> None:
+        """Fill the unknown dims (``?``) of ``node``'s output from its inputs' shapes.
+
+        The dynamo exporter records most shapes, but not those of values reshaped to
+        targets computed at run time (``Reshape(k, Concat([-1], Shape(k)[2:]))`` of an
+        opset-18 attention): ONNX shape inference cannot resolve a ``-1`` next to a
+        symbolic dim. Here dims are products of symbols (``4*batch``), so it can."""
+        if len(node.outputs) != 1 or _domain(node.domain) != "" or not node.outputs[0].name:
+            return
+        out = node.outputs[0]
+        have = self.shape(out)
+        if have is not None and not any(_unknown(d) for d in have):
+            return
+        try:
+            got = _infer_shape(node, self)
+        except (TypeError, ValueError, IndexError, KeyError):
+            got = None
+        if got is None or (have is not None and len(have) != len(got)):
+            return
+        if have is not None:
+            got = tuple(g if _unknown(h) else h for h, g in zip(have, got))
+        self.inferred[id(out)] = tuple(got)
+
     # -- nodes -----------------------------------------------------------------------------
     def _lower_sequence(self, node: ir.Node, index: int) -> bool:
         """SplitToSequence read back only by SequenceAt at constant positions: a SPLIT."""
@@ -772,6 +815,11 @@ class _Importer:
             if self._lower_sequence(node, index):
                 return
         folded = _evaluate(node, self.consts, self.shape)
+        if folded is None:
+            sym = _evaluate_symbolic(node, self.consts, self.symbolic, self.shape)
+            if sym is not None:
+                self.symbolic[id(node.outputs[0])] = sym
+        self._complete_shapes(node)
         ctx = _Ctx(self, node)
         if folded is not None:
             kind, inputs, attrs = OpKind.SOURCE, [], {"folded": True}
@@ -1111,6 +1159,56 @@ def _attention(ctx: _Ctx) -> Converted:
     return OpKind.ATTENTION, [ctx.inp(0), ctx.inp(1), ctx.inp(2), mask], {"gqa": q[1] != k[1]}
 
 
+def _rotary(ctx: _Ctx) -> Converted:
+    """``RotaryEmbedding`` (opset 23): elementwise over its input, but rotating pairs of
+    channels within each head (``i`` with ``i + r/2``, or ``2i`` with ``2i + 1`` when
+    interleaved). Emitted as what it computes on channels -- slices, the swapped halves
+    concatenated, an elementwise op -- so the analysis couples the rotated channels as it
+    does on the opset-18 decomposition. A 3-D input ``[B, S, H*D]`` is viewed as
+    ``[B, S, H, D]`` (``num_heads``). The cos/sin caches and position ids index
+    positions, not channels, and are left out."""
+    shape = ctx.in_shape(0)
+    if shape is None or len(shape) not in (3, 4):
+        raise _Unsupported("rotary input is not [B, H, S, D] or [B, S, H*D]")
+    dtype = _dtype_str(ctx.node.inputs[0].dtype)
+    x = ctx.inp(0)
+    if len(shape) == 3:
+        heads, hidden = ctx.attr("num_heads", 0), shape[2]
+        if not heads or not isinstance(hidden, int) or hidden % heads:
+            raise _Unsupported(f"3-D rotary input of size {hidden} with num_heads={heads}")
+        lead = (shape[0], shape[1], heads)
+        d = hidden // heads
+        x = ctx.emit(OpKind.RESHAPE, [x], (*lead, d), dtype)
+    else:
+        lead, d = tuple(shape[:3]), shape[3]
+    if not isinstance(d, int):
+        raise _Unsupported("head size unknown")
+    r = ctx.attr("rotary_embedding_dim", 0) or d
+    if r % 2 or r > d:
+        raise _Unsupported(f"rotary_embedding_dim {r} with head size {d}")
+
+    def part(v, axis, lo, hi, shp):
+        return ctx.emit(OpKind.SLICE, [v], shp, dtype,
+                        {"axis": axis, "start": lo, "end": hi, "step": 1})
+
+    xr = x if r == d else part(x, 3, 0, r, (*lead, r))
+    if ctx.attr("interleaved", 0):
+        pairs = ctx.emit(OpKind.RESHAPE, [xr], (*lead, r // 2, 2), dtype)
+        a = part(pairs, 4, 0, 1, (*lead, r // 2, 1))
+        b = part(pairs, 4, 1, 2, (*lead, r // 2, 1))
+        swapped = ctx.emit(OpKind.CONCAT, [b, a], (*lead, r // 2, 2), dtype, {"axis": 4})
+        rot = ctx.emit(OpKind.RESHAPE, [swapped], (*lead, r), dtype)
+    else:
+        a = part(xr, 3, 0, r // 2, (*lead, r // 2))
+        b = part(xr, 3, r // 2, r, (*lead, r // 2))
+        rot = ctx.emit(OpKind.CONCAT, [b, a], (*lead, r), dtype, {"axis": 3})
+    y = ctx.emit(OpKind.ELEMENTWISE, [xr, rot], (*lead, r), dtype)
+    if r < d:
+        y = ctx.emit(OpKind.CONCAT, [y, part(x, 3, r, d, (*lead, d - r))], (*lead, d), dtype,
+                     {"axis": 3})
+    return (OpKind.RESHAPE if len(shape) == 3 else OpKind.IDENTITY), [y], {}
+
+
 def _dropout(ctx: _Ctx) -> Converted:
     return OpKind.IDENTITY, [ctx.inp(0)], {}
 
@@ -1163,6 +1261,7 @@ CONVERTERS: dict[tuple[str, str], Callable[[_Ctx], Converted]] = {
     ("", "Split"): _split,
     ("", "Slice"): _slice,
     ("", "Attention"): _attention,
+    ("", "RotaryEmbedding"): _rotary,
     ("", "Dropout"): _dropout,
 }
 for _n in _EW:
@@ -1298,3 +1397,151 @@ def _evaluate(node: ir.Node, consts: dict[int, np.ndarray], shape_of) -> list | 
         return None
     return [out]
 
+
+
+# -- shape tensors with symbolic entries, and shapes the file leaves unknown -------------
+
+_SYMBOLIC_OPS = {"Shape", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Concat",
+                 "Gather", "Slice"}
+
+
+_FRESH_DIM_RE = re.compile(r"unk__\d+")  # the names ONNX shape inference invents
+
+
+def _unknown(d) -> bool:
+    """A dim whose size nothing tells: none in the file (``?value:i``), or a fresh name
+    from ONNX shape inference, which names every dim it cannot compute."""
+    return isinstance(d, str) and (d.startswith("?") or bool(_FRESH_DIM_RE.fullmatch(d)))
+
+
+def _evaluate_symbolic(node: ir.Node, consts: dict[int, np.ndarray],
+                       symbolic: dict[int, np.ndarray], shape_of) -> np.ndarray | None:
+    """A shape tensor computed from dynamic dims: ``Shape`` of a value with symbolic
+    dims, and the ops that only move its entries (slice, gather, concat, (un)squeeze,
+    reshape, cast). Entries are ints and dim names (an object array). Arithmetic on
+    dims (``Mul(batch, 4)``) is not followed: such a value stays unknown."""
+    if _domain(node.domain) != "" or len(node.outputs) != 1 or node.op_type not in _SYMBOLIC_OPS:
+        return None
+    op, ins = node.op_type, node.inputs
+    if op == "Shape":
+        s = shape_of(ins[0]) if ins else None
+        if s is None:
+            return None
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        return np.asarray(list(s)[start:end], dtype=object)
+    vals, any_symbolic = [], False
+    for k, v in enumerate(ins):
+        if v is None:
+            vals.append(None)
+        elif id(v) in symbolic and (k == 0 or op == "Concat"):  # data, not indices / axes
+            vals.append(symbolic[id(v)])
+            any_symbolic = True
+        elif id(v) in consts:
+            vals.append(consts[id(v)].astype(object) if op == "Concat" else consts[id(v)])
+        else:
+            return None
+    if not any_symbolic:
+        return None
+    x = vals[0]
+    try:
+        if op == "Identity":
+            out = x
+        elif op == "Cast":
+            if not np.issubdtype(ir.DataType(_attr(node, "to")).numpy(), np.integer):
+                return None
+            out = x
+        elif op == "Reshape":
+            out = x.reshape([int(s) for s in vals[1]])  # 0-D <-> 1-D; no 0 entries here
+        elif op == "Unsqueeze":
+            out = _np_unsqueeze(x, vals[1] if len(vals) > 1 else _attr(node, "axes"))
+        elif op == "Squeeze":
+            out = _np_squeeze(x, vals[1] if len(vals) > 1 else _attr(node, "axes"))
+        elif op == "Concat":
+            out = np.concatenate([np.asarray(v, dtype=object) for v in vals],
+                                 axis=_attr(node, "axis"))
+        elif op == "Gather":
+            out = np.take(x, vals[1], axis=_attr(node, "axis", 0))
+        else:  # Slice
+            out = _np_slice(x, *vals[1:])
+    except Exception:
+        return None
+    out = np.asarray(out, dtype=object)
+    return out if out.ndim <= 1 else None
+
+
+def _broadcast_dims(shapes: list) -> tuple | None:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for d in range(rank):
+        sizes = {s[d - rank + len(s)] for s in shapes if d - rank + len(s) >= 0}
+        sizes.discard(1)
+        known = {x for x in sizes if not _unknown(x)}
+        if len(known) > 1:
+            return None  # e.g. two different symbols: the broadcast size is not known
+        out.append(known.pop() if known else (sizes.pop() if sizes else 1))
+    return tuple(out)
+
+
+def _infer_shape(node: ir.Node, imp: "_Importer") -> tuple | None:
+    """The output shape of a shape-preserving, broadcasting, transposing, reshaping or
+    matmul node from its inputs (``None`` where it cannot be told)."""
+    op = node.op_type
+    shapes = [imp.shape(v) if v is not None else None for v in node.inputs]
+    if op == "Reshape":
+        x, target = shapes[0], imp.shape_tensor(node.inputs[1])
+        if x is None or target is None:
+            return None
+        allowzero = bool(_attr(node, "allowzero", 0))
+        dims = [x[k] if t == 0 and not allowzero else t for k, t in enumerate(target)]
+        if dims.count(-1) > 1:
+            return None
+        if -1 in dims:
+            k = dims.index(-1)
+            dims[k] = symdims.divide(symdims.product(x),
+                                     symdims.product(d for d in dims if d != -1))
+            if dims[k] is None:
+                return None
+        return tuple(dims)
+    if op == "Expand":
+        target = imp.shape_tensor(node.inputs[1])
+        if shapes[0] is None or target is None:
+            return None
+        return _broadcast_dims([shapes[0], tuple(target)])
+    if op in ("Unsqueeze", "Squeeze") and shapes[0] is not None:
+        axes = imp.consts.get(id(node.inputs[1])) if len(node.inputs) > 1 else _attr(node, "axes")
+        if axes is None:
+            return None
+        rank = len(shapes[0])
+        axes = [int(a) for a in np.reshape(axes, -1)]
+        if op == "Squeeze":
+            axes = [a + rank if a < 0 else a for a in axes]
+            if any(shapes[0][a] != 1 for a in axes):
+                return None
+            return tuple(d for k, d in enumerate(shapes[0]) if k not in axes)
+        out = list(shapes[0])
+        for a in sorted(a + rank + len(axes) if a < 0 else a for a in axes):
+            out.insert(a, 1)
+        return tuple(out)
+    if op == "Transpose":
+        x = shapes[0]
+        if x is None:
+            return None
+        perm = _attr(node, "perm") or list(range(len(x)))[::-1]
+        return tuple(x[p] for p in perm)
+    if op == "MatMul":
+        a, b = shapes[0], shapes[1]
+        if a is None or b is None or len(a) < 2 or len(b) < 2:
+            return None
+        batch = _broadcast_dims([a[:-2], b[:-2]]) if len(a) > 2 or len(b) > 2 else ()
+        return None if batch is None else (*batch, a[-2], b[-1])
+    if op in _SAME_SHAPE:
+        return shapes[0]
+    if op in _EW or op in _ACT:
+        known = [s for s in shapes if s is not None]
+        if len(known) != len([v for v in node.inputs if v is not None]) or not known:
+            return None
+        return _broadcast_dims(known)
+    return None
+
+
+_SAME_SHAPE = {"Softmax", "LogSoftmax", "Cast", "CastLike", "Identity", "Dropout"}

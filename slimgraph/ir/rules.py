@@ -10,8 +10,10 @@ the node and its op.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
+from slimgraph.ir import symdims
 from slimgraph.ir.graph import Node, OpKind, Value
 from slimgraph.ir.spaces import Layout, LayoutConflict
 
@@ -172,7 +174,12 @@ def rule_reshape(node: Node, ctx) -> None:
 
 
 def reshape_layouts(ctx, lin: list[Layout], ins: list, outs: list) -> list[Layout]:
-    """Align input and output dims by products; split or merge layouts accordingly."""
+    """Align input and output dims by products; split or merge layouts accordingly.
+
+    Symbolic dims (dynamic axes) are products of symbols (``symdims``): ``[batch, 4, seq,
+    16] -> [4*batch, seq, 16]`` merges the batch and head layouts into one dim, and the
+    reshape back to ``[batch, 4, 16, seq]`` splits them again (a dynamic-axis export's
+    transposed keys)."""
     sp = ctx.spaces
     res: list[Layout] = []
     i = j = 0
@@ -185,9 +192,7 @@ def reshape_layouts(ctx, lin: list[Layout], ins: list, outs: list) -> list[Layou
             i += 1
         if i >= len(ins):
             raise LayoutConflict(f"reshape {ins} -> {outs} does not align")
-        if not isinstance(ins[i], int) or not isinstance(outs[j], int):
-            if ins[i] != outs[j]:
-                raise LayoutConflict(f"reshape {ins} -> {outs}: symbolic dims do not align")
+        if symdims.is_symbolic(ins[i]) and ins[i] == outs[j]:
             res.append(lin[i])
             i += 1
             j += 1
@@ -195,26 +200,79 @@ def reshape_layouts(ctx, lin: list[Layout], ins: list, outs: list) -> list[Layou
         gi, gj = [i], [j]
         pin, pout = ins[i], outs[j]
         while pin != pout:
-            if pin < pout:
-                i2 = gi[-1] + 1
-                if i2 >= len(ins) or not isinstance(ins[i2], int):
-                    raise LayoutConflict(f"reshape {ins} -> {outs} does not align")
-                gi.append(i2)
-                pin *= ins[i2]
+            grow = _smaller(pin, pout)
+            if grow == "in" and gi[-1] + 1 < len(ins):
+                gi.append(gi[-1] + 1)
+                pin = symdims.product([pin, ins[gi[-1]]])
+            elif grow == "out" and gj[-1] + 1 < len(outs):
+                gj.append(gj[-1] + 1)
+                pout = symdims.product([pout, outs[gj[-1]]])
             else:
-                j2 = gj[-1] + 1
-                if j2 >= len(outs) or not isinstance(outs[j2], int):
-                    raise LayoutConflict(f"reshape {ins} -> {outs} does not align")
-                gj.append(j2)
-                pout *= outs[j2]
+                raise LayoutConflict(f"reshape {ins} -> {outs} does not align")
         merged: Layout = [s for k in gi for s in lin[k]]
-        res.extend(sp.split_layout(merged, [outs[k] for k in gj]))
+        sizes = [outs[k] for k in gj]
+        if all(isinstance(x, int) for x in sizes) and isinstance(pin, int):
+            res.extend(sp.split_layout(merged, sizes))
+        else:
+            res.extend(_split_symbolic(sp, merged, sizes))
         i, j = gi[-1] + 1, gj[-1] + 1
     while i < len(ins):
         if ins[i] != 1:
             raise LayoutConflict(f"reshape {ins} -> {outs} does not align")
         i += 1
     return res
+
+
+def _smaller(a, b) -> str | None:
+    """Which side of a reshape group to extend: the smaller product (for symbolic
+    products, the one that divides the other)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return "in" if a < b else "out"
+    if symdims.divide(b, a) is not None:
+        return "in"
+    if symdims.divide(a, b) is not None:
+        return "out"
+    return None
+
+
+def _split_symbolic(sp, layout: Layout, sizes: list) -> list[Layout]:
+    """Cut a layout with symbolic spaces into consecutive dims of the given sizes; each
+    symbolic space goes to a dim whose size has its symbols, in order."""
+    flat = sp.flatten(layout)
+    out: list[Layout] = []
+    k = 0
+    for size in sizes:
+        coef, syms = symdims.factors(size)
+        need = Counter(syms)
+        got: Layout = []
+        while coef > 1 or +need:
+            if k >= len(flat):
+                raise LayoutConflict(f"reshape to {sizes}: sizes do not match")
+            f = sp.find(flat[k])
+            fs = sp.size[f]
+            if fs == 0:
+                name = sp.symbol.get(f)
+                fc, fsyms = symdims.factors(name) if name else (0, ())
+                want = Counter(fsyms)
+                if not name or any(need[x] < n for x, n in want.items()) or coef % fc:
+                    raise LayoutConflict(f"reshape to {sizes} cuts through a dynamic dim "
+                                         f"({name or 'unknown'})")
+                need -= want
+                coef //= fc
+                got.append(f)
+                k += 1
+            elif coef % fs == 0:
+                got.append(f)
+                coef //= fs
+                k += 1
+            elif coef > 1 and fs % coef == 0:
+                flat[k : k + 1] = sp._split_product(f, coef)
+            else:
+                raise LayoutConflict(f"reshape to {sizes} cuts through a factor of size {fs}")
+        out.append(got or [sp.new(1)])
+    if k != len(flat):
+        raise LayoutConflict(f"reshape to {sizes}: sizes do not match")
+    return out
 
 
 def rule_transpose(node: Node, ctx) -> None:

@@ -89,6 +89,9 @@ class ChannelSpaces:
         self.reasons: dict[int, list[str]] = {}
         self.notes: dict[int, list[str]] = {}
         self.replica: set[int] = set()
+        # size-0 spaces of symbolic dims (dynamic axes): the dim they stand for, e.g.
+        # "batch" or "4*batch" (see ``symdims``), so a reshape can split products of them
+        self.symbol: dict[int, str] = {}
 
     # -- basic union-find ----------------------------------------------------------
     def new(self, size: int, *, replica: bool = False) -> int:
@@ -109,7 +112,11 @@ class ChannelSpaces:
         return root
 
     def fresh_layout(self, size) -> Layout:
-        return [self.new(size if isinstance(size, int) else 0)]
+        if isinstance(size, int):
+            return [self.new(size)]
+        s = self.new(0)
+        self.symbol[s] = str(size)
+        return [s]
 
     def _merge_info(self, into: int, other: int) -> None:
         for store in (self.tags, self.reasons, self.notes):
@@ -121,6 +128,10 @@ class ChannelSpaces:
                     dst.extend(r for r in store.pop(other) if r not in dst)
         if other in self.replica:
             self.replica.add(into)
+        if other in self.symbol:  # two symbolic dims made one: keep the name if they agree
+            name = self.symbol.pop(other)
+            if self.symbol.setdefault(into, name) != name:
+                del self.symbol[into]
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)

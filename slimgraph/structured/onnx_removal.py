@@ -64,6 +64,54 @@ def _const(v) -> np.ndarray | None:
     return None
 
 
+def _entries(v, depth: int = 0) -> list[tuple] | None:
+    """The entries of a 1-D shape tensor: ``("const", int)``, or ``("dim", value, k)``
+    for dim ``k`` of ``value`` read by ``Shape`` at run time; None when other ops (shape
+    arithmetic) compute it."""
+    if v is None or depth > 16:
+        return None
+    arr = _const(v)
+    if arr is not None:
+        return [("const", int(x)) for x in arr.reshape(-1)]
+    p = v.producer()
+    if p is None or p.domain not in ("", "ai.onnx"):
+        return None
+    op = p.op_type
+    if op == "Shape":
+        x = p.inputs[0]
+        if x is None or x.shape is None:
+            return None
+        rank = len(x.shape)
+        start, end = int(_attr(p, "start", 0)), _attr(p, "end", None)
+        return [("dim", x, k) for k in range(rank)[slice(start, None if end is None else int(end))]]
+    if op == "Concat":
+        out = []
+        for piece in p.inputs:
+            got = _entries(piece, depth + 1)
+            if got is None:
+                return None
+            out.extend(got)
+        return out
+    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"):
+        return _entries(p.inputs[0], depth + 1)  # 0-D <-> 1-D: the order is kept
+    if op == "Gather":
+        got, idx = _entries(p.inputs[0], depth + 1), _const(p.inputs[1])
+        if got is None or idx is None or int(_attr(p, "axis", 0)) != 0:
+            return None
+        return [got[int(i)] for i in idx.reshape(-1)]
+    if op == "Slice":
+        got = _entries(p.inputs[0], depth + 1)
+        bounds = [_const(b) if b is not None else None for b in p.inputs[1:5]]
+        bounds += [None] * (4 - len(bounds))
+        start, end, axes, steps = bounds
+        if got is None or start is None or end is None or start.size != 1 or (
+                axes is not None and axes.reshape(-1).tolist() not in ([0], [-1])):
+            return None
+        step = int(steps.reshape(-1)[0]) if steps is not None else 1
+        return got[slice(int(start.reshape(-1)[0]), int(end.reshape(-1)[0]), step)]
+    return None
+
+
 def _attr(node, name, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
@@ -84,6 +132,8 @@ class _Plan:
         self.group_of: dict[str, str] = {}  # onnx value name -> group label that shrinks it
         self.rewrites: list[tuple[Any, int, np.ndarray, np.ndarray]] = []  # node, input, old, new
         self.attr_rewrites: list[tuple[Any, str, int, int]] = []
+        # a shape input built by Concat at run time: (consumer, input, Concat, {piece: new})
+        self.concat_rewrites: list[tuple[Any, int, Any, dict[int, np.ndarray]]] = []
         self.split_rewrites: list[tuple[Any, list[int], list[int]]] = []
 
     @staticmethod
@@ -100,6 +150,11 @@ class _Plan:
             dims = list(v.shape)
             changed = False
             for d, lay in enumerate(ctx.layouts(v)):
+                if not isinstance(dims[d], int):
+                    # a dynamic dim (batch, or 4*batch where the keys are transposed): its
+                    # size comes from Shape at run time, never from a constant (the
+                    # importer folds only shape ops that copy dims, no arithmetic)
+                    continue
                 tree = sp.tree(lay)
                 leaves = set(tree.leaves())
                 removed: set[int] = set()
@@ -112,10 +167,6 @@ class _Plan:
                             removed.update(p)
                             self.group_of.setdefault(onnx_name, self.label(g))
                 if removed:
-                    if not isinstance(dims[d], int):
-                        raise PipelineError(
-                            f"{self.group_of[onnx_name]}: dim {d} of ONNX value {onnx_name!r} "
-                            f"has no static size ({dims[d]}); it cannot be resized")
                     dims[d] -= len(removed)
                     changed = True
             if changed:
@@ -135,6 +186,8 @@ class _Plan:
                 self._split(node)
             elif op == "Attention":
                 self._attention(node)
+            elif op == "RotaryEmbedding":
+                self._rotary(node)
             elif "num_heads" in node.attributes or any(
                     a.type.name.startswith("GRAPH") for a in node.attributes.values()):
                 why = ("has a num_heads attribute" if "num_heads" in node.attributes
@@ -153,9 +206,8 @@ class _Plan:
         shape_v = node.inputs[idx] if idx < len(node.inputs) else None
         arr = _const(shape_v)
         if arr is None:
-            raise PipelineError(
-                f"{self._where(node, out)} computes its target shape at run time; the sizes "
-                "it encodes cannot be rewritten (a static-shape export has constant shapes)")
+            self._runtime_shape(node, idx, out)
+            return
         flat = arr.reshape(-1).astype(np.int64)
         if flat.size != len(new):
             raise PipelineError(f"{self._where(node, out)}: target shape {flat.tolist()} does "
@@ -179,6 +231,93 @@ class _Plan:
                                     f"to {n}")
         if not np.array_equal(out_arr, flat):
             self.rewrites.append((node, idx, flat, out_arr.astype(arr.dtype)))
+
+    def _dims_of(self, name: str) -> tuple | None:
+        """New dims of an ONNX value (its old ones when removal does not change it)."""
+        if name in self.new_shape:
+            return self.new_shape[name]
+        v = self.graph.values.get(self.names.get(name, ""))
+        return tuple(v.shape) if v is not None and v.shape is not None else None
+
+    def _runtime_shape(self, node, idx: int, out) -> None:
+        """A target shape computed at run time (a dynamic-axis export): ``Concat`` of
+        pieces that are constants or read from ``Shape`` of other values. Each entry
+        for a dim that changes must be a constant (rewritten in a copy of the Concat
+        made for this use), an entry that adapts (``-1``; ``0`` for Reshape; a
+        broadcast ``1`` for Expand), or the same dim of a value that shrinks with it."""
+        new, old = self.new_shape[out.name], self.old_shape[out.name]
+        where = self._where(node, out)
+        shape_v = node.inputs[idx] if idx < len(node.inputs) else None
+        concat = shape_v.producer() if shape_v is not None else None
+        got = _entries(shape_v)
+        pieces: list[tuple[int, int]] = []  # per entry: (Concat input, offset) or (-1, -1)
+        if got is not None and concat.op_type == "Concat":
+            for k, piece in enumerate(concat.inputs):
+                size = len(_entries(piece))
+                direct = _const(piece) is not None
+                pieces.extend((k, off) if direct else (-1, -1) for off in range(size))
+        elif got is not None:
+            pieces = [(-1, -1)] * len(got)
+        if got is None:
+            producer = concat.name if concat is not None else "?"
+            raise PipelineError(
+                f"{where} computes its target shape at run time with ops removal does not "
+                f"follow (from node {producer!r}); the sizes it encodes cannot be rewritten")
+        if len(got) != len(new):
+            raise PipelineError(f"{where}: its target shape has {len(got)} entries, the output "
+                                f"rank is {len(new)}")
+        allowzero = bool(_attr(node, "allowzero", 0))
+        changed: dict[int, np.ndarray] = {}
+        for d, (o, n) in enumerate(zip(old, new)):
+            if o == n:
+                continue
+            e = got[d]
+            if e[0] == "dim":
+                dims = self._dims_of(e[1].name)
+                if dims is not None and e[2] < len(dims) and dims[e[2]] == n:
+                    continue
+                raise PipelineError(
+                    f"{where}: entry {d} of its target shape is read at run time from dim "
+                    f"{e[2]} of {e[1].name!r}, which does not change from {o} to {n} with it")
+            if e[0] == "const" and e[1] == o:
+                k, off = pieces[d]
+                if k < 0:
+                    raise PipelineError(
+                        f"{where}: entry {d} of its target shape is the constant {o} behind "
+                        "ops removal does not rewrite (only constants that are direct inputs "
+                        "of the Concat building the shape are)")
+                arr = changed.get(k)
+                if arr is None:
+                    arr = changed[k] = _const(concat.inputs[k]).reshape(-1).copy()
+                arr[off] = n
+                continue
+            if e[0] == "const" and (
+                    (e[1] == -1 and node.op_type == "Reshape")
+                    or (e[1] == 0 and node.op_type == "Reshape" and not allowzero)
+                    or (e[1] == 1 and node.op_type == "Expand")):
+                continue
+            what = f"the constant {e[1]}" if e[0] == "const" else "computed at run time"
+            raise PipelineError(f"{where}: entry {d} of its target shape ({what}) does not "
+                                f"encode the size {o} that changes to {n}")
+        if changed:
+            self.concat_rewrites.append((node, idx, concat, changed))
+
+    def _rotary(self, node) -> None:
+        x = node.inputs[0]
+        new = self.new_shape.get(x.name)
+        if new is None or "num_heads" not in node.attributes:
+            return
+        old = self.old_shape[x.name]
+        heads = int(_attr(node, "num_heads"))
+        if len(new) == 4:
+            value = int(new[1])
+        elif len(new) == 3 and heads and old[2] % heads == 0 and new[2] % (old[2] // heads) == 0:
+            value = int(new[2]) // (old[2] // heads)
+        else:
+            raise PipelineError(f"{self._where(node, x)}: num_heads={heads} cannot be derived "
+                                f"for the new input shape {list(new)}")
+        if value != heads:
+            self.attr_rewrites.append((node, "num_heads", heads, value))
 
     def _split(self, node) -> None:
         axis = int(_attr(node, "axis", 0))
@@ -261,6 +400,30 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
         stale.append(old_v)
         report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "input": i,
                                         "old": old.tolist(), "new": new.tolist()})
+    clones: dict[tuple, Any] = {}  # (Concat, new pieces) -> the output of its rewritten copy
+    for node, i, concat, changed in plan.concat_rewrites:
+        key = (id(concat), tuple((k, tuple(a.tolist())) for k, a in sorted(changed.items())))
+        if key not in clones:
+            inputs = list(concat.inputs)
+            for k, arr in changed.items():
+                name = _fresh(f"{concat.name or 'Concat'}_part{k}", taken)
+                inputs[k] = ir.Value(name=name, shape=ir.Shape(arr.shape),
+                                     type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                                     const_value=ir.Tensor(arr, name=name))
+                g.register_initializer(inputs[k])
+            out_v = concat.outputs[0]
+            name = _fresh(f"{out_v.name}_slim", taken)
+            clone = ir.Node("", "Concat", inputs, attributes=[ir.AttrInt64("axis", 0)],
+                            outputs=[ir.Value(name=name, shape=out_v.shape, type=out_v.type)],
+                            name=_fresh(f"{concat.name or 'Concat'}_slim", taken))
+            g.insert_before(node, clone)
+            clones[key] = clone.outputs[0]
+        stale.append(node.inputs[i])
+        old_arr = {k: _const(concat.inputs[k]).reshape(-1).tolist() for k in changed}
+        node.replace_input_with(i, clones[key])
+        report["onnx_rewrites"].append({
+            "node": node.name, "op": node.op_type, "input": i, "concat": concat.name,
+            "old": old_arr, "new": {k: a.tolist() for k, a in changed.items()}})
     for node, old, sizes in plan.split_rewrites:
         arr = np.asarray(sizes, dtype=np.int64)
         if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -288,13 +451,21 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
         node.attributes[attr] = ir.AttrInt64(attr, new)
         report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
                                         "old": old, "new": new})
-    for v in stale:  # shape constants no longer used by anything
+    for v in {id(v): v for v in stale}.values():  # shape constants no longer used by anything
         if v.uses() or v in g.outputs:
             continue
         if v.name in g.initializers and v not in g.inputs:
             g.initializers.pop(v.name)
         elif v.producer() is not None and v.producer().op_type == "Constant":
             g.remove(v.producer(), safe=True)
+        elif v.producer() is not None and v.producer().op_type == "Concat":
+            concat = v.producer()
+            parts = list(concat.inputs)
+            g.remove(concat, safe=True)
+            for p in parts:  # its constant pieces, when nothing else reads them
+                if p is not None and not p.uses() and p.name in g.initializers \
+                        and p not in g.inputs and p not in g.outputs:
+                    g.initializers.pop(p.name)
     # recorded shapes: only the changed static dims
     values = {v.name: v for v in g.inputs}
     values.update((o.name, o) for n in g for o in n.outputs if o.name)
