@@ -107,6 +107,7 @@ examples:
   slimgraph compile smollm2-135m -p 'prune-structured{{mlp=0.5}},export-onnx' -o out/mlp50
   slimgraph compile smollm2-135m -p 'prune-structured{{heads=0.33,mlp=0.5,importance=l2}},save-hf,export-onnx' -o out/c
   slimgraph compile smollm2-135m -p pipeline.yaml -o out/x --time-passes
+  slimgraph compile hf-dir --offload -p 'sparsify{{score=wanda,pattern=2:4}},save-hf' -o out/w --calib-file calib.txt
 
 prune-structured options: heads, mlp, hidden (fraction of units removed per group of that
 kind), ratio (heads and mlp at once), importance (l1|l2), round_to (kept counts rounded to

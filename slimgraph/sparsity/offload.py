@@ -293,7 +293,8 @@ def save_hf_offloaded(off: Offload, tokenizer, out: Path, module_attrs: dict, *,
                 _link_or_copy(off.stored[block], tmp / shard[i])
             for t in tensors:
                 weight_map[t.key] = shard[i]
-                total += _numel(shapes[t.names[0]]) * torch.empty((), dtype=off.dtype).element_size()
+                cur = off._current(t)  # on meta when stored: shape and dtype only
+                total += cur.numel() * cur.element_size()
             if progress:
                 progress(i, len(off.blocks), "shards")
         atomic_write_json(tmp / INDEX, {"metadata": {"total_size": total},
@@ -312,13 +313,6 @@ def save_hf_offloaded(off: Offload, tokenizer, out: Path, module_attrs: dict, *,
     return {"dir": str(out), "loader": loader, "shards": n, "offloaded": True,
             "check": verify_saved(out, {t.key: shapes[t.names[0]] for t in off.tensors
                                         if t.key in weight_map})}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def verify_saved(out: Path, expected: dict[str, list[int]]) -> str:
