@@ -12,6 +12,17 @@ model. Small constants (shape tensors, axes, scalars) become ``SOURCE`` nodes wh
 output carries the value in ``Value.const``; a small numpy evaluator folds shape
 arithmetic over such constants so that converters can read Slice bounds and the like.
 
+Dynamic axes. Shape tensors computed at run time from symbolic dims (``Shape`` of a
+``[batch, seq, 576]`` value, sliced and concatenated with constants) are folded into
+entries that are ints or dim names (``Shape``, ``Slice``, ``Gather``, ``Concat``,
+(un)squeeze, cast: ops that move dims; arithmetic on dims is not followed). Where the
+file leaves a dim unknown (no shape recorded, or ONNX shape inference's ``unk__N``),
+``Reshape`` / ``Expand`` / ``Transpose`` / ``MatMul`` / elementwise outputs are completed
+from their inputs, with products of symbols (``4*batch``, ``slimgraph.ir.symdims``):
+the opset-18 attention's keys, reshaped to ``[-1, seq, 64]`` and back, keep their heads.
+``RotaryEmbedding`` (opset 23) is emitted as what it does to channels (the rotated
+halves swapped and combined elementwise), so heads pass through it.
+
 Provenance. ``torch.onnx.export(..., dynamo=True)`` runs the onnxscript optimizer,
 which changes how weights are stored. Its metadata lets most of that be undone:
 

@@ -18,13 +18,22 @@ activations. From that, for each ONNX value its new shape follows, and:
   ``[1, 7, 4, 16]`` / ``[4, 7, 16]`` / ``[1, 2, 2, 7, 16]`` of a static-shape export's
   attention) are rewritten, per use (a constant shared with an untouched layer is left
   to it); ``-1`` / ``0`` (inferred / copied) entries and broadcast ``1`` s stay;
-- ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads``
-  attributes, when present, follow the new head counts;
+- target shapes computed at run time (dynamic-axis exports: ``Concat(Shape(x)[0:1], [3],
+  [3], Shape(x)[1:2], [64])`` for GQA's repeat, one Concat read by every layer) are
+  traced through Concat / Slice / Gather / (Un)Squeeze / Cast to constants and to dims
+  read by ``Shape``: a constant entry that encodes a changed size is rewritten in a copy
+  of the Concat made for that use (with a new constant piece); an entry read from a
+  value's dim must change with it (it does when that value shrinks too, e.g. the opset-18
+  keys reshaped by ``Shape(k)``); dynamic dims of products (``4*batch``) follow at run time;
+- ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` and
+  ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size), when
+  present, follow the new head counts;
 - the shapes recorded on values (``value_info``) are updated (symbolic dims stay).
 
-A node that would need a rewrite this module does not know (a target shape computed at
-run time, a ``num_heads`` attribute of a contrib op) is refused before anything is
-changed, naming the node and the group. Afterwards the modified model is checked with
+A node that would need a rewrite this module does not know (a size computed by shape
+arithmetic such as ``Mul(batch, 4)`` or ``Add``, a constant behind another op, a
+``num_heads`` attribute of a contrib op) is refused before anything is changed, naming
+the node and the group. Afterwards the modified model is checked with
 ONNX shape inference on a copy whose recorded shapes are cleared: every re-inferred
 static dim must equal the new shape predicted by the analysis, else the pass fails
 (no file is written; the input file is never touched -- the model is in memory).
