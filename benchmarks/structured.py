@@ -64,6 +64,9 @@ def main() -> None:
                     "(default: the protocol's calibration split, written to WORK/calib.txt)")
     ap.add_argument("--work", default="benchmarks/out")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
+    ap.add_argument("--keep-ppl", action="store_true",
+                    help="compile and measure latency, but keep the ppl of the existing results "
+                         "(for a change that cannot alter the weights, e.g. the export opset)")
     ap.add_argument("--latency-only", action="store_true",
                     help="re-measure latency of existing OUTDIRs (keeps compile/ppl figures)")
     args = ap.parse_args()
@@ -89,9 +92,12 @@ def main() -> None:
                              "--calib-file", str(calib_txt)])
         report = json.loads((out / "report.json").read_text())
         target = str(out) if (out / "hf").exists() else "smollm2-135m"
-        ev, _ = run(cli + ["eval", target, "--ppl", str(eval_txt), "--windows", str(args.windows),
-                           "--seqlen", "512", "--json"])
-        ppl = json.loads(ev)["ppl"]
+        if args.keep_ppl and name in rows:
+            ppl = rows[name]["ppl"]
+        else:
+            ev, _ = run(cli + ["eval", target, "--ppl", str(eval_txt), "--windows",
+                               str(args.windows), "--seqlen", "512", "--json"])
+            ppl = json.loads(ev)["ppl"]
         row = {
             "pipeline": CONFIGS[name], "compile_s": round(secs, 1),
             "params": report["parameters"]["after"],
