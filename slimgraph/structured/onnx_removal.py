@@ -259,19 +259,19 @@ class _Plan:
         shape_v = node.inputs[idx] if idx < len(node.inputs) else None
         concat = shape_v.producer() if shape_v is not None else None
         got = _entries(shape_v)
-        pieces: list[tuple[int, int]] = []  # per entry: (Concat input, offset) or (-1, -1)
-        if got is not None and concat.op_type == "Concat":
-            for k, piece in enumerate(concat.inputs):
-                size = len(_entries(piece))
-                direct = _const(piece) is not None
-                pieces.extend((k, off) if direct else (-1, -1) for off in range(size))
-        elif got is not None:
-            pieces = [(-1, -1)] * len(got)
         if got is None:
             producer = concat.name if concat is not None else "?"
             raise PipelineError(
                 f"{where} computes its target shape at run time with ops removal does not "
                 f"follow (from node {producer!r}); the sizes it encodes cannot be rewritten")
+        # per entry: (Concat input, offset) for a constant that is a direct Concat input
+        pieces: list[tuple[int, int]] = [(-1, -1)] * len(got)
+        if concat.op_type == "Concat":
+            pieces = []
+            for k, piece in enumerate(concat.inputs):
+                direct = _const(piece) is not None
+                pieces.extend((k, off) if direct else (-1, -1)
+                              for off in range(len(_entries(piece))))
         if len(got) != len(new):
             raise PipelineError(f"{where}: its target shape has {len(got)} entries, the output "
                                 f"rank is {len(new)}")
@@ -305,9 +305,8 @@ class _Plan:
                     or (e[1] == 0 and node.op_type == "Reshape" and not allowzero)
                     or (e[1] == 1 and node.op_type == "Expand")):
                 continue
-            what = f"the constant {e[1]}" if e[0] == "const" else "computed at run time"
-            raise PipelineError(f"{where}: entry {d} of its target shape ({what}) does not "
-                                f"encode the size {o} that changes to {n}")
+            raise PipelineError(f"{where}: entry {d} of its target shape (the constant "
+                                f"{e[1]}) does not encode the size {o} that changes to {n}")
         if changed:
             self.concat_rewrites.append((node, idx, concat, changed))
 

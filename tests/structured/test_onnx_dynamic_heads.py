@@ -279,3 +279,32 @@ def test_cli_heads_on_a_dynamic_axis_file(files, tmp_path, opset):
         for batch, reference in _runs(opset):
             logits = _run(path, _ids(batch, seq), reference)
             assert logits.shape == (batch, seq, VOCAB) and np.isfinite(logits).all()
+
+
+def test_attention_head_count_attributes_follow(files, tmp_path):
+    """``q_num_heads`` / ``kv_num_heads`` (optional on 4-D ``Attention``; torch leaves them
+    out) are rewritten to each layer's new head counts when a file has them."""
+    model = ir.load(str(files[23]))
+    for node in model.graph:
+        if node.op_type == "Attention":  # keys / values arrive repeated to HEADS heads
+            node.attributes["q_num_heads"] = ir.AttrInt64("q_num_heads", HEADS)
+            node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", HEADS)
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    ir.save(model, str(src))
+    result = analyze(import_onnx(src))
+    heads = {g.layer: g for g in result.prunable() if g.kind == "heads"}
+    sel = {heads[0].id: [1], heads[2].id: [0, 2]}
+    masked = analyze(import_onnx(src))
+    mask_units(masked, sel)
+    masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
+    remove_units_onnx(result, sel, "test")
+    slim_path = _save(result, tmp_path / "slim" / "model.onnx")
+    _check_strict(slim_path)
+    got = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")}
+           for n in onnx.load(str(slim_path)).graph.node if n.op_type == "Attention"]
+    per_layer = [2 * (HEADS // KV), HEADS, 1 * (HEADS // KV)]  # kept KV-groups x 2 queries
+    assert got == [{"q_num_heads": n, "kv_num_heads": n} for n in per_layer]
+    for seq in SEQS:
+        ids = _ids(1, seq)
+        assert _rel(_run(slim_path, ids), _run(masked_path, ids)) <= 1e-5
