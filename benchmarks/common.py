@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,21 @@ def run(cmd: list[str]) -> tuple[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return proc.stdout, time.perf_counter() - t0
+
+
+def run_rss(cmd: list[str]) -> tuple[str, float, int]:
+    """Like :func:`run`, plus the command's own peak RSS in MB (``wait4`` rusage)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        secs = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-3000:]}")
+        return out.read(), secs, round(usage.ru_maxrss / 1024)
 
 
 def write_result(path: str | Path, rows: dict, **extra) -> None:

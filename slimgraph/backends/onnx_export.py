@@ -66,6 +66,7 @@ def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | 
             prog = torch.onnx.export(
                 wrapper, (ids,), dynamo=True, dynamic_shapes={"input_ids": {0: batch, 1: seq}},
                 input_names=["input_ids"], output_names=["logits"], verbose=False, **kwargs)
+        batch_rotary_caches(prog.model)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         tmp = tmpdir / path.name
         if size > TWO_GB:
@@ -81,6 +82,41 @@ def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def batch_rotary_caches(model) -> int:
+    """Give every ``RotaryEmbedding`` (opset 23) cos/sin caches of the input's batch size.
+
+    Without position ids the op wants caches of shape ``[batch, seq, rotary_dim / 2]``;
+    torch's exporter writes ``[1, seq, rotary_dim / 2]``, which ONNX Runtime (1.32)
+    rejects for batch > 1. Each cache is broadcast with ``Expand`` to ``[batch, 1, 1]``
+    (batch read from the first graph input); returns the number of caches expanded."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    nodes = [n for n in graph if n.op_type == "RotaryEmbedding" and n.domain in ("", "ai.onnx")
+             and (len(n.inputs) < 4 or n.inputs[3] is None)]
+    if not nodes or not graph.inputs:
+        return 0
+    batch = ir.node("Shape", [graph.inputs[0]], {"start": 0, "end": 1}, name="slimgraph_batch")
+    ones = ir.node("Constant", [], {"value": ir.tensor(np.array([1, 1], dtype=np.int64))},
+                   name="slimgraph_ones_2")
+    target = ir.node("Concat", [batch.outputs[0], ones.outputs[0]], {"axis": 0},
+                     name="slimgraph_rotary_cache_shape")
+    graph.insert_before(graph.node(0), [batch, ones, target])
+    expanded: dict[int, ir.Value] = {}
+    for n in nodes:
+        for i in (1, 2):
+            cache = n.inputs[i]
+            if cache is None:
+                continue
+            if id(cache) not in expanded:
+                exp = ir.node("Expand", [cache, target.outputs[0]],
+                              name=f"slimgraph_expand_{cache.name or id(cache)}")
+                graph.insert_before(n, [exp])
+                expanded[id(cache)] = exp.outputs[0]
+            n.replace_input_with(i, expanded[id(cache)])
+    return len(expanded)
 
 
 def save_onnx_model(model, path: Path) -> Path:

@@ -31,8 +31,9 @@ class GramAccumulator:
     ``hessian()`` returns ``H = (2/N) Σ x xᵀ`` ``[C_in, C_in]`` and ``act_norm()`` returns
     ``‖X_j‖₂ = sqrt(Σ_tokens x_j²)`` ``[C_in]``, N being the number of tokens seen so far.
     The Gram sum is kept in ``dtype`` (float32 by default; float64 for extra accuracy); the
-    sums of squares are summed per batch in float32 and accumulated in float64. ``hessian=False`` skips the ``C_in²`` Gram matrix
-    (scores such as Wanda/RIA need only the channel norms).
+    sums of squares are summed per batch in float32 and accumulated in float64.
+    ``hessian=False`` skips the ``C_in²`` Gram matrix (scores such as Wanda/RIA need only
+    the channel norms).
     """
 
     def __init__(self, in_features: int, *, hessian: bool = True, dtype: torch.dtype = torch.float32,

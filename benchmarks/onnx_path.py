@@ -1,0 +1,98 @@
+"""The ONNX path on SmolLM2 next to the PyTorch path (issue 7's benchmark).
+
+Input: SmolLM2 exported to ONNX by `slimgraph compile smollm2-135m -p export-onnx`
+(dynamic batch and sequence, opset 23). Each pipeline runs twice, once on that ONNX file
+(the ONNX path: no PyTorch model) and once on `smollm2-135m` (the PyTorch path, which
+re-exports at the end):
+
+- kv1of3+mlp50: `prune-structured{heads=0.33,mlp=0.5},export-onnx` (l2 importance);
+- ria 2:4: `sparsify{score=ria,pattern=2:4},export-onnx` (64 x 512 calibration windows
+  of the protocol's calibration split; the ONNX path calibrates once through ONNX
+  Runtime, the PyTorch path block by block).
+
+For each: compile wall time and peak RSS (the compile process's own, from wait4),
+perplexity of OUT/model.onnx with `slimgraph eval` (ONNX Runtime, 40 x 512 tokens of the
+evaluation split), and ONNX Runtime CPU latency (2 threads, prefill 128 and 512, median
+of 20 runs after 3 warm-up runs).
+
+Usage: python benchmarks/onnx_path.py [--only NAME ...] [--windows 40] [--runs 20]
+Writes benchmarks/results/onnx_path.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import run, run_rss, write_result  # noqa: E402
+from structured import WIKI, latency  # noqa: E402
+
+PIPELINES = {
+    "kv1of3+mlp50": "prune-structured{heads=0.33,mlp=0.5},export-onnx",
+    "ria 2:4": "sparsify{score=ria,pattern=2:4},export-onnx",
+}
+
+
+def ort_latency(out: Path, runs: int) -> dict[str, float]:
+    return {str(s): round(latency(out / "model.onnx", s, runs), 1) for s in (128, 512)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--only", nargs="*", default=[f"{p} {n}" for n in PIPELINES
+                                                   for p in ("onnx", "torch")])
+    ap.add_argument("--work", default="benchmarks/out/onnx_path")
+    ap.add_argument("--out", default="benchmarks/results/onnx_path.json")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="re-measure latency of existing OUTDIRs (keeps the other figures)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = open(WIKI, newline="").read().replace("\r\n", "\n")
+    eval_txt, calib_txt = work / "eval.txt", work / "calib.txt"
+    eval_txt.write_text(text[: int(0.75 * len(text))])
+    calib_txt.write_text(text[int(0.75 * len(text)):])
+    cli = [sys.executable, "-m", "slimgraph.cli"]
+    path = Path(args.out)
+    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+
+    dense = work / "dense"
+    if not (dense / "model.onnx").exists():
+        _, secs, rss = run_rss(cli + ["compile", "smollm2-135m", "-p", "export-onnx", "-o", str(dense)])
+        rows["dense export"] = {"compile_s": round(secs, 1), "peak_rss_mb": rss}
+    for name in args.only:
+        route, pipe = name.split(" ", 1)
+        out = work / name.replace(" ", "_").replace(":", "of")
+        if args.latency_only:
+            rows[name]["latency_ms"] = ort_latency(out, args.runs)
+            print(name, rows[name]["latency_ms"], flush=True)
+            continue
+        model = str(dense / "model.onnx") if route == "onnx" else "smollm2-135m"
+        _, secs, rss = run_rss(cli + ["compile", model, "-p", PIPELINES[pipe], "-o", str(out),
+                                      "--calib-file", str(calib_txt)])
+        report = json.loads((out / "report.json").read_text())
+        ev, _ = run(cli + ["eval", str(out / "model.onnx"), "--ppl", str(eval_txt), "--windows",
+                           str(args.windows), "--seqlen", "512", "--json"])
+        rows[name] = {"input": model, "pipeline": PIPELINES[pipe], "compile_s": round(secs, 1),
+                      "peak_rss_mb": rss, "params": report["parameters"]["after"],
+                      "ppl": round(json.loads(ev)["ppl"], 3), "latency_ms": ort_latency(out, args.runs)}
+        print(name, json.dumps(rows[name]), flush=True)
+    write_result(path, rows)
+    print("| route | pipeline | compile s | peak RSS MB | params | ppl | ORT 128 ms | ORT 512 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "ppl" not in r:
+            continue
+        route, pipe = name.split(" ", 1)
+        print(f"| {route} | {pipe} | {r['compile_s']} | {r['peak_rss_mb']} | {r['params']:,} | "
+              f"{r['ppl']} | {r['latency_ms']['128']} | {r['latency_ms']['512']} |")
+
+
+if __name__ == "__main__":
+    main()
