@@ -401,6 +401,25 @@ def _cache_valid(directory: Path, fingerprint: dict[str, Any]) -> bool:
     return manifest == fingerprint and (directory / "config.json").is_file()
 
 
+def gguf_cache_dir(spec: str, *, verbose: bool = True) -> Path | None:
+    """The de-quantized HF directory of a GGUF spec (an alias or a ``.gguf`` path), made
+    first if missing (that loads the model into memory once); None for other specs."""
+    spec = spec.strip()
+    if spec.lower() in ALIASES:
+        gguf, name = _locate_alias(spec.lower()), spec.lower()
+    elif Path(spec).expanduser().suffix.lower() == ".gguf" and Path(spec).expanduser().is_file():
+        gguf, name = Path(spec).expanduser(), None
+    else:
+        return None
+    fingerprint = _fingerprint(gguf)
+    cdir = _cache_dir_for(gguf, name, fingerprint)
+    if not _cache_valid(cdir, fingerprint):
+        load_model(spec, verbose=verbose)  # de-quantizes and writes the cache
+    if not _cache_valid(cdir, fingerprint):
+        raise ModelLoadError(f"could not write the de-quantized cache of '{spec}' ({cdir})")
+    return cdir
+
+
 def _load_gguf(
     spec: str,
     gguf: Path,

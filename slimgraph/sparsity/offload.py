@@ -17,9 +17,11 @@ hard-linked (or copied) from the store, one shard of the non-block weights, the 
 config and tokenizer, written into a temp dir that is renamed into place at the end.
 The input directory is only read.
 
-Not supported: lazy loading of GGUF (or ``pytorch_model.bin``) inputs -- convert them
-first with ``slimgraph compile MODEL -p save-hf -o DIR`` and offload ``DIR/hf``; passes
-that need the whole model in memory (refused by ``Pass.check_offload``).
+A GGUF input (a file or an alias such as ``smollm2-135m``) is offloaded from its
+de-quantized safetensors cache (``slimgraph.frontends.loading.gguf_cache_dir``); the GGUF
+itself is not read lazily, so making that cache the first time loads the model into
+memory once. Not supported: ``pytorch_model.bin`` inputs; passes that need the whole
+model in memory (refused by ``Pass.check_offload``).
 """
 
 from __future__ import annotations
@@ -96,12 +98,14 @@ def load_offloaded(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
     from slimgraph.backends.hf_checkpoint import SECTION
     from slimgraph.frontends.loading import _model_class, _read_config, _try_tokenizer
 
-    path = Path(spec).expanduser()
-    if path.suffix.lower() == ".gguf" or not path.is_dir():
+    from slimgraph.frontends.loading import gguf_cache_dir
+
+    cached = gguf_cache_dir(spec)  # a GGUF: its de-quantized safetensors cache
+    path = cached if cached is not None else Path(spec).expanduser()
+    if not path.is_dir():
         raise ModelLoadError(
-            f"--offload needs an HF model directory with safetensors weights; '{spec}' is not "
-            "one (GGUF lazy loading is not supported: convert first with "
-            f"slimgraph compile {spec} -p save-hf -o DIR, then use DIR/hf)")
+            f"--offload needs an HF model directory with safetensors weights or a GGUF file / "
+            f"alias; '{spec}' is neither")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory '{spec}' has no config.json")
     SafetensorsSource(path)  # fail early on a directory without safetensors
@@ -120,7 +124,8 @@ def load_offloaded(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
     if hasattr(model, "tie_weights"):  # init_empty_weights re-creates tied parameters apart
         model.tie_weights()
     model.eval()
-    return LoadedModel(spec, "hf-dir", model, None, model.config, _try_tokenizer(path), True)
+    source = str(path) if cached is not None else spec  # Offload reads the weights from it
+    return LoadedModel(source, "hf-dir", model, None, model.config, _try_tokenizer(path), True)
 
 
 # -- the weights' whereabouts -------------------------------------------------------------

@@ -183,7 +183,7 @@ def test_refused_before_any_work(tiny, tmp_path, capsys, pipeline, named):
 
 
 def test_gguf_and_non_safetensors_inputs_are_refused(tiny, tmp_path):
-    with pytest.raises(SlimgraphError, match="GGUF lazy loading is not supported"):
+    with pytest.raises(SlimgraphError, match="HF model directory .* or a GGUF"):
         compile_model(str(tmp_path / "m.gguf"), "save-hf", tmp_path / "o", offload=True)
     bare = tmp_path / "bin"
     bare.mkdir()
@@ -223,3 +223,28 @@ def test_offload_refusal_is_a_pipeline_error(tiny, tmp_path):
     with pytest.raises(PipelineError, match="pass 'l0' needs the whole model"):
         compile_model(str(tiny / "single"), "l0{target=0.2},save-hf", tmp_path / "o",
                       offload=True)
+
+
+@pytest.mark.slow
+def test_smollm2_alias_is_offloaded_from_its_gguf_cache(tmp_path):
+    """The alias (a GGUF) is offloaded from its de-quantized safetensors cache; the output
+    holds 2:4 in every block linear and equals the in-memory path's weights."""
+    from slimgraph.sparsity.check import check_model
+
+    pipe = "sparsify{score=magnitude,pattern=2:4},save-hf"
+    compile_model("smollm2-135m", pipe, tmp_path / "off", offload=True)
+    compile_model("smollm2-135m", pipe, tmp_path / "mem")
+    (rep,) = check_model(str(tmp_path / "off" / "hf"), "2:4")
+    assert rep.ok and len(rep.layers) == 210
+
+    def tensors(d):
+        out = {}
+        for f in sorted((d / "hf").glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    off, mem = tensors(tmp_path / "off"), tensors(tmp_path / "mem")
+    blocks = [k for k in mem if ".layers." in k and k.endswith("proj.weight")]
+    assert len(blocks) == 210
+    for k in blocks:
+        assert torch.equal(off[k], mem[k]), k
