@@ -42,6 +42,11 @@ CONFIGS["sparsegpt 2:4"] = "sparsify{score=sparsegpt,pattern=2:4}"
 for mode in ("mask-only", "fold", "space", "gather"):  # issue 5: channel permutation
     CONFIGS[f"ria 2:4 permute={mode}"] = f"sparsify{{score=ria,pattern=2:4,permute={mode}}}"
 CONFIGS["ria+rec 2:4 permute=fold"] = "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=fold}"
+# compile --offload: one decoder block in memory at a time (the RSS bound of issue 4)
+OFFLOADED = {"wanda 2:4 offload": "wanda 2:4", "ria 2:4 offload": "ria 2:4",
+             "ria+rec 2:4 offload": "ria+rec 2:4"}
+for _name, _base in OFFLOADED.items():
+    CONFIGS[_name] = CONFIGS[_base]
 
 
 def split(work: Path) -> tuple[Path, Path]:
@@ -105,7 +110,8 @@ def child(name: str, work: Path, samples: int) -> dict:
     calib = work / "calib.txt"
     out = work / name.replace(" ", "_").replace(":", "-").replace("%", "").replace("=", "-")
     report = compile_model("smollm2-135m", f"{CONFIGS[name]},save-hf", out,
-                           calib={"file": str(calib), "samples": samples, "seqlen": 512})
+                           calib={"file": str(calib), "samples": samples, "seqlen": 512},
+                           offload=name in OFFLOADED)
     p = report["passes"][0]
     perm = p["report"].get("permutation")
     extra = {"permutation_s": perm["seconds"] + perm.get("space", {}).get("seconds", 0),
