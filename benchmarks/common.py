@@ -12,6 +12,21 @@ import time
 from pathlib import Path
 
 
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def protocol_split(work: Path) -> tuple[Path, Path]:
+    """BENCHMARK.md's split of WikiText-2 test: the first 75% of the characters (evaluation)
+    to ``work/eval.txt``, the rest (calibration) to ``work/calib.txt``; returns both."""
+    text = open(WIKI, newline="").read().replace("\r\n", "\n")
+    cut = int(0.75 * len(text))
+    work.mkdir(parents=True, exist_ok=True)
+    ev, cal = work / "eval.txt", work / "calib.txt"
+    ev.write_text(text[:cut])
+    cal.write_text(text[cut:])
+    return ev, cal
+
+
 def run(cmd: list[str]) -> tuple[str, float]:
     """Run ``cmd``; return its stdout and wall seconds; exit with its stderr on failure."""
     t0 = time.perf_counter()

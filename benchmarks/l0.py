@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run, write_result  # noqa: E402
-from structured import WIKI, latency  # noqa: E402
+from common import protocol_split, run, write_result  # noqa: E402
+from structured import latency  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT.parent / "shared" / "data" / "instructions" / "seed_tasks.jsonl"
@@ -77,10 +77,7 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    text = open(WIKI, newline="").read().replace("\r\n", "\n")
-    eval_txt = work / "eval.txt"
-    eval_txt.write_text(text[: int(0.75 * len(text))])
-    (work / "calib.txt").write_text(text[int(0.75 * len(text)):])
+    eval_txt, _ = protocol_split(work)
     cli = [sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m"]
     rows: dict[str, dict] = {}
 

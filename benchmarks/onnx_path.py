@@ -28,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run, run_rss, write_result  # noqa: E402
-from structured import WIKI, latency  # noqa: E402
+from common import protocol_split, run, run_rss, write_result  # noqa: E402
+from structured import latency  # noqa: E402
 
 PIPELINES = {
     "kv1of3+mlp50": "prune-structured{heads=0.33,mlp=0.5},export-onnx",
@@ -54,10 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    text = open(WIKI, newline="").read().replace("\r\n", "\n")
-    eval_txt, calib_txt = work / "eval.txt", work / "calib.txt"
-    eval_txt.write_text(text[: int(0.75 * len(text))])
-    calib_txt.write_text(text[int(0.75 * len(text)):])
+    eval_txt, calib_txt = protocol_split(work)
     cli = [sys.executable, "-m", "slimgraph.cli"]
     path = Path(args.out)
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}

@@ -25,9 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_result  # noqa: E402
+from common import protocol_split, write_result  # noqa: E402
 
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 CONFIGS = {}
 for score in ("magnitude", "wanda", "ria"):
@@ -50,12 +49,7 @@ for _name, _base in OFFLOADED.items():
 
 
 def split(work: Path) -> tuple[Path, Path]:
-    text = open(WIKI, newline="").read().replace("\r\n", "\n")
-    cut = int(0.75 * len(text))
-    ev, cal = work / "eval.txt", work / "calib.txt"
-    ev.write_text(text[:cut])
-    cal.write_text(text[cut:])
-    return ev, cal
+    return protocol_split(work)
 
 
 def dense_forward(work: Path, samples: int) -> dict:

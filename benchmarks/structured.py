@@ -21,9 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run, write_result  # noqa: E402
+from common import protocol_split, run, write_result  # noqa: E402
 
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CONFIGS = {
     "dense": "export-onnx",
     "mlp25": "prune-structured{mlp=0.25},save-hf,export-onnx",
@@ -72,12 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    text = open(WIKI, newline="").read().replace("\r\n", "\n")
-    eval_txt = work / "eval.txt"
-    eval_txt.write_text(text[: int(0.75 * len(text))])
-    calib_txt = Path(args.calib_file) if args.calib_file else work / "calib.txt"
-    if not args.calib_file:
-        calib_txt.write_text(text[int(0.75 * len(text)):])
+    eval_txt, calib_txt = protocol_split(work)
+    if args.calib_file:
+        calib_txt = Path(args.calib_file)
     cli = [sys.executable, "-m", "slimgraph.cli"]
     path = Path(args.out)
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
