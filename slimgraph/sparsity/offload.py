@@ -234,7 +234,12 @@ class Offload:
                   metadata=_METADATA)
         os.replace(tmp, path)
         self.stored[block] = path
-        for t in tensors:
+        self.evict(block)
+
+    def evict(self, block: str) -> None:
+        """Put an unchanged block back on the meta device without writing it anywhere (it
+        is read again, from the store or the input, when next materialized)."""
+        for t in self.of_block(block):
             if t.is_param:
                 cur = self._current(t)
                 empty = torch.nn.Parameter(torch.empty(cur.shape, dtype=cur.dtype, device="meta"),
