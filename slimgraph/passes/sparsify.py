@@ -27,6 +27,7 @@ ONNX Runtime, and reconstruct / sparsegpt / permute / calib=self are refused.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -284,7 +285,6 @@ class Sparsify(Pass):
             state.retrace()
         return PassResult(True, report)
 
-
     def layer_plan(self, state: CompileState, blocks: list, windows) -> dict:
         """Per-block sparsity of an unstructured prune: ``by_layer`` (layer index -> s_l),
         the blocks' parameter counts, the overall target and, for OWL, the outlier ratios
@@ -306,8 +306,6 @@ class Sparsify(Pass):
                     schedules.linear_schedule(self.sparsity, self.spread, len(blocks)), params,
                     self.sparsity)
             else:  # owl
-                import time
-
                 t0 = time.perf_counter()
                 ratios = schedules.owl_outlier_ratios(
                     state.model, blocks, windows, self.owl_threshold(), batch=self.batch,

@@ -304,3 +304,27 @@ def test_cli_owl_writes_per_layer_values(tiny, tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())
     assert "schedule owl: per-layer sparsity " + " ".join(
         f"{v:.3f}" for v in sched["layer_sparsity_pruned"]) in printed
+
+
+def test_schedule_refused_on_onnx_input():
+    from types import SimpleNamespace
+
+    from slimgraph.errors import PipelineError
+    from slimgraph.passes.base import CompileState
+    from slimgraph.passes.sparsify import Sparsify
+
+    state = CompileState(loaded=SimpleNamespace(model=None, onnx_path="m.onnx", config=None))
+    opts = Sparsify(score="ria", sparsity=0.5, schedule="owl")
+    opts.check_options()
+    with pytest.raises(PipelineError, match="option 'schedule': per-layer schedules need the "
+                       "PyTorch model"):
+        opts.requires(state)
+
+
+def test_layer_sparsity_from_a_yaml_list(tiny, tmp_path):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("pipeline:\n  - pass: sparsify\n    score: magnitude\n"
+                    "    layer_sparsity: [0.2, 0.3, 0.4, 0.5]\n  - save-hf\n")
+    compile_model(str(tiny / "m"), str(pipe), tmp_path / "out")
+    sd = load_file(str(tmp_path / "out" / "hf" / "model.safetensors"))
+    assert _block_sparsity(sd) == pytest.approx([0.2, 0.3, 0.4, 0.5], abs=1e-4)
