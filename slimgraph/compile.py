@@ -158,6 +158,11 @@ def render_summary(report: dict[str, Any], console) -> None:
                       f"{'modified' if p['modified'] else 'unchanged'}")
         for why in p["report"].get("skipped", [])[:5]:
             console.print(f"    skipped {why}")
+        sched = p["report"].get("schedule")
+        if isinstance(sched, dict) and sched.get("name") != "uniform":
+            console.print(f"    schedule {sched['name']}: per-layer sparsity "
+                          + " ".join(f"{v:.3f}" for v in sched["layer_sparsity_pruned"])
+                          + f" (mean {p['report']['sparsity']:.4f})")
         for note in p["report"].get("notes", [])[:5]:
             console.print(f"    note: {note}")
     console.print("files: " + ", ".join(report["files"]))

@@ -3,6 +3,7 @@
     sparsify{score=ria,pattern=2:4}
     sparsify{score=wanda,sparsity=0.5,scope=row}
     sparsify{score=ria,pattern=2:4,reconstruct=true}
+    sparsify{score=wanda,sparsity=0.5,schedule=owl}
 
 Scores: magnitude, wanda, ri, ria (``a`` = activation exponent, default 0.5), or
 sparsegpt (SparseGPT's adaptive saliency w^2/[H^-1]_jj^2; implies reconstruct). Masks:
@@ -12,6 +13,12 @@ weight update. Calibration is block-sequential (``sparsity/calibration.py``): sa
 x seqlen tokens from ``calib`` (a text file, Alpaca JSON/JSONL, or ``self``); the
 compile command's --calib-* options set the defaults.
 
+Per-layer schedules (unstructured only, ``sparsity/schedules.py``): ``schedule=uniform``
+(default), ``layer_sparsity=0.4 0.5 ...`` (one value per decoder block), ``schedule=linear``
+with ``spread``, ``schedule=owl`` (``owl_m``, ``owl_lambda``; one extra dense
+block-sequential pass for the outlier ratios). The parameter-weighted mean over the pruned
+linears equals ``sparsity``; the per-layer values are in the report.
+
 ONNX input (a model that exists only as an .onnx file) goes through
 ``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
 model (``export-onnx`` saves it), but calibration is one-shot on the dense model with
@@ -20,6 +27,7 @@ ONNX Runtime, and reconstruct / sparsegpt / permute / calib=self are refused.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +58,25 @@ class Sparsify(Pass):
     batch: int = 8
     permute: str = "none"
     search: str = "fast"
+    schedule: str | None = None  # uniform (default), explicit, linear, owl
+    layer_sparsity: str = ""  # explicit per-block values, "0.4 0.45 0.5"
+    spread: float | None = None  # schedule=linear: s - spread .. s + spread
+    owl_m: float | None = None  # schedule=owl: outlier threshold, M x the mean score (5)
+    owl_lambda: float | None = None  # schedule=owl: density range 1 - s -/+ lambda (0.08)
+
+    def schedule_name(self) -> str:
+        """The schedule in effect: ``layer_sparsity`` implies ``explicit``."""
+        if self.schedule is None:
+            return "explicit" if self.layer_sparsity.strip() else "uniform"
+        return self.schedule
+
+    def layer_values(self) -> list[float]:
+        from slimgraph.sparsity.schedules import parse_layer_sparsity
+
+        try:
+            return parse_layer_sparsity(self.layer_sparsity)
+        except ValueError as e:
+            raise self.option_error("layer_sparsity", str(e)) from None
 
     def nm(self) -> tuple[int, int] | None:
         from slimgraph.sparsity.masks import parse_pattern
@@ -64,7 +91,7 @@ class Sparsify(Pass):
     def check_options(self) -> None:
         if self.score not in SCORES:
             raise self.option_error("score", f"{self.score!r} is not one of {', '.join(SCORES)}")
-        if self.pattern is None and self.sparsity is None:
+        if self.pattern is None and self.sparsity is None and not self.layer_sparsity.strip():
             raise self.option_error("sparsity/pattern", "give a sparsity (e.g. sparsity=0.5) or "
                                     "an N:M pattern (e.g. pattern=2:4)")
         if self.pattern is not None and self.sparsity is not None:
@@ -72,6 +99,7 @@ class Sparsify(Pass):
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
             raise self.option_error("sparsity", f"{self.sparsity} is outside (0, 1)")
         self.nm()
+        self.check_schedule()
         if self.scope not in (None, "layer", "row"):
             raise self.option_error("scope", f"{self.scope!r} is not one of layer, row")
         if self.pattern is not None and self.scope is not None:
@@ -90,6 +118,65 @@ class Sparsify(Pass):
             if val is not None and val < 1:
                 raise self.option_error(opt, f"must be >= 1, got {val}")
 
+    def check_schedule(self) -> None:
+        """Per-layer schedule options (the count of ``layer_sparsity`` is checked against
+        the model's blocks in ``requires``)."""
+        from slimgraph.sparsity.schedules import SCHEDULES
+
+        sched = self.schedule_name()
+        if sched not in SCHEDULES:
+            raise self.option_error("schedule", f"{sched!r} is not one of {', '.join(SCHEDULES)}")
+        if self.pattern is not None and sched != "uniform":
+            raise self.option_error("schedule", f"an N:M pattern ({self.pattern}) fixes the "
+                                    "sparsity of every group of M weights; per-layer schedules "
+                                    f"(here {sched}) are for unstructured sparsity: give "
+                                    "sparsity=... instead of pattern")
+        if self.layer_sparsity.strip():
+            if sched != "explicit":
+                raise self.option_error("layer_sparsity", f"explicit per-layer values cannot be "
+                                        f"combined with schedule={sched}")
+            self.layer_values()
+            if self.sparsity is not None:
+                raise self.option_error("layer_sparsity", "give either sparsity or "
+                                        "layer_sparsity (the overall sparsity is then the "
+                                        "parameter-weighted mean of the per-layer values)")
+        elif sched == "explicit":
+            raise self.option_error("schedule", "schedule=explicit needs layer_sparsity (one "
+                                    "value per decoder block, e.g. layer_sparsity=0.4 0.5 0.6)")
+        for opt, owner in (("spread", "linear"), ("owl_m", "owl"), ("owl_lambda", "owl")):
+            if getattr(self, opt) is not None and sched != owner:
+                raise self.option_error(opt, f"is an option of schedule={owner} (the schedule "
+                                        f"is {sched})")
+        if sched in ("linear", "owl") and self.sparsity is None:
+            raise self.option_error("schedule", f"schedule={sched} needs a mean sparsity "
+                                    "(e.g. sparsity=0.5)")
+        s = self.sparsity
+        if sched == "linear":
+            if self.spread is None:
+                raise self.option_error("spread", "schedule=linear needs spread (e.g. "
+                                        "spread=0.1: from sparsity - 0.1 to sparsity + 0.1)")
+            if self.spread < 0:
+                raise self.option_error("spread", f"must be >= 0, got {self.spread}")
+            if not (s - self.spread > 0.0 and s + self.spread < 1.0):
+                raise self.option_error("spread", f"spread={self.spread} with sparsity={s} gives "
+                                        f"layers from {s - self.spread:g} to {s + self.spread:g}, "
+                                        "outside (0, 1)")
+        if sched == "owl":
+            if self.owl_m is not None and self.owl_m <= 0:
+                raise self.option_error("owl_m", f"must be > 0, got {self.owl_m}")
+            lam = self.owl_lam()
+            if lam < 0:
+                raise self.option_error("owl_lambda", f"must be >= 0, got {lam}")
+            if not (s - lam > 0.0 and s + lam < 1.0):
+                raise self.option_error("owl_lambda", f"owl_lambda={lam} with sparsity={s} maps "
+                                        f"layers into [{s - lam:g}, {s + lam:g}], outside (0, 1)")
+
+    def owl_lam(self) -> float:
+        return 0.08 if self.owl_lambda is None else self.owl_lambda
+
+    def owl_threshold(self) -> float:
+        return 5.0 if self.owl_m is None else self.owl_m
+
     def check_offload(self, calib: dict) -> None:
         if self.permute in ("fold", "space", "gather"):
             raise self.option_error("permute", f"{self.permute} changes weights outside one "
@@ -100,6 +187,12 @@ class Sparsify(Pass):
                                     "memory; give --calib-file with --offload")
 
     def needs_data(self) -> bool:
+        """Calibration text is needed: for the score, the reconstruction, or OWL's
+        outlier ratios (Wanda scores, whatever the pruning score)."""
+        return self.needs_stats() or self.schedule_name() == "owl"
+
+    def needs_stats(self) -> bool:
+        """The pruning pass observes each block's linear inputs."""
         from slimgraph.sparsity.scores import SCORES_NEED_DATA
 
         return self.score in SCORES_NEED_DATA or self.reconstruct or self.score == "sparsegpt"
@@ -108,17 +201,32 @@ class Sparsify(Pass):
         from slimgraph.sparsity import onnx_path
 
         if state.is_onnx:
+            if self.schedule_name() != "uniform":
+                raise self.option_error("schedule", "per-layer schedules need the PyTorch model "
+                                        "(block-sequential calibration); not supported for ONNX "
+                                        "input")
             onnx_path.check_onnx_input(self, state)
             return
         self.require_torch(state)
         if self.needs_data() and state.loaded.tokenizer is None and (self.calib or state.calib.get(
                 "file")) != "self":
-            raise PipelineError(f"pass '{self.name}': score '{self.score}' needs calibration data "
+            why = f"score '{self.score}'" if self.needs_stats() else "schedule=owl"
+            raise PipelineError(f"pass '{self.name}': {why} needs calibration data "
                                 "and the model has no tokenizer")
+        if self.schedule_name() == "explicit":
+            from slimgraph.sparsity.calibration import find_blocks
+
+            n_blocks = len(find_blocks(state.analysis()))
+            n_values = len(self.layer_values())
+            if n_values != n_blocks:
+                raise self.option_error("layer_sparsity", f"{n_values} value"
+                                        f"{'s' if n_values != 1 else ''} given; the model has "
+                                        f"{n_blocks} decoder blocks (give one value per block)")
 
     def run(self, state: CompileState) -> PassResult:
         from slimgraph.sparsity import onnx_path
-        from slimgraph.sparsity.calibration import block_sequential, calibration_tokens, sample_windows
+        from slimgraph.sparsity.calibration import (block_sequential, calibration_tokens,
+                                                    find_blocks, sample_windows)
 
         if state.is_onnx:
             return onnx_path.sparsify_onnx(self, state)
@@ -130,13 +238,19 @@ class Sparsify(Pass):
             tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
                                         seqlen=seqlen, samples=samples, seed=self.seed)
             windows = sample_windows(tokens, samples, seqlen, self.seed)
-        else:  # magnitude / RI need no activations: one tiny window drives the block walk
+        else:
             windows = torch.zeros((1, 2), dtype=torch.long)
+        # magnitude / RI need no activations: one tiny window drives the block walk
+        prune_windows = windows if self.needs_stats() else torch.zeros((1, 2), dtype=torch.long)
         space_info = None
         if self.permute == "space":
             space_info = permute_residual_space(self, state, result, windows)
-        pruner = _BlockPruner(self, state.model, result)
-        reports = block_sequential(state.model, result, windows, pruner, batch=self.batch,
+        plan = None
+        if self.pattern is None:
+            plan = self.layer_plan(state, find_blocks(result), windows)
+        pruner = _BlockPruner(self, state.model, result,
+                              plan["by_layer"] if plan is not None else None)
+        reports = block_sequential(state.model, result, prune_windows, pruner, batch=self.batch,
                                    progress=state.progress, lazy=state.offload)
         layers = [r for rep in reports for r in rep["layers"]]
         skipped = [r for r in layers if r.get("skipped")]
@@ -152,6 +266,9 @@ class Sparsify(Pass):
                       "samples": samples if self.needs_data() else 0, "seqlen": seqlen},
                   "layers": layers, "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped],
                   "sparsity": zeros / total}
+        if plan is not None:
+            report["sparsity_target"] = plan["target"]
+            report["schedule"] = self.schedule_report(plan, reports)
         if self.permute != "none":
             perms = [r["permutation"] for r in pruned if "permutation" in r]
             report["permutation"] = {
@@ -168,62 +285,89 @@ class Sparsify(Pass):
             state.retrace()
         return PassResult(True, report)
 
+    def layer_plan(self, state: CompileState, blocks: list, windows) -> dict:
+        """Per-block sparsity of an unstructured prune: ``by_layer`` (layer index -> s_l),
+        the blocks' parameter counts, the overall target and, for OWL, the outlier ratios
+        (from one extra dense block-sequential pass)."""
+        from slimgraph.sparsity import schedules
+
+        sched = self.schedule_name()
+        # weights of each block's pruned linears (shapes only: fine on the meta device)
+        params = [sum(state.model.get_submodule(n).weight.numel() for n in b.linears)
+                  for b in blocks]
+        owl = None
+        try:
+            if sched == "uniform":
+                values = [self.sparsity] * len(blocks)
+            elif sched == "explicit":
+                values = self.layer_values()
+            elif sched == "linear":
+                values = schedules.match_mean(
+                    schedules.linear_schedule(self.sparsity, self.spread, len(blocks)), params,
+                    self.sparsity)
+            else:  # owl
+                t0 = time.perf_counter()
+                ratios = schedules.owl_outlier_ratios(
+                    state.model, blocks, windows, self.owl_threshold(), batch=self.batch,
+                    progress=state.progress, lazy=state.offload)
+                values = schedules.match_mean(
+                    schedules.owl_schedule(ratios, self.sparsity, self.owl_lam()), params,
+                    self.sparsity)
+                owl = {"m": self.owl_threshold(), "lambda": self.owl_lam(),
+                       "outlier_ratio": [round(r, 8) for r in ratios],
+                       "dense_pass_seconds": round(time.perf_counter() - t0, 3)}
+        except schedules.ScheduleError as e:
+            raise self.option_error("schedule", str(e)) from None
+        target = schedules.weighted_mean(values, params) if sched == "explicit" else self.sparsity
+        return {"name": sched, "by_layer": {b.layer: v for b, v in zip(blocks, values)},
+                "blocks": [b.layer for b in blocks], "values": values, "params": params,
+                "target": target, "owl": owl}
+
+    def schedule_report(self, plan: dict, reports: list[dict]) -> dict:
+        actual = {}
+        for rep in reports:
+            done = [r for r in rep["layers"] if not r.get("skipped")]
+            numel = sum(r["numel"] for r in done)
+            actual[rep["layer"]] = sum(r["zeros"] for r in done) / numel if numel else 0.0
+        out = {"name": plan["name"], "layers": plan["blocks"],
+               "layer_sparsity": [round(v, 6) for v in plan["values"]],
+               "layer_sparsity_pruned": [round(actual.get(layer, 0.0), 6)
+                                         for layer in plan["blocks"]],
+               "layer_params": plan["params"]}
+        if plan["name"] == "linear":
+            out["spread"] = self.spread
+        if plan["owl"] is not None:
+            out["owl"] = plan["owl"]
+        return out
+
 
 class _BlockPruner:
-    """Observe a block's linear inputs, then prune every linear of the block."""
+    """Observe a block's linear inputs, then prune every linear of the block (at the
+    block's own sparsity when a per-layer schedule is given)."""
 
-    def __init__(self, opts: Sparsify, model, result) -> None:
+    def __init__(self, opts: Sparsify, model, result, by_layer: dict[int, float] | None = None
+                 ) -> None:
         self.opts = opts
         self.model = model
         self.result = result
+        self.by_layer = by_layer
 
     def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
+        from slimgraph.sparsity.calibration import observe_block
+
         opts = self.opts
         linears = {name: module.get_submodule(name[len(block.module_name) + 1:])
                    for name in block.linears}
         stats: dict = {}
-        if opts.needs_data():
-            stats = self.observe(module, linears, inputs)
+        if opts.needs_stats():
+            stats, _ = observe_block(module, linears, inputs,
+                                     hessian=opts.reconstruct or opts.score == "sparsegpt")
+        sparsity = self.by_layer[block.layer] if self.by_layer is not None else opts.sparsity
         return {"layer": block.layer,
-                "layers": [self.prune_linear(name, linears[name], stats.get(name))
+                "layers": [self.prune_linear(name, linears[name], stats.get(name), sparsity)
                            for name in linears]}
 
-    def observe(self, module: torch.nn.Module, linears: dict, inputs: list) -> dict:
-        """Run the block over the calibration inputs, accumulating each linear's input
-        statistics. Linears that read the same tensor in a forward (q/k/v, gate/up) share
-        one accumulator, so a Gram matrix is built once per distinct input."""
-        from slimgraph.sparsity.reconstruct import GramAccumulator
-
-        hessian = self.opts.reconstruct or self.opts.score == "sparsegpt"
-        accs: dict[str, GramAccumulator] = {}
-        # id -> (tensor, accumulator); holding the tensor keeps its id from being reused
-        batch_seen: dict[int, tuple[torch.Tensor, GramAccumulator]] = {}
-
-        def hook(_m, args, name):
-            x = args[0]
-            hit = batch_seen.get(id(x))
-            if hit is not None and hit[0] is x:
-                accs[name] = hit[1]
-                return
-            acc = accs.get(name)
-            if acc is None:
-                acc = accs[name] = GramAccumulator(x.shape[-1], hessian=hessian)
-            batch_seen[id(x)] = (x, acc)
-            acc.add(x.detach())
-
-        hooks = [lin.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
-                 for name, lin in linears.items()]
-        try:
-            with torch.no_grad():
-                for args, kwargs in inputs:
-                    batch_seen.clear()
-                    module(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        return accs
-
-    def prune_linear(self, name: str, lin: torch.nn.Linear, acc) -> dict:
+    def prune_linear(self, name: str, lin: torch.nn.Linear, acc, sparsity: float | None) -> dict:
         from slimgraph.sparsity.masks import nm_mask, unstructured_mask
         from slimgraph.sparsity.reconstruct import sparsegpt_prune
         from slimgraph.sparsity.scores import score
@@ -247,15 +391,15 @@ class _BlockPruner:
             else:
                 new, keep = w * fixed_mask, fixed_mask
         elif opts.score == "sparsegpt":
-            new, keep = sparsegpt_prune(w, hess, sparsity=opts.sparsity, pattern=nm)
+            new, keep = sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm)
         elif opts.reconstruct:
-            new, keep = sparsegpt_prune(w, hess, sparsity=opts.sparsity, pattern=nm, scores=s)
+            new, keep = sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm, scores=s)
         else:
             if nm is not None:
                 keep = nm_mask(s, *nm)
             else:
                 scope = opts.scope or ("row" if opts.score == "wanda" else "layer")
-                keep = unstructured_mask(s, opts.sparsity, scope)
+                keep = unstructured_mask(s, sparsity, scope)
             new = w * keep
         with torch.no_grad():
             lin.weight.copy_(new.to(lin.weight.dtype))

@@ -9,6 +9,8 @@
   channel norms) and the SparseGPT-style weight update (ALGORITHMS.md section 2),
   usable with any score and both mask kinds.
 - :mod:`slimgraph.sparsity.calibration` -- block-sequential calibration over a model.
+- :mod:`slimgraph.sparsity.schedules` -- per-layer sparsity schedules (explicit, linear,
+  OWL outlier-weighted) for unstructured masks.
 - :mod:`slimgraph.sparsity.permutation` -- channel permutation search for N:M
   (heuristic allocation + linear-sum-assignment refinement; exact and fast modes).
 - :mod:`slimgraph.sparsity.check` -- verification of stored sparsity in PyTorch weights

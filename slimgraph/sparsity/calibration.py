@@ -173,15 +173,60 @@ def capture_block_inputs(model, block0: torch.nn.Module, windows: torch.Tensor, 
     return captured
 
 
+def _next_inputs(y, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return (y,) + tuple(args[1:]), kwargs
+
+
 def run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     """The block's outputs, as inputs for the next block (same kwargs)."""
     outs = []
     with torch.no_grad():
         for args, kwargs in inputs:
-            y = block(*args, **kwargs)
-            y = y[0] if isinstance(y, (tuple, list)) else y
-            outs.append(((y,) + tuple(args[1:]), kwargs))
+            outs.append(_next_inputs(block(*args, **kwargs), args, kwargs))
     return outs
+
+
+def observe_block(module: torch.nn.Module, linears: dict[str, torch.nn.Module], inputs: list, *,
+                  hessian: bool, outputs: bool = False) -> tuple[dict, list | None]:
+    """Run a block over the calibration inputs, accumulating each linear's input statistics
+    (:class:`~slimgraph.sparsity.reconstruct.GramAccumulator`; ``hessian=False``: channel
+    norms only). Linears that read the same tensor in a forward (q/k/v, gate/up) share one
+    accumulator, so a Gram matrix is built once per distinct input. Returns the
+    accumulators by linear name and, with ``outputs=True``, the block's outputs as the
+    next block's inputs (the same forward: no second run of the block)."""
+    from slimgraph.sparsity.reconstruct import GramAccumulator
+
+    accs: dict[str, GramAccumulator] = {}
+    # id -> (tensor, accumulator); holding the tensor keeps its id from being reused
+    batch_seen: dict[int, tuple[torch.Tensor, GramAccumulator]] = {}
+
+    def hook(_m, args, name):
+        x = args[0]
+        hit = batch_seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            accs[name] = hit[1]
+            return
+        acc = accs.get(name)
+        if acc is None:
+            acc = accs[name] = GramAccumulator(x.shape[-1], hessian=hessian)
+        batch_seen[id(x)] = (x, acc)
+        acc.add(x.detach())
+
+    hooks = [lin.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
+             for name, lin in linears.items()]
+    outs: list | None = [] if outputs else None
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                batch_seen.clear()
+                y = module(*args, **kwargs)
+                if outs is not None:
+                    outs.append(_next_inputs(y, args, kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return accs, outs
 
 
 def block_sequential(model, result: DependencyResult, windows: torch.Tensor,

@@ -9,8 +9,9 @@ blocks (embedding, final norm, lm_head) and nothing else. Block-sequential calib
 i (only that block's tensors, read with ``safetensors.safe_open``) right before the block
 runs, and to *release* it afterwards: the pruned tensors go to an offload store (one
 safetensors file per block, written atomically, in a temp dir inside OUTDIR) and the
-parameters go back to the meta device. Peak memory: the non-block weights, one block's
-working set and the calibration activations.
+parameters go back to the meta device (:meth:`Offload.evict` puts an unchanged block back
+without writing it: OWL's dense pass, ``sparsity/schedules.py``). Peak memory: the
+non-block weights, one block's working set and the calibration activations.
 
 ``save-hf`` (:func:`save_hf_offloaded`) streams the checkpoint: one shard per block,
 hard-linked (or copied) from the store, one shard of the non-block weights, the index,
@@ -239,7 +240,12 @@ class Offload:
                   metadata=_METADATA)
         os.replace(tmp, path)
         self.stored[block] = path
-        for t in tensors:
+        self.evict(block)
+
+    def evict(self, block: str) -> None:
+        """Put an unchanged block back on the meta device without writing it anywhere (it
+        is read again, from the store or the input, when next materialized)."""
+        for t in self.of_block(block):
             if t.is_param:
                 cur = self._current(t)
                 empty = torch.nn.Parameter(torch.empty(cur.shape, dtype=cur.dtype, device="meta"),
