@@ -41,6 +41,9 @@ CONFIGS["sparsegpt 2:4"] = "sparsify{score=sparsegpt,pattern=2:4}"
 for mode in ("mask-only", "fold", "space", "gather"):  # issue 5: channel permutation
     CONFIGS[f"ria 2:4 permute={mode}"] = f"sparsify{{score=ria,pattern=2:4,permute={mode}}}"
 CONFIGS["ria+rec 2:4 permute=fold"] = "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=fold}"
+# per-layer schedule: OWL (outlier-weighted layerwise sparsity, M=5, lambda=0.08)
+CONFIGS["wanda 50% owl"] = "sparsify{score=wanda,sparsity=0.5,scope=row,schedule=owl}"
+CONFIGS["ria 50% owl"] = "sparsify{score=ria,sparsity=0.5,schedule=owl}"
 # compile --offload: one decoder block in memory at a time (the RSS bound of issue 4)
 OFFLOADED = {"wanda 2:4 offload": "wanda 2:4", "ria 2:4 offload": "ria 2:4",
              "ria+rec 2:4 offload": "ria+rec 2:4"}
