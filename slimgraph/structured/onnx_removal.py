@@ -53,6 +53,10 @@ from slimgraph.ir.dependency import DependencyResult
 from slimgraph.structured.removal import positions
 
 SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+# com.microsoft attention ops whose head counts removal rewrites (the importer turns the
+# forms it cannot describe -- KV caches, per-head biases -- into barriers)
+CONTRIB_ATTENTION = {"com.microsoft.Attention", "com.microsoft.MultiHeadAttention",
+                     "com.microsoft.GroupQueryAttention"}
 PROTO_LIMIT = 1_800_000_000  # bytes; above, the shape-inference check needs a file
 
 
@@ -141,6 +145,7 @@ class _Plan:
         self.group_of: dict[str, str] = {}  # onnx value name -> group label that shrinks it
         self.rewrites: list[tuple[Any, int, np.ndarray, np.ndarray]] = []  # node, input, old, new
         self.attr_rewrites: list[tuple[Any, str, int, int]] = []
+        self.list_rewrites: list[tuple[Any, str, list[int], list[int]]] = []
         # a shape input built by Concat at run time: (consumer, input, Concat, {piece: new})
         self.concat_rewrites: list[tuple[Any, int, Any, dict[int, np.ndarray]]] = []
         self.split_rewrites: list[tuple[Any, list[int], list[int]]] = []
@@ -195,8 +200,10 @@ class _Plan:
                 self._split(node)
             elif op == "Attention":
                 self._attention(node)
-            elif op == "RotaryEmbedding":
+            elif op in ("RotaryEmbedding", "com.microsoft.RotaryEmbedding"):
                 self._rotary(node)
+            elif op in CONTRIB_ATTENTION:
+                self._contrib_attention(node)
             elif "num_heads" in node.attributes or any(
                     a.type.name.startswith("GRAPH") for a in node.attributes.values()):
                 why = ("has a num_heads attribute" if "num_heads" in node.attributes
@@ -326,6 +333,39 @@ class _Plan:
                                 f"for the new input shape {list(new)}")
         if value != heads:
             self.attr_rewrites.append((node, "num_heads", heads, value))
+
+    def _contrib_attention(self, node) -> None:
+        """``num_heads`` (and ``kv_num_heads``, ``qkv_hidden_sizes``) of a com.microsoft
+        attention node, from the new sizes of its output (``[B, S, num_heads * Dv]``) and,
+        for GQA, its key (``[B, L, kv_num_heads * D]``, or the packed QKV query)."""
+        out = node.outputs[0]
+        new = self.new_shape.get(out.name)
+        if new is None:
+            return  # its heads are kept (the weights of an MLP may still shrink around it)
+        where = self._where(node, out)
+        old = self.old_shape[out.name]
+        heads = int(_attr(node, "num_heads", 0))
+        if len(new) != 3 or not heads or old[2] % heads or new[2] % (old[2] // heads):
+            raise PipelineError(f"{where}: num_heads={heads} cannot be derived for the new "
+                                f"output shape {list(new)}")
+        dv = old[2] // heads
+        n = int(new[2]) // dv
+        self.attr_rewrites.append((node, "num_heads", heads, n))
+        if node.op_type == "Attention" and "qkv_hidden_sizes" in node.attributes:
+            sizes = [int(x) for x in _attr(node, "qkv_hidden_sizes")]
+            self.list_rewrites.append((node, "qkv_hidden_sizes", sizes,
+                                       [x // heads * n for x in sizes]))
+        if node.op_type == "GroupQueryAttention":
+            kv = int(_attr(node, "kv_num_heads", 0))
+            q = node.inputs[0]
+            packed = len(node.inputs) < 2 or node.inputs[1] is None
+            x = q if packed else node.inputs[1]
+            old_x, new_x = self.old_shape.get(x.name), self.new_shape.get(x.name)
+            if old_x is None or new_x is None:
+                raise PipelineError(f"{where}: its query heads change but not its KV heads")
+            d = int(old_x[2]) // (heads + 2 * kv) if packed else int(old_x[2]) // kv
+            n_kv = (int(new_x[2]) // d - n) // 2 if packed else int(new_x[2]) // d
+            self.attr_rewrites.append((node, "kv_num_heads", kv, n_kv))
 
     def _split(self, node) -> None:
         axis = int(_attr(node, "axis", 0))
@@ -457,6 +497,10 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
                                         "new": sizes})
     for node, attr, old, new in plan.attr_rewrites:
         node.attributes[attr] = ir.AttrInt64(attr, new)
+        report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
+                                        "old": old, "new": new})
+    for node, attr, old, new in plan.list_rewrites:
+        node.attributes[attr] = ir.AttrInt64s(attr, new)
         report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
                                         "old": old, "new": new})
     for v in {id(v): v for v in stale}.values():  # shape constants no longer used by anything
