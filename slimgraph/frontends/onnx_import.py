@@ -840,6 +840,10 @@ class _Importer:
             kind, attrs = OpKind.UNKNOWN, {"why": "subgraphs are not imported"}
             inputs = ctx.all_inputs() + self._captured(node)
         else:
+            if _domain(node.domain) == "com.microsoft" and node.outputs and node.outputs[0].name:
+                shape = _contrib_out_shape(ctx)
+                if shape is not None:
+                    _set_shape(ctx, 0, shape)
             conv = CONVERTERS.get((_domain(node.domain), node.op_type))
             kind, inputs, attrs = OpKind.UNKNOWN, None, {}
             if conv is not None:
@@ -1255,6 +1259,41 @@ def _set_shape(ctx: _Ctx, i: int, shape: tuple) -> None:
     have = ctx.imp.shape(out)
     if have is None or len(have) != len(shape) or any(_unknown(d) for d in have):
         ctx.imp.inferred[id(out)] = tuple(shape)
+
+
+def _contrib_out_shape(ctx: _Ctx) -> tuple | None:
+    """Output 0's shape of a com.microsoft attention / fused-norm op, from its inputs and
+    attributes (ONNX shape inference does not know these ops). Recorded even when the
+    converter refuses the node, so the graph after a barrier keeps its shapes (its MLPs
+    stay prunable)."""
+    op, x = ctx.node.op_type, ctx.in_shape(0)
+    if x is None:
+        return None
+    if op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu",
+              "FastGelu"):
+        return x
+    if len(x) != 3:
+        return None
+    if op == "Attention":
+        w = ctx.in_shape(1)
+        sizes = ctx.attr("qkv_hidden_sizes")
+        v = int(sizes[2]) if sizes else (w[1] // 3 if w and isinstance(w[1], int) else None)
+        return None if v is None else (x[0], x[1], v)
+    if op == "MultiHeadAttention":
+        v = ctx.in_shape(2) if _present(ctx, 2) else None
+        if v is not None and len(v) == 3:
+            return (x[0], x[1], v[2])
+        if v is not None and len(v) == 4 and isinstance(v[1], int) and isinstance(v[3], int):
+            return (x[0], x[1], v[1] * v[3])
+        return None
+    if op == "GroupQueryAttention":
+        n, kv = ctx.attr("num_heads", 0), ctx.attr("kv_num_heads", 0)
+        k = ctx.in_shape(1) if _present(ctx, 1) else None
+        if k is not None and len(k) == 3 and isinstance(k[2], int) and kv:
+            return (x[0], x[1], n * (k[2] // kv))
+        if k is None and isinstance(x[2], int) and n + 2 * kv:
+            return (x[0], x[1], n * (x[2] // (n + 2 * kv)))
+    return None
 
 
 def _skip_norm(stat: str) -> Callable[[_Ctx], Converted]:

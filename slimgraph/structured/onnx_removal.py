@@ -398,6 +398,34 @@ class _Plan:
             self.attr_rewrites.append((node, attr, int(_attr(node, attr)), int(new[1])))
 
 
+# every com.microsoft attention op: those not in CONTRIB_ATTENTION are never described
+_ANY_CONTRIB_ATTENTION = {
+    "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
+    "DecoderMaskedSelfAttention", "SparseAttention", "LongformerAttention", "QAttention",
+    "PagedAttention", "DecoderAttention", "QOrderedAttention", "RelativePositionBias",
+    "GatedRelativePositionBias",
+}
+
+
+def check_contrib_attention(graph, pass_name: str) -> None:
+    """Heads removal on an ONNX model: refuse (naming the node) every com.microsoft
+    attention node the importer could not describe (a KV cache, a per-head bias, an op
+    without a converter), rather than prune only the layers it could."""
+    for node in graph.nodes:
+        domain = node.meta.get("domain", "")
+        op = node.op.rsplit(".", 1)[-1]
+        if domain != "com.microsoft" or op not in _ANY_CONTRIB_ATTENTION:
+            continue
+        if node.kind.value == "unknown":
+            why = node.attrs.get("why") or "no converter for this op"
+            raise PipelineError(
+                f"pass '{pass_name}', option 'heads': ONNX node {node.name!r} ({node.op}) "
+                f"is not supported for head removal: {why} (supported: com.microsoft "
+                "Attention / MultiHeadAttention / GroupQueryAttention without a KV cache or "
+                "a per-head attention bias)")
+
+
 def check_selection(result: DependencyResult, selection: dict[int, list[int]],
                     pass_name: str) -> None:
     """Refuse what ONNX removal does not support, before anything is changed."""
