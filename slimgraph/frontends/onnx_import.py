@@ -23,6 +23,20 @@ the opset-18 attention's keys, reshaped to ``[-1, seq, 64]`` and back, keep thei
 ``RotaryEmbedding`` (opset 23) is emitted as what it does to channels (the rotated
 halves swapped and combined elementwise), so heads pass through it.
 
+ONNX Runtime's fused ops (``onnxruntime.transformers.optimizer``, com.microsoft domain)
+are emitted as what they compute on channels: ``Attention`` as a LINEAR with the packed
+QKV weight ``[D, Hq + Hk + Hv]`` and bias, a SPLIT into the q / k / v sections
+(``qkv_hidden_sizes``, else equal thirds), each viewed as ``[B, num_heads, S, d]``, and an
+ATTENTION; ``MultiHeadAttention`` (3-D query / key / value, optional packed bias) and
+``GroupQueryAttention`` (separate or packed QKV; ``kv_num_heads``; ``do_rotary`` rotates
+q and k per head) likewise; ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``
+as the residual add (output 3, when used) and a norm; ``EmbedLayerNormalization`` as
+embedding lookups, a sum and a layer norm; ``BiasGelu`` / ``FastGelu`` as an add and an
+activation; com.microsoft ``RotaryEmbedding`` as the opset-23 one. Forms whose channels
+are not described -- a past / present KV cache, a per-head ``attention_bias``, ``head_sink``,
+4-D or packed key / value of ``MultiHeadAttention``, ``Attention`` with ``do_rotary`` --
+are barriers; their output shapes are still recorded, so the rest of the graph is analyzed.
+
 Provenance. ``torch.onnx.export(..., dynamo=True)`` runs the onnxscript optimizer,
 which changes how weights are stored. Its metadata lets most of that be undone:
 

@@ -26,14 +26,22 @@ activations. From that, for each ONNX value its new shape follows, and:
   value's dim must change with it (it does when that value shrinks too, e.g. the opset-18
   keys reshaped by ``Shape(k)``); dynamic dims of products (``4*batch``) follow at run time;
 - ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` and
-  ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size), when
-  present, follow the new head counts;
+  ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size; the
+  com.microsoft one too), when present, follow the new head counts;
+- ONNX Runtime's fused attention (com.microsoft ``Attention``, ``MultiHeadAttention``,
+  ``GroupQueryAttention``): the packed QKV weight and bias are sliced per section (their
+  positions come from the analysis like any parameter's), and ``num_heads``,
+  ``kv_num_heads`` and ``qkv_hidden_sizes`` are rewritten per node from the new sizes of
+  its output and key (each layer gets its own counts);
 - the shapes recorded on values (``value_info``) are updated (symbolic dims stay).
 
 A node that would need a rewrite this module does not know (a size computed by shape
 arithmetic such as ``Mul(batch, 4)`` or ``Add``, a constant behind another op, a
-``num_heads`` attribute of a contrib op) is refused before anything is changed, naming
-the node and the group. Afterwards the modified model is checked with
+``num_heads`` attribute of another contrib op) is refused before anything is changed,
+naming the node and the group. ``prune-structured{heads=...}`` also refuses, naming the
+node, a com.microsoft attention node the importer left a barrier (KV cache, per-head
+attention bias, ops such as ``PackedAttention`` or ``DecoderMaskedMultiHeadAttention``):
+see :func:`check_contrib_attention`. Afterwards the modified model is checked with
 ONNX shape inference on a copy whose recorded shapes are cleared: every re-inferred
 static dim must equal the new shape predicted by the analysis, else the pass fails
 (no file is written; the input file is never touched -- the model is in memory).
