@@ -137,6 +137,10 @@ class PruneStructured(Pass):
                                     "supported for ONNX input (only heads and mlp)")
         if state.graph is None or state.graph.meta.get("onnx_model") is None:
             raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
+        if self.ratios().get("heads"):
+            from slimgraph.structured.onnx_removal import check_contrib_attention
+
+            check_contrib_attention(state.graph, self.name)
 
     def _scorer(self, state: CompileState):
         if self.importance in ("l1", "l2"):

@@ -26,14 +26,22 @@ activations. From that, for each ONNX value its new shape follows, and:
   value's dim must change with it (it does when that value shrinks too, e.g. the opset-18
   keys reshaped by ``Shape(k)``); dynamic dims of products (``4*batch``) follow at run time;
 - ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` and
-  ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size), when
-  present, follow the new head counts;
+  ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size; the
+  com.microsoft one too), when present, follow the new head counts;
+- ONNX Runtime's fused attention (com.microsoft ``Attention``, ``MultiHeadAttention``,
+  ``GroupQueryAttention``): the packed QKV weight and bias are sliced per section (their
+  positions come from the analysis like any parameter's), and ``num_heads``,
+  ``kv_num_heads`` and ``qkv_hidden_sizes`` are rewritten per node from the new sizes of
+  its output and key (each layer gets its own counts);
 - the shapes recorded on values (``value_info``) are updated (symbolic dims stay).
 
 A node that would need a rewrite this module does not know (a size computed by shape
 arithmetic such as ``Mul(batch, 4)`` or ``Add``, a constant behind another op, a
-``num_heads`` attribute of a contrib op) is refused before anything is changed, naming
-the node and the group. Afterwards the modified model is checked with
+``num_heads`` attribute of another contrib op) is refused before anything is changed,
+naming the node and the group. ``prune-structured{heads=...}`` also refuses, naming the
+node, a com.microsoft attention node the importer left a barrier (KV cache, per-head
+attention bias, ops such as ``PackedAttention`` or ``DecoderMaskedMultiHeadAttention``):
+see :func:`check_contrib_attention`. Afterwards the modified model is checked with
 ONNX shape inference on a copy whose recorded shapes are cleared: every re-inferred
 static dim must equal the new shape predicted by the analysis, else the pass fails
 (no file is written; the input file is never touched -- the model is in memory).
@@ -53,6 +61,10 @@ from slimgraph.ir.dependency import DependencyResult
 from slimgraph.structured.removal import positions
 
 SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+# com.microsoft attention ops whose head counts removal rewrites (the importer turns the
+# forms it cannot describe -- KV caches, per-head biases -- into barriers)
+CONTRIB_ATTENTION = {"com.microsoft.Attention", "com.microsoft.MultiHeadAttention",
+                     "com.microsoft.GroupQueryAttention"}
 PROTO_LIMIT = 1_800_000_000  # bytes; above, the shape-inference check needs a file
 
 
@@ -141,6 +153,7 @@ class _Plan:
         self.group_of: dict[str, str] = {}  # onnx value name -> group label that shrinks it
         self.rewrites: list[tuple[Any, int, np.ndarray, np.ndarray]] = []  # node, input, old, new
         self.attr_rewrites: list[tuple[Any, str, int, int]] = []
+        self.list_rewrites: list[tuple[Any, str, list[int], list[int]]] = []
         # a shape input built by Concat at run time: (consumer, input, Concat, {piece: new})
         self.concat_rewrites: list[tuple[Any, int, Any, dict[int, np.ndarray]]] = []
         self.split_rewrites: list[tuple[Any, list[int], list[int]]] = []
@@ -195,8 +208,10 @@ class _Plan:
                 self._split(node)
             elif op == "Attention":
                 self._attention(node)
-            elif op == "RotaryEmbedding":
+            elif op in ("RotaryEmbedding", "com.microsoft.RotaryEmbedding"):
                 self._rotary(node)
+            elif op in CONTRIB_ATTENTION:
+                self._contrib_attention(node)
             elif "num_heads" in node.attributes or any(
                     a.type.name.startswith("GRAPH") for a in node.attributes.values()):
                 why = ("has a num_heads attribute" if "num_heads" in node.attributes
@@ -327,6 +342,39 @@ class _Plan:
         if value != heads:
             self.attr_rewrites.append((node, "num_heads", heads, value))
 
+    def _contrib_attention(self, node) -> None:
+        """``num_heads`` (and ``kv_num_heads``, ``qkv_hidden_sizes``) of a com.microsoft
+        attention node, from the new sizes of its output (``[B, S, num_heads * Dv]``) and,
+        for GQA, its key (``[B, L, kv_num_heads * D]``, or the packed QKV query)."""
+        out = node.outputs[0]
+        new = self.new_shape.get(out.name)
+        if new is None:
+            return  # its heads are kept (the weights of an MLP may still shrink around it)
+        where = self._where(node, out)
+        old = self.old_shape[out.name]
+        heads = int(_attr(node, "num_heads", 0))
+        if len(new) != 3 or not heads or old[2] % heads or new[2] % (old[2] // heads):
+            raise PipelineError(f"{where}: num_heads={heads} cannot be derived for the new "
+                                f"output shape {list(new)}")
+        dv = old[2] // heads
+        n = int(new[2]) // dv
+        self.attr_rewrites.append((node, "num_heads", heads, n))
+        if node.op_type == "Attention" and "qkv_hidden_sizes" in node.attributes:
+            sizes = [int(x) for x in _attr(node, "qkv_hidden_sizes")]
+            self.list_rewrites.append((node, "qkv_hidden_sizes", sizes,
+                                       [x // heads * n for x in sizes]))
+        if node.op_type == "GroupQueryAttention":
+            kv = int(_attr(node, "kv_num_heads", 0))
+            q = node.inputs[0]
+            packed = len(node.inputs) < 2 or node.inputs[1] is None
+            x = q if packed else node.inputs[1]
+            old_x, new_x = self.old_shape.get(x.name), self.new_shape.get(x.name)
+            if old_x is None or new_x is None:
+                raise PipelineError(f"{where}: its query heads change but not its KV heads")
+            d = int(old_x[2]) // (heads + 2 * kv) if packed else int(old_x[2]) // kv
+            n_kv = (int(new_x[2]) // d - n) // 2 if packed else int(new_x[2]) // d
+            self.attr_rewrites.append((node, "kv_num_heads", kv, n_kv))
+
     def _split(self, node) -> None:
         axis = int(_attr(node, "axis", 0))
         sizes = []
@@ -356,6 +404,34 @@ class _Plan:
                 raise PipelineError(f"{self._where(node, v)}: {attr} with 3-D inputs is not "
                                     "rewritten")
             self.attr_rewrites.append((node, attr, int(_attr(node, attr)), int(new[1])))
+
+
+# every com.microsoft attention op: those not in CONTRIB_ATTENTION are never described
+_ANY_CONTRIB_ATTENTION = {
+    "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
+    "DecoderMaskedSelfAttention", "SparseAttention", "LongformerAttention", "QAttention",
+    "PagedAttention", "DecoderAttention", "QOrderedAttention", "RelativePositionBias",
+    "GatedRelativePositionBias",
+}
+
+
+def check_contrib_attention(graph, pass_name: str) -> None:
+    """Heads removal on an ONNX model: refuse (naming the node) every com.microsoft
+    attention node the importer could not describe (a KV cache, a per-head bias, an op
+    without a converter), rather than prune only the layers it could."""
+    for node in graph.nodes:
+        domain = node.meta.get("domain", "")
+        op = node.op.rsplit(".", 1)[-1]
+        if domain != "com.microsoft" or op not in _ANY_CONTRIB_ATTENTION:
+            continue
+        if node.kind.value == "unknown":
+            why = node.attrs.get("why") or "no converter for this op"
+            raise PipelineError(
+                f"pass '{pass_name}', option 'heads': ONNX node {node.name!r} ({node.op}) "
+                f"is not supported for head removal: {why} (supported: com.microsoft "
+                "Attention / MultiHeadAttention / GroupQueryAttention without a KV cache or "
+                "a per-head attention bias)")
 
 
 def check_selection(result: DependencyResult, selection: dict[int, list[int]],
@@ -457,6 +533,10 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
                                         "new": sizes})
     for node, attr, old, new in plan.attr_rewrites:
         node.attributes[attr] = ir.AttrInt64(attr, new)
+        report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
+                                        "old": old, "new": new})
+    for node, attr, old, new in plan.list_rewrites:
+        node.attributes[attr] = ir.AttrInt64s(attr, new)
         report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
                                         "old": old, "new": new})
     for v in {id(v): v for v in stale}.values():  # shape constants no longer used by anything
