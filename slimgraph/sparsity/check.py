@@ -84,7 +84,7 @@ TRT_MIN_DIM = 256
 TRT_DIM_MULTIPLE = 64
 TARGETS = ("blocks", "all-linear")
 
-# ONNX metadata written by torch.onnx.export(dynamo=True) (see frontends/onnx_import.py)
+# ONNX metadata written by torch.onnx.export(dynamo=True) (see frontends/onnx/provenance.py)
 _SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
 _INPUT_KIND_KEY = "pkg.torch.export.graph_signature.InputSpec.kind"
 _FOLDED_KEY = "pkg.onnxscript.optimizer.folded_from"

@@ -1,0 +1,296 @@
+"""Converters for standard (``ai.onnx``) ops.
+
+Each turns a node into a normalized ``OpKind`` with normalized attributes: a ``MatMul``
+or ``Gemm`` whose weight is a parameter is a LINEAR (``w_in`` / ``w_out`` name the dims
+of the original weight, however it is stored), norms, reductions, ``Gather`` of a table
+(an EMBEDDING), shape ops with their constant inputs kept as attributes, ``Slice`` with
+constant bounds, opset-23 ``Attention``. ``RotaryEmbedding`` (opset 23) is emitted as what
+it does to channels (the rotated halves swapped and combined elementwise), so heads pass
+through it. An input that does not fit a converter's assumptions makes it raise
+``_Unsupported``: the node becomes a barrier, never a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from slimgraph.frontends.onnx.context import Converted, _Ctx, _set_shape, _Unsupported
+from slimgraph.frontends.onnx.nodes import _dtype_str, _pylist
+from slimgraph.ir.graph import OpKind, Value
+
+
+def _all(kind: OpKind) -> Callable[[_Ctx], Converted]:
+    def conv(ctx: _Ctx) -> Converted:
+        return kind, ctx.all_inputs(), {}
+
+    return conv
+
+
+def _first(kind: OpKind) -> Callable[[_Ctx], Converted]:
+    def conv(ctx: _Ctx) -> Converted:
+        return kind, [ctx.inp(0)], {}
+
+    return conv
+
+
+def _with_const(kind: OpKind, attr: str) -> Callable[[_Ctx], Converted]:
+    """``kind`` on input 0; the constant input 1 (a target shape, axes) kept as ``attr``."""
+
+    def conv(ctx: _Ctx) -> Converted:
+        c = ctx.const(1) if ctx.n_inputs > 1 else None
+        if c is None and ctx.attr(attr) is not None:  # older opsets: an attribute
+            c = np.asarray(ctx.attr(attr))
+        return kind, [ctx.inp(0)], ({attr: _pylist(c)} if c is not None else {})
+
+    return conv
+
+
+def _linear_attrs(w: Value, perm: tuple[int, ...], transposed: bool) -> dict[str, int]:
+    """dims of the original ``w`` that hold input (K) and output (N) channels."""
+    k, n = (1, 0) if transposed else (0, 1)
+    return {"w_in": perm[k], "w_out": perm[n]}
+
+
+def _matmul(ctx: _Ctx) -> Converted:
+    a = ctx.inp(0)
+    p = ctx.param_at(1)
+    if p is not None and p[0].rank == 2 and (ctx.rank(0) or 0) >= 1:
+        w, perm = p
+        return OpKind.LINEAR, [a, w], _linear_attrs(w, perm, False)
+    return OpKind.MATMUL, [a, ctx.inp(1)], {}
+
+
+def _gemm(ctx: _Ctx) -> Converted:
+    if ctx.attr("transA", 0):
+        raise _Unsupported("Gemm with transA")
+    trans_b = bool(ctx.attr("transB", 0))
+    a = ctx.inp(0)
+    c = ctx.inp(2) if ctx.n_inputs > 2 else None
+    p = ctx.param_at(1)
+    if p is None or p[0].rank != 2:
+        if trans_b or c is not None:
+            raise _Unsupported("Gemm without a weight parameter")
+        return OpKind.MATMUL, [a, ctx.inp(1)], {}
+    w, perm = p
+    attrs = _linear_attrs(w, perm, trans_b)
+    if c is None or c.rank == 1:
+        return OpKind.LINEAR, [a, w, c], attrs
+    out = ctx.node.outputs[0]
+    y = ctx.emit(OpKind.LINEAR, [a, w], ctx.out_shape(0), _dtype_str(out.dtype), attrs)
+    return OpKind.ELEMENTWISE, [y, c], {}
+
+
+def _norm(stat: str, n_params: int) -> Callable[[_Ctx], Converted]:
+    def conv(ctx: _Ctx) -> Converted:
+        rank = ctx.rank(0)
+        if rank is None:
+            raise _Unsupported("input rank unknown")
+        axis = ctx.attr("axis", -1)
+        axis = axis + rank if axis < 0 else axis
+        axes = list(range(axis - rank, 0))
+        ins = [ctx.inp(0)] + [ctx.inp(i) for i in range(1, 1 + n_params)]
+        return OpKind.NORM, ins, {"axes": axes, "stat": stat}
+
+    return conv
+
+
+def _reduction(op: str) -> Callable[[_Ctx], Converted]:
+    def conv(ctx: _Ctx) -> Converted:
+        keep = bool(ctx.attr("keepdims", 1))
+        axes = ctx.attr("axes")
+        if axes is None and ctx.n_inputs > 1 and ctx.node.inputs[1] is not None:
+            c = ctx.const(1)
+            if c is None:
+                raise _Unsupported("reduction axes are not constant")
+            axes = c.reshape(-1).tolist()
+        axes = list(axes) if axes is not None else []
+        if not axes:
+            if ctx.attr("noop_with_empty_axes", 0):
+                return OpKind.IDENTITY, [ctx.inp(0)], {}
+            axes = None
+        return OpKind.REDUCTION, [ctx.inp(0)], {"axes": axes, "keepdim": keep, "op": op}
+
+    return conv
+
+
+def _arg_reduction(op: str) -> Callable[[_Ctx], Converted]:
+    def conv(ctx: _Ctx) -> Converted:
+        keep = bool(ctx.attr("keepdims", 1))
+        return OpKind.REDUCTION, [ctx.inp(0)], {"axes": [ctx.attr("axis", 0)], "keepdim": keep,
+                                                "op": op}
+
+    return conv
+
+
+def _softmax(ctx: _Ctx) -> Converted:
+    rank = ctx.rank(0)
+    axis = ctx.attr("axis", -1 if ctx.imp.opset >= 13 else 1)
+    if ctx.imp.opset < 13 and rank is not None and (axis % max(rank, 1)) != rank - 1:
+        raise _Unsupported("opset < 13 softmax flattens to 2-D")
+    return OpKind.SOFTMAX, [ctx.inp(0)], {"axis": axis}
+
+
+def _gather(ctx: _Ctx) -> Converted:
+    axis = ctx.attr("axis", 0)
+    p = ctx.param_at(0)
+    rank_idx = ctx.rank(1)
+    if p is not None and axis % 2 == 0 and p[0].rank == 2 and p[1] == (0, 1):
+        return OpKind.EMBEDDING, [p[0], ctx.inp(1)], {}
+    c = ctx.const(1)
+    if rank_idx == 0 and c is not None:
+        return OpKind.SELECT, [ctx.inp(0)], {"axis": axis}
+    raise _Unsupported("gather with non-scalar indices")
+
+
+def _transpose(ctx: _Ctx) -> Converted:
+    rank = ctx.rank(0)
+    perm = ctx.attr("perm")
+    if perm is None:
+        if rank is None:
+            raise _Unsupported("rank unknown")
+        perm = list(range(rank))[::-1]
+    return OpKind.TRANSPOSE, [ctx.inp(0)], {"perm": [int(p) for p in perm]}
+
+
+def _concat(ctx: _Ctx) -> Converted:
+    return OpKind.CONCAT, ctx.all_inputs(), {"axis": ctx.attr("axis")}
+
+
+def _split(ctx: _Ctx) -> Converted:
+    axis = ctx.attr("axis", 0)
+    shape = ctx.in_shape(0)
+    if shape is None:
+        raise _Unsupported("shape unknown")
+    sizes = None
+    c = ctx.const(1) if ctx.n_inputs > 1 and ctx.node.inputs[1] is not None else None
+    if c is not None:
+        sizes = [int(x) for x in c.reshape(-1)]
+    elif ctx.attr("split") is not None:
+        sizes = [int(x) for x in ctx.attr("split")]
+    else:
+        outs = [ctx.out_shape(i) for i in range(len(ctx.node.outputs))]
+        if all(o is not None and isinstance(o[axis], int) for o in outs):
+            sizes = [o[axis] for o in outs]
+    if sizes is None or len(sizes) != len(ctx.node.outputs):
+        raise _Unsupported("split sizes unknown")
+    return OpKind.SPLIT, [ctx.inp(0)], {"axis": axis, "sizes": sizes}
+
+
+def _slice(ctx: _Ctx) -> Converted:
+    shape = ctx.in_shape(0)
+    if shape is None:
+        raise _Unsupported("shape unknown")
+    if ctx.imp.opset < 10:
+        starts, ends, axes = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes")
+        steps = None
+    else:
+        starts, ends = ctx.const(1), ctx.const(2)
+        axes = ctx.const(3) if ctx.n_inputs > 3 and ctx.node.inputs[3] is not None else None
+        steps = ctx.const(4) if ctx.n_inputs > 4 and ctx.node.inputs[4] is not None else None
+        if starts is None or ends is None or (
+                ctx.n_inputs > 3 and ctx.node.inputs[3] is not None and axes is None) or (
+                ctx.n_inputs > 4 and ctx.node.inputs[4] is not None and steps is None):
+            raise _Unsupported("slice bounds are not constant")
+    starts = [int(x) for x in np.reshape(starts, -1)]
+    ends = [int(x) for x in np.reshape(ends, -1)]
+    axes = [int(x) for x in np.reshape(axes, -1)] if axes is not None else list(range(len(starts)))
+    steps = [int(x) for x in np.reshape(steps, -1)] if steps is not None else [1] * len(starts)
+    rank = len(shape)
+    real = []
+    for ax, st, en, sp in zip(axes, starts, ends, steps, strict=True):
+        ax = ax + rank if ax < 0 else ax
+        size = shape[ax]
+        full = sp == 1 and (st == 0 or (isinstance(size, int) and st <= -size)) and (
+            isinstance(size, int) and en >= size)
+        if not full:
+            real.append((ax, st, en, sp))
+    if not real:
+        return OpKind.IDENTITY, [ctx.inp(0)], {}
+    if len(real) > 1:
+        raise _Unsupported("slice along several axes")
+    ax, st, en, sp = real[0]
+    if sp < 1:
+        raise _Unsupported("slice with a negative step")
+    size = shape[ax]
+    if isinstance(size, int):
+        en = min(en, size)
+        st = max(st, -size)
+    return OpKind.SLICE, [ctx.inp(0)], {"axis": ax, "start": st, "end": en, "step": sp}
+
+
+def _attention(ctx: _Ctx) -> Converted:
+    ranks = [ctx.rank(i) for i in range(3)]
+    if ranks != [4, 4, 4]:
+        raise _Unsupported("attention inputs are not [B, H, L, E]")
+    if any(i < ctx.n_inputs and ctx.node.inputs[i] is not None for i in (4, 5, 6)):
+        raise _Unsupported("attention with a KV cache or padding lengths")
+    q, k = ctx.in_shape(0), ctx.in_shape(1)
+    mask = ctx.inp(3) if ctx.n_inputs > 3 else None
+    return OpKind.ATTENTION, [ctx.inp(0), ctx.inp(1), ctx.inp(2), mask], {"gqa": q[1] != k[1]}
+
+
+def _rotary(ctx: _Ctx) -> Converted:
+    """``RotaryEmbedding`` (opset 23): elementwise over its input, but rotating pairs of
+    channels within each head (``i`` with ``i + r/2``, or ``2i`` with ``2i + 1`` when
+    interleaved). Emitted as what it computes on channels -- slices, the swapped halves
+    concatenated, an elementwise op -- so the analysis couples the rotated channels as it
+    does on the opset-18 decomposition. A 3-D input ``[B, S, H*D]`` is viewed as
+    ``[B, S, H, D]`` (``num_heads``). The cos/sin caches and position ids index
+    positions, not channels, and are left out."""
+    shape = ctx.in_shape(0)
+    if shape is None or len(shape) not in (3, 4):
+        raise _Unsupported("rotary input is not [B, H, S, D] or [B, S, H*D]")
+    dtype = _dtype_str(ctx.node.inputs[0].dtype)
+    x = ctx.inp(0)
+    if len(shape) == 3:
+        heads, hidden = ctx.attr("num_heads", 0), shape[2]
+        if not heads or not isinstance(hidden, int) or hidden % heads:
+            raise _Unsupported(f"3-D rotary input of size {hidden} with num_heads={heads}")
+        lead = (shape[0], shape[1], heads)
+        d = hidden // heads
+        x = ctx.emit(OpKind.RESHAPE, [x], (*lead, d), dtype)
+    else:
+        lead, d = tuple(shape[:3]), shape[3]
+    if not isinstance(d, int):
+        raise _Unsupported("head size unknown")
+    r = ctx.attr("rotary_embedding_dim", 0) or d
+    _set_shape(ctx, 0, shape)
+    y = _rotate(ctx, x, lead, d, r, bool(ctx.attr("interleaved", 0)), dtype)
+    return (OpKind.RESHAPE if len(shape) == 3 else OpKind.IDENTITY), [y], {}
+
+
+def _rotate(ctx: _Ctx, x: Value, lead: tuple, d: int, r: int, interleaved: bool,
+            dtype) -> Value:
+    """What a rotary embedding does to the channels of ``x`` (``[*lead, d]``, the last
+    dim one head): the first ``r`` channels are rotated in pairs (``i`` with ``i + r/2``,
+    or ``2i`` with ``2i + 1`` when interleaved), the rest pass through."""
+    if r % 2 or r > d:
+        raise _Unsupported(f"rotary dim {r} with head size {d}")
+    k = len(lead)
+
+    def part(v, axis, lo, hi, shp):
+        return ctx.emit(OpKind.SLICE, [v], shp, dtype,
+                        {"axis": axis, "start": lo, "end": hi, "step": 1})
+
+    xr = x if r == d else part(x, k, 0, r, (*lead, r))
+    if interleaved:
+        pairs = ctx.emit(OpKind.RESHAPE, [xr], (*lead, r // 2, 2), dtype)
+        a = part(pairs, k + 1, 0, 1, (*lead, r // 2, 1))
+        b = part(pairs, k + 1, 1, 2, (*lead, r // 2, 1))
+        swapped = ctx.emit(OpKind.CONCAT, [b, a], (*lead, r // 2, 2), dtype, {"axis": k + 1})
+        rot = ctx.emit(OpKind.RESHAPE, [swapped], (*lead, r), dtype)
+    else:
+        a = part(xr, k, 0, r // 2, (*lead, r // 2))
+        b = part(xr, k, r // 2, r, (*lead, r // 2))
+        rot = ctx.emit(OpKind.CONCAT, [b, a], (*lead, r), dtype, {"axis": k})
+    y = ctx.emit(OpKind.ELEMENTWISE, [xr, rot], (*lead, r), dtype)
+    if r < d:
+        y = ctx.emit(OpKind.CONCAT, [y, part(x, k, r, d, (*lead, d - r))], (*lead, d), dtype,
+                     {"axis": k})
+    return y
+
+
+def _dropout(ctx: _Ctx) -> Converted:
+    return OpKind.IDENTITY, [ctx.inp(0)], {}

@@ -1,0 +1,171 @@
+"""Weights stored in an ONNX model, and the IR parameter handles backed by them.
+
+Initializers (and ``Constant`` nodes) that hold weights become IR parameters whose
+handle (:class:`OnnxParamHandle`) writes back into the ``onnx_ir`` model, so a backend
+can save the pruned model. One parameter may be stored several times, each copy
+possibly transposed (a :class:`_Target`); one stored tensor may serve several
+parameters (identical initializers merged by the exporter's optimizer), in which case
+writing one of them first detaches its uses onto an initializer of its own. Which
+stored tensor is which parameter is worked out by
+:mod:`slimgraph.frontends.onnx.provenance`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from slimgraph.ir.params import ArrayParamHandle
+
+
+def _identity(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank))
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+@dataclass(eq=False)
+class _Storage:
+    """A tensor stored in the file: an initializer, or the value of a Constant node."""
+
+    value: ir.Value  # the initializer / the Constant's output
+    node: ir.Node | None  # the Constant node, if any
+    fqn: str | None = None  # the module FQN it stores directly (graph signature)
+    sig_kind: str | None = None  # PARAMETER | BUFFER | CONSTANT_TENSOR
+    folded_from: list[str] = field(default_factory=list)
+    source_fqn: str | None = None  # the one parameter it was folded from, if only one
+
+    @property
+    def name(self) -> str:
+        return self.value.name or ""
+
+    @property
+    def tensor(self):
+        if self.node is not None:
+            return self.node.attributes["value"].value
+        return self.value.const_value
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.shape)
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def array(self) -> np.ndarray:
+        return self.tensor.numpy()
+
+    def uses(self) -> list[tuple[ir.Node, int]]:
+        return [(u.node, u.idx) for u in self.value.uses()]
+
+    def write(self, arr: np.ndarray) -> None:
+        tensor = ir.Tensor(arr, name=self.name)
+        if self.node is not None:
+            self.node.attributes["value"] = ir.AttrTensor("value", tensor)
+        else:
+            self.value.const_value = tensor
+        self.value.shape = ir.Shape(arr.shape)
+
+
+@dataclass(eq=False)
+class _Target:
+    """One stored copy of an IR parameter: ``storage = param.transpose(perm)``."""
+
+    storage: _Storage
+    perm: tuple[int, ...]
+    uses: list[tuple[ir.Node, int]]
+
+
+class OnnxParamHandle(ArrayParamHandle):
+    """An IR parameter backed by one or more ONNX tensors.
+
+    ``shape`` is the parameter's original layout (the torch module's, when known).
+    ``targets`` lists where it is stored: each target holds ``param.transpose(perm)``
+    (``permuted`` is true when any target is stored transposed, e.g. a linear weight
+    pre-transposed to ``[in, out]`` by the exporter). Writing updates every target; a
+    target whose tensor is shared with other parameters (a merged initializer) is first
+    detached onto a new initializer of its own.
+    """
+
+    def __init__(self, name: str, shape, dtype: str, targets: list[_Target], graph: ir.Graph,
+                 kind: str, aliases: list[str], provenance: str = ""):
+        super().__init__(name, None, shape, dtype, setter=self._write_back, kind=kind)
+        self.targets = targets
+        self.onnx_graph = graph
+        self._aliases = aliases or [name]
+        self.provenance = provenance
+
+    @property
+    def aliases(self) -> list[str]:
+        return list(self._aliases)
+
+    @property
+    def permuted(self) -> bool:
+        return any(t.perm != _identity(len(t.perm)) for t in self.targets)
+
+    @property
+    def onnx_names(self) -> list[str]:
+        return [t.storage.name for t in self.targets]
+
+    @property
+    def has_data(self) -> bool:
+        return self._array is not None or bool(self.targets)
+
+    def _load(self) -> np.ndarray:
+        if self._array is None:
+            t = self.targets[0]
+            self._array = np.transpose(t.storage.array(), _inverse(t.perm))
+        return self._array
+
+    def read(self) -> torch.Tensor:
+        arr = np.array(self._load(), order="C")  # a copy: stored tensors may be read-only maps
+        if arr.dtype.name == "bfloat16":
+            return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(arr)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        old = self._load().dtype
+        t = tensor.detach().cpu()
+        if old.name == "bfloat16":
+            arr = t.to(torch.bfloat16).view(torch.int16).numpy().view(old)
+        else:
+            arr = t.numpy().astype(old, copy=False)
+        self._array = arr
+        self.shape = tuple(arr.shape)
+        self._write_back(arr)
+
+    def _write_back(self, arr: np.ndarray) -> None:
+        for t in self.targets:
+            stored = np.ascontiguousarray(np.transpose(arr, t.perm))
+            mine = {(id(n), i) for n, i in t.uses}
+            if any((id(n), i) not in mine for n, i in t.storage.uses()):
+                t.storage = self._detach(t, stored)
+            else:
+                t.storage.write(stored)
+
+    def _detach(self, t: _Target, arr: np.ndarray) -> _Storage:
+        taken = {v.name for v in self.onnx_graph.initializers.values()}
+        taken |= {o.name for n in self.onnx_graph for o in n.outputs}
+        base = self.name if not t.perm or t.perm == _identity(len(t.perm)) else f"{self.name}.T"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}.{k}"
+        value = ir.Value(name=name, shape=ir.Shape(arr.shape),
+                         type=ir.TensorType(t.storage.dtype), const_value=ir.Tensor(arr, name=name))
+        self.onnx_graph.register_initializer(value)
+        for node, i in t.uses:
+            node.replace_input_with(i, value)
+        return _Storage(value, None, fqn=self.name)
