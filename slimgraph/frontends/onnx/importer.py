@@ -71,13 +71,7 @@ class _Importer(_WeightProvenance):
         return name
 
     def _node_name(self, node: ir.Node, index: int) -> str:
-        base = node.name or f"{node.op_type}_{index}"
-        name, k = base, 1
-        while name in self._node_names:
-            k += 1
-            name = f"{base}.{k}"
-        self._node_names.add(name)
-        return name
+        return self._node_name_str(node.name or f"{node.op_type}_{index}")
 
     # shapes -------------------------------------------------------------------------
     def shape(self, v: ir.Value | None):
