@@ -54,6 +54,35 @@ def latency(path: Path, seqlen: int, runs: int, threads: int = 2) -> float:
     return statistics.median(times) * 1000
 
 
+def interleaved_latency(paths: dict[str, Path], seqlens=(128, 512), runs: int = 20,
+                        threads: int = 2) -> dict[str, dict[str, float]]:
+    """Median latency of several ONNX files measured round-robin: every round runs each
+    file once, so slow drift of a shared machine hits all of them alike (one file after
+    another, identical shapes differed by up to 8%). 3 warm-up rounds."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    out: dict[str, dict[str, float]] = {name: {} for name in paths}
+    for seqlen in seqlens:
+        ids = np.random.default_rng(0).integers(0, 1000, (1, seqlen), dtype=np.int64)
+        sessions = {n: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                    for n, p in paths.items()}
+        times: dict[str, list[float]] = {n: [] for n in paths}
+        for r in range(3 + runs):
+            for n, sess in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, {sess.get_inputs()[0].name: ids})
+                if r >= 3:
+                    times[n].append(time.perf_counter() - t0)
+        for n in paths:
+            out[n][str(seqlen)] = round(statistics.median(times[n]) * 1000, 1)
+        del sessions
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--windows", type=int, default=40)
@@ -67,7 +96,8 @@ def main() -> None:
                     help="compile and measure latency, but keep the ppl of the existing results "
                          "(for a change that cannot alter the weights, e.g. the export opset)")
     ap.add_argument("--latency-only", action="store_true",
-                    help="re-measure latency of existing OUTDIRs (keeps compile/ppl figures)")
+                    help="re-measure latency of existing OUTDIRs, all of them round-robin "
+                         "(keeps compile/ppl figures)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -77,13 +107,13 @@ def main() -> None:
     cli = [sys.executable, "-m", "slimgraph.cli"]
     path = Path(args.out)
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
-    for name in args.only:
+    if args.latency_only:  # all files round-robin (see interleaved_latency)
+        lat = interleaved_latency({n: work / n / "model.onnx" for n in args.only}, runs=args.runs)
+        for name, ms in lat.items():
+            rows[name]["latency_ms"] = ms
+            print(name, ms, flush=True)
+    for name in [] if args.latency_only else args.only:
         out = work / name
-        if args.latency_only:
-            rows[name]["latency_ms"] = {str(s): round(latency(out / "model.onnx", s, args.runs), 1)
-                                        for s in (128, 512)}
-            print(name, rows[name]["latency_ms"], flush=True)
-            continue
         _, secs = run(cli + ["compile", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out),
                              "--calib-file", str(calib_txt)])
         report = json.loads((out / "report.json").read_text())
