@@ -30,10 +30,10 @@ class GramAccumulator:
     ``add(x)`` takes a batch of inputs ``[..., C_in]`` (every leading index is a token).
     ``hessian()`` returns ``H = (2/N) Σ x xᵀ`` ``[C_in, C_in]`` and ``act_norm()`` returns
     ``‖X_j‖₂ = sqrt(Σ_tokens x_j²)`` ``[C_in]``, N being the number of tokens seen so far.
-    The Gram sum is kept in ``dtype`` (float32 by default; float64 for extra accuracy); the
-    sums of squares are summed per batch in float32 and accumulated in float64.
-    ``hessian=False`` skips the ``C_in²`` Gram matrix (scores such as Wanda/RIA need only
-    the channel norms).
+    The Gram sum is kept in ``dtype`` (float32 by default; float64 for extra accuracy), the
+    sums of squares always in float64 (float32 sums and scores flipped 0.2% of SmolLM2's RIA 2:4
+    mask entries and moved its perplexity from 206.3 to 210.1). ``hessian=False`` skips
+    the ``C_in²`` Gram matrix (scores such as Wanda/RIA need only the channel norms).
     """
 
     def __init__(self, in_features: int, *, hessian: bool = True, dtype: torch.dtype = torch.float32,
@@ -70,12 +70,10 @@ class GramAccumulator:
         x2 = x.detach().reshape(-1, self.in_features).to(device=self.device)
         if x2.shape[0] == 0:
             return
-        # squares summed per batch in the input's precision (at least float32), the
-        # running total in float64: a float64 copy of every batch cost more than the sum
-        xs = x2 if x2.dtype in (torch.float32, torch.float64) else x2.float()
-        self._sumsq += xs.square().sum(dim=0).to(torch.float64)
+        x64 = x2.to(torch.float64)
+        self._sumsq += (x64 * x64).sum(dim=0)
         if self._gram is not None:
-            xd = x2.to(self.dtype)
+            xd = x64 if self.dtype == torch.float64 else x2.to(self.dtype)
             self._gram.addmm_(xd.T, xd)
         self.n_tokens += x2.shape[0]
 

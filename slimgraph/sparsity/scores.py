@@ -11,8 +11,7 @@ ri         ``|W_ij| / Σ_k |W_kj|  +  |W_ij| / Σ_k |W_ik|``
 ria        ``RI_ij · (‖X_j‖₂)^a``, default ``a = 0.5``
 =========  ==============================================================
 
-Scores are computed and returned in float32; the row / column sums of RI are taken in
-float64. A row
+Scores are returned as float32; the row / column sums of RI are taken in float64. A row
 or column whose absolute sum is zero contributes 0 (its entries are all zero anyway).
 """
 
@@ -48,10 +47,9 @@ def _check_act_norm(act_norm, c_in: int, method: str) -> torch.Tensor:
 
 
 def _ri(absw: torch.Tensor) -> torch.Tensor:
-    """Relative importance of an absolute-valued matrix (zero-sum guarded); the sums are
-    taken in float64, the shares in ``absw``'s dtype."""
-    col = absw.sum(dim=0, keepdim=True, dtype=torch.float64).to(absw.dtype)  # Σ_k |W_kj|
-    row = absw.sum(dim=1, keepdim=True, dtype=torch.float64).to(absw.dtype)  # Σ_k |W_ik|
+    """Relative importance of an absolute-valued float64 matrix (zero-sum guarded)."""
+    col = absw.sum(dim=0, keepdim=True)  # Σ_k |W_kj|, [1, C_in]
+    row = absw.sum(dim=1, keepdim=True)  # Σ_k |W_ik|, [C_out, 1]
     col_share = torch.where(col > 0, absw / torch.where(col > 0, col, 1.0), 0.0)
     row_share = torch.where(row > 0, absw / torch.where(row > 0, row, 1.0), 0.0)
     return col_share + row_share
@@ -83,13 +81,13 @@ def score(weight: torch.Tensor, method: str, act_norm: torch.Tensor | None = Non
         act = _check_act_norm(act_norm, c_in, method).to(w.device)
         return (w.to(torch.float64).abs() * act.unsqueeze(0)).to(torch.float32)
 
-    absw = w.to(torch.float32).abs()
+    absw = w.to(torch.float64).abs()
     ri = _ri(absw)
     if method == "ri":
-        return ri
+        return ri.to(torch.float32)
 
     # ria
     if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
         raise ValueError(f"score 'ria': exponent a must be a finite number >= 0, got {a!r}")
     act = _check_act_norm(act_norm, c_in, method).to(w.device)
-    return ri * act.pow(float(a)).to(torch.float32).unsqueeze(0)
+    return (ri * act.pow(float(a)).unsqueeze(0)).to(torch.float32)
