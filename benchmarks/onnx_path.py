@@ -29,12 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import protocol_split, run, run_rss, write_result  # noqa: E402
-from structured import latency  # noqa: E402
+from structured import interleaved_latency, latency  # noqa: E402
 
 PIPELINES = {
     "kv1of3+mlp50": "prune-structured{heads=0.33,mlp=0.5},export-onnx",
     "ria 2:4": "sparsify{score=ria,pattern=2:4},export-onnx",
 }
+
+
+def _outdir(work: Path, name: str) -> Path:
+    return work / name.replace(" ", "_").replace(":", "of")
 
 
 def ort_latency(out: Path, runs: int) -> dict[str, float]:
@@ -63,13 +67,16 @@ def main() -> None:
     if not (dense / "model.onnx").exists():
         _, secs, rss = run_rss(cli + ["compile", "smollm2-135m", "-p", "export-onnx", "-o", str(dense)])
         rows["dense export"] = {"compile_s": round(secs, 1), "peak_rss_mb": rss}
-    for name in args.only:
+    if args.latency_only:  # every file round-robin, the dense input included
+        files = {n: _outdir(work, n) / "model.onnx" for n in args.only}
+        lat = interleaved_latency({"dense": dense / "model.onnx", **files}, runs=args.runs)
+        rows.setdefault("dense export", {})["latency_ms"] = lat.pop("dense")
+        for name, ms in lat.items():
+            rows[name]["latency_ms"] = ms
+            print(name, ms, flush=True)
+    for name in [] if args.latency_only else args.only:
         route, pipe = name.split(" ", 1)
-        out = work / name.replace(" ", "_").replace(":", "of")
-        if args.latency_only:
-            rows[name]["latency_ms"] = ort_latency(out, args.runs)
-            print(name, rows[name]["latency_ms"], flush=True)
-            continue
+        out = _outdir(work, name)
         model = str(dense / "model.onnx") if route == "onnx" else "smollm2-135m"
         _, secs, rss = run_rss(cli + ["compile", model, "-p", PIPELINES[pipe], "-o", str(out),
                                       "--calib-file", str(calib_txt)])
