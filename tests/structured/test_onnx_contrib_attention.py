@@ -25,7 +25,6 @@ with the same units zeroed (relative error <= 1e-5; batch 2, two sequence length
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import numpy as np
@@ -38,6 +37,7 @@ from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
 from slimgraph.structured.removal import mask_units
+from tests.structured.random_selection import random_heads_and_mlp
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.transformers.optimizer")
@@ -254,23 +254,6 @@ def _layer_of(result, group):
     raise AssertionError(names)
 
 
-def _selection(result, form, seed):
-    """Random units of every layer's heads (at least one layer pruned) and MLP groups."""
-    rng = random.Random(seed)
-    sel = {}
-    heads = [g for g in result.prunable() if g.kind == "heads"]
-    for g in heads:
-        k = rng.randint(0, g.units - 1)
-        if k:
-            sel[g.id] = sorted(rng.sample(range(g.units), k))
-    if not sel:
-        sel[heads[seed % len(heads)].id] = [rng.randrange(heads[0].units)]
-    for g in result.prunable():
-        if g.kind == "mlp" and rng.random() < 0.7:
-            sel[g.id] = sorted(rng.sample(range(g.units), rng.randint(1, g.units - 1)))
-    return sel
-
-
 # -- tests ---------------------------------------------------------------------------------
 
 
@@ -313,7 +296,7 @@ def test_slim_equals_masked(files, tmp_path, form, seed):
     before = src.read_bytes()
     layers, n_q, n_kv, _ = _spec(form)
     result = analyze(import_onnx(src))
-    sel = _selection(result, form, seed)
+    sel = random_heads_and_mlp(result, seed)
     masked = analyze(import_onnx(src))
     mask_units(masked, sel)
     masked_path = _save(masked, tmp_path / "masked" / "model.onnx")

@@ -17,7 +17,6 @@ broadcasts the caches to the batch, see ``batch_rotary_caches``.)
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import numpy as np
@@ -34,6 +33,7 @@ from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
 from slimgraph.structured.removal import mask_units
+from tests.structured.random_selection import random_heads_and_mlp
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -96,23 +96,6 @@ def _check_strict(path):
     onnx.checker.check_model(str(path))
     onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True,
                                       data_prop=True)
-
-
-def _selection(result, seed):
-    """Per layer 0 to 2 of the 3 KV-groups (at least one layer pruned), and MLP channels."""
-    rng = random.Random(seed)
-    sel = {}
-    heads = [g for g in result.prunable() if g.kind == "heads"]
-    for g in heads:
-        k = rng.randint(0, g.units - 1)
-        if k:
-            sel[g.id] = sorted(rng.sample(range(g.units), k))
-    if not sel:
-        sel[heads[seed % len(heads)].id] = [rng.randrange(KV)]
-    for g in result.prunable():
-        if g.kind == "mlp" and rng.random() < 0.7:
-            sel[g.id] = sorted(rng.sample(range(g.units), rng.randint(1, g.units - 1)))
-    return sel
 
 
 @pytest.mark.parametrize("opset", OPSETS)
@@ -184,7 +167,7 @@ def test_slim_equals_masked_on_dynamic_axes(files, tmp_path, opset, seed):
     src = files[opset]
     before = src.read_bytes()
     result = analyze(import_onnx(src))
-    sel = _selection(result, seed)
+    sel = random_heads_and_mlp(result, seed)
     masked = analyze(import_onnx(src))
     mask_units(masked, sel)
     masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
