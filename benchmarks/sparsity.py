@@ -49,6 +49,9 @@ OFFLOADED = {"wanda 2:4 offload": "wanda 2:4", "ria 2:4 offload": "ria 2:4",
              "ria+rec 2:4 offload": "ria+rec 2:4"}
 for _name, _base in OFFLOADED.items():
     CONFIGS[_name] = CONFIGS[_base]
+# the smallest working set: offloaded, one calibration window per forward
+OFFLOADED["ria 2:4 offload batch=1"] = "ria 2:4"
+CONFIGS["ria 2:4 offload batch=1"] = "sparsify{score=ria,pattern=2:4,batch=1}"
 
 
 def split(work: Path) -> tuple[Path, Path]:
