@@ -36,8 +36,7 @@ from slimgraph.cli import main
 from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
-from slimgraph.structured.removal import mask_units
-from tests.structured.random_selection import random_heads_and_mlp
+from tests.structured.random_selection import slim_and_masked
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.transformers.optimizer")
@@ -295,13 +294,7 @@ def test_slim_equals_masked(files, tmp_path, form, seed):
     src = files[form]
     before = src.read_bytes()
     layers, n_q, n_kv, _ = _spec(form)
-    result = analyze(import_onnx(src))
-    sel = random_heads_and_mlp(result, seed)
-    masked = analyze(import_onnx(src))
-    mask_units(masked, sel)
-    masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
-    report = remove_units_onnx(result, sel, "test")
-    slim_path = _save(result, tmp_path / "slim" / "model.onnx")
+    result, sel, report, masked_path, slim_path = slim_and_masked(src, seed, tmp_path)
     onnx.checker.check_model(str(slim_path))
     assert src.read_bytes() == before
     assert report["params_after"] < report["params_before"]

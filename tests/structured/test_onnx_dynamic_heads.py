@@ -33,7 +33,7 @@ from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
 from slimgraph.structured.removal import mask_units
-from tests.structured.random_selection import random_heads_and_mlp
+from tests.structured.random_selection import slim_and_masked
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -166,13 +166,7 @@ def _head_counts(path, opset):
 def test_slim_equals_masked_on_dynamic_axes(files, tmp_path, opset, seed):
     src = files[opset]
     before = src.read_bytes()
-    result = analyze(import_onnx(src))
-    sel = random_heads_and_mlp(result, seed)
-    masked = analyze(import_onnx(src))
-    mask_units(masked, sel)
-    masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
-    report = remove_units_onnx(result, sel, "test")
-    slim_path = _save(result, tmp_path / "slim" / "model.onnx")
+    result, sel, report, masked_path, slim_path = slim_and_masked(src, seed, tmp_path)
     assert report["shape_check"]["checked"] and report["shape_check"]["strict"]
     assert report["params_after"] < report["params_before"]
     _check_strict(slim_path)
