@@ -7,8 +7,8 @@ re-exports at the end):
 
 - kv1of3+mlp50: `prune-structured{heads=0.33,mlp=0.5},export-onnx` (l2 importance);
 - ria 2:4: `sparsify{score=ria,pattern=2:4},export-onnx` (64 x 512 calibration windows
-  of the protocol's calibration split; the ONNX path calibrates once through ONNX
-  Runtime, the PyTorch path block by block).
+  of the protocol's calibration split; both paths calibrate block by block, the ONNX
+  path through ONNX Runtime with one segment model per layer).
 
 For each: compile wall time and peak RSS (the compile process's own, from wait4),
 perplexity of OUT/model.onnx with `slimgraph eval` (ONNX Runtime, 40 x 512 tokens of the

@@ -21,8 +21,9 @@ linears equals ``sparsity``; the per-layer values are in the report.
 
 ONNX input (a model that exists only as an .onnx file) goes through
 ``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
-model (``export-onnx`` saves it), but calibration is one-shot on the dense model with
-ONNX Runtime, and reconstruct / sparsegpt / permute / calib=self are refused.
+model (``export-onnx`` saves it), calibration block-sequential through ONNX Runtime (one
+segment model per layer, ``sparsity/onnx_blocks.py``: the PyTorch path's masks), and
+reconstruct / sparsegpt / permute / calib=self are refused.
 """
 
 from __future__ import annotations
@@ -270,13 +271,7 @@ class Sparsify(Pass):
             report["sparsity_target"] = plan["target"]
             report["schedule"] = self.schedule_report(plan, reports)
         if self.permute != "none":
-            perms = [r["permutation"] for r in pruned if "permutation" in r]
-            report["permutation"] = {
-                "mode": self.permute, "search": self.search,
-                "seconds": round(sum(p.get("seconds", 0) for p in perms), 2),
-                "layers_permuted": sum(1 for p in perms if p["realised"] != "none"),
-                "layers_unpermuted": [f"{r['name']}: {r['permutation']['why']}" for r in pruned
-                                      if r.get("permutation", {}).get("realised") == "none"]}
+            report["permutation"] = self.permutation_summary(pruned)
             if space_info is not None:
                 report["permutation"]["space"] = space_info
         if any(r.get("permutation", {}).get("realised") == "gather" for r in pruned):
@@ -284,6 +279,15 @@ class Sparsify(Pass):
                                  if r.get("permutation", {}).get("realised") == "gather")
             state.retrace()
         return PassResult(True, report)
+
+    def permutation_summary(self, pruned: list[dict]) -> dict:
+        """The report's ``permutation`` entry from the per-linear reports."""
+        perms = [r["permutation"] for r in pruned if "permutation" in r]
+        return {"mode": self.permute, "search": self.search,
+                "seconds": round(sum(p.get("seconds", 0) for p in perms), 2),
+                "layers_permuted": sum(1 for p in perms if p["realised"] != "none"),
+                "layers_unpermuted": [f"{r['name']}: {r['permutation']['why']}" for r in pruned
+                                      if r.get("permutation", {}).get("realised") == "none"]}
 
     def layer_plan(self, state: CompileState, blocks: list, windows) -> dict:
         """Per-block sparsity of an unstructured prune: ``by_layer`` (layer index -> s_l),

@@ -40,10 +40,12 @@ def foldable(group: ChannelGroup) -> bool:
     return all(r == HEAD_DIM_REASON for r in group.reasons)
 
 
-def fold_group(result: DependencyResult, weight: str, m: int) -> tuple[ChannelGroup | None, str]:
-    """The group whose unit permutation realises a permutation of ``weight``'s inputs."""
+def fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
+               ) -> tuple[ChannelGroup | None, str]:
+    """The group whose unit permutation realises a permutation of ``weight``'s inputs
+    (its dim ``dim``: 1 for a torch ``[out, in]`` weight)."""
     for g in result.groups:
-        pos = unit_positions(g, weight, 1)
+        pos = unit_positions(g, weight, dim)
         if pos is None:
             continue
         if g.layer is None:

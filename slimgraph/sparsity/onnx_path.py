@@ -18,15 +18,16 @@ when shape inference loses a dim, so the group test alone would miss it). Embedd
 (:func:`slimgraph.sparsity.scores.score`, ``nm_mask``, ``unstructured_mask``), N:M along
 the input (reduction) dim.
 
-Calibration (wanda, ria) is ONE-SHOT on the DENSE model, not block-sequential as in the
-PyTorch path: the model (with the inputs of the target MatMul/Gemm nodes added as graph
-outputs, on a serialized copy) runs in ONNX Runtime over the calibration windows once,
-before any weight is pruned, and the per-input-channel sums of squares are accumulated.
-Every layer's statistics therefore come from dense activations; the PyTorch path lets
-block ``k`` see the outputs of the already-pruned blocks ``0..k-1``. Layer 0 gets the same
-masks either way; later layers can differ. Reconstruction (``reconstruct=true``,
-``score=sparsegpt``), channel permutations and ``calib=self`` (sampling from the model)
-need the PyTorch model and are refused for ONNX input before any work starts.
+Calibration (wanda, ria) is block-sequential as in the PyTorch path
+(``sparsity/onnx_blocks.py``): the graph is cut into one segment per decoder layer, and
+layer ``k``'s targets are observed in ONNX Runtime on the outputs of the already-pruned
+layers ``0..k-1``, so the masks are those of the PyTorch path on the same model. When
+the graph cannot be cut (see ``onnx_blocks.plan_segments``), calibration falls back to
+one run of the dense model (:func:`input_sumsq`) and the report says why.
+Channel permutations (``permute=mask-only|fold|gather``) are realised in the ONNX model
+(``sparsity/onnx_permute.py``). Reconstruction (``reconstruct=true``,
+``score=sparsegpt``), ``permute=space`` and ``calib=self`` (sampling from the model) need
+the PyTorch model and are refused for ONNX input before any work starts.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
     from slimgraph.passes.base import CompileState
     from slimgraph.passes.sparsify import Sparsify
 
-CALIBRATION = "one-shot (dense activations, ONNX Runtime)"
+CALIBRATION = "block-sequential (ONNX Runtime, one segment model per layer)"
+ONE_SHOT = "one-shot (dense activations, ONNX Runtime)"
 RUN_BYTES = 1 << 30  # activations fetched from one ONNX Runtime run, at most (batch allowing)
 
 
@@ -62,10 +64,10 @@ def check_onnx_input(opts: Sparsify, state: CompileState) -> None:
     if opts.score == "sparsegpt":
         raise opts.option_error("score", "'sparsegpt' reconstructs weights and needs the PyTorch "
                                 "model; for ONNX input use magnitude, wanda, ri or ria")
-    if opts.permute != "none":
-        raise opts.option_error("permute", f"channel permutation ({opts.permute}) needs the "
-                                "PyTorch model; it is not supported for ONNX input (use "
-                                "permute=none)")
+    if opts.permute == "space":
+        raise opts.option_error("permute", "permute=space (one permutation of the residual "
+                                "stream) needs the PyTorch model; it is not supported for ONNX "
+                                "input (use fold, gather or mask-only)")
     if state.graph is None or state.graph.meta.get("onnx_model") is None:
         raise PipelineError(f"pass '{opts.name}': the ONNX model is not loaded")
     if opts.needs_data():
@@ -252,9 +254,12 @@ def _batches(sess, windows: torch.Tensor, batch: int):
 # --------------------------------------------------------------------------- pruning
 
 
-def prune_target(opts: Sparsify, t: Target, sumsq: torch.Tensor | None) -> dict:
-    """Score ``t``'s weight (``[out, in]``), mask it, write it back through its handle."""
+def prune_target(opts: Sparsify, t: Target, sumsq: torch.Tensor | None, result=None) -> dict:
+    """Score ``t``'s weight (``[out, in]``), permute its input channels when
+    ``opts.permute`` says so (``onnx_permute``; ``result``: the analysis, for ``fold``),
+    mask it, write it back through its handle."""
     from slimgraph.sparsity.masks import nm_mask, unstructured_mask
+    from slimgraph.sparsity.onnx_permute import permute_target
     from slimgraph.sparsity.scores import score
 
     raw = t.handle.read().float()
@@ -266,7 +271,12 @@ def prune_target(opts: Sparsify, t: Target, sumsq: torch.Tensor | None) -> dict:
                 "numel": w.numel(), "zeros": 0}
     act = sumsq.sqrt().float() if sumsq is not None else None
     s = score(w, opts.score, act_norm=act, a=opts.a)
-    if nm is not None:
+    keep, perm_info = None, None
+    if opts.permute != "none":
+        w, s, act, keep, perm_info = permute_target(opts, result, t, w, s, act, nm)
+    if keep is not None:
+        pass  # mask-only: chosen in permuted order, in the stored order
+    elif nm is not None:
         keep = nm_mask(s, *nm)
     else:
         keep = unstructured_mask(s, opts.sparsity, opts.scope or ("row" if opts.score == "wanda"
@@ -274,8 +284,11 @@ def prune_target(opts: Sparsify, t: Target, sumsq: torch.Tensor | None) -> dict:
     new = w * keep
     t.handle.write((new if t.w_in == 1 else new.T).contiguous())
     zeros = int((t.handle.read() == 0).sum())
-    return {"name": label, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
-            "sparsity": round(zeros / w.numel(), 6)}
+    out = {"name": label, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
+           "sparsity": round(zeros / w.numel(), 6)}
+    if perm_info is not None:
+        out["permutation"] = perm_info
+    return out
 
 
 def sparsify_onnx(opts: Sparsify, state: CompileState):
@@ -291,18 +304,19 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
     samples = opts.samples or state.calib.get("samples", 64)
     seqlen = opts.seqlen or state.calib.get("seqlen", 512)
     source = calib_source(opts, state)
-    sumsq: dict[str, torch.Tensor] = {}
+    method, notes = None, []
+    done: dict[str, dict] = {}
     if opts.needs_data():
         tokens = calibration_tokens(onnx_tokenizer(state), source, None, seqlen=seqlen,
                                     samples=samples, seed=opts.seed)
         windows = sample_windows(tokens, samples, seqlen, opts.seed)
-        sumsq = input_sumsq(state.graph.meta["onnx_model"], targets, windows, batch=opts.batch,
-                            tmp_parent=state.out_dir)
-    layers = []
+        method, notes = calibrate_and_prune(opts, state, targets, windows, done)
     for i, t in enumerate(targets):
-        layers.append(prune_target(opts, t, sumsq.get(t.name)))
-        if state.progress:
-            state.progress(i + 1, len(targets), "linears")
+        if t.name not in done:
+            done[t.name] = prune_target(opts, t, None, state.analysis())
+            if state.progress:
+                state.progress(i + 1, len(targets), "linears")
+    layers = [done[t.name] for t in targets]
     skipped = [r for r in layers if r.get("skipped")]
     pruned = [r for r in layers if not r.get("skipped")]
     if not pruned:
@@ -314,14 +328,40 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
     data = opts.needs_data()
     report = {"score": opts.score, "pattern": opts.pattern, "sparsity_target": opts.sparsity,
               "reconstruct": False, "input": "onnx",
-              "calibration": {"method": CALIBRATION if data else None,
+              "calibration": {"method": method,
                               "source": source if data else None,
                               "samples": samples if data else 0, "seqlen": seqlen},
               "layers": layers,
               "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped] + skipped_names,
-              "sparsity": zeros / total, "notes": []}
-    if data:
-        report["notes"].append("calibration is one-shot on the dense model (ONNX Runtime), not "
-                               "block-sequential as for PyTorch input: layers after the first "
-                               "see dense, not pruned, activations")
+              "sparsity": zeros / total, "notes": notes}
+    if opts.permute != "none":
+        report["permutation"] = opts.permutation_summary(pruned)
     return PassResult(True, report)
+
+
+def calibrate_and_prune(opts: Sparsify, state: CompileState, targets: list[Target],
+                        windows: torch.Tensor, done: dict[str, dict]) -> tuple[str, list[str]]:
+    """Prune every target with its calibration statistics (reports into ``done``):
+    block-sequential when the graph can be cut into layers, else one-shot. Returns the
+    method and the report's notes."""
+    from slimgraph.sparsity.onnx_blocks import (SegmentError, block_sequential_onnx,
+                                                plan_segments, target_layers)
+
+    model = state.graph.meta["onnx_model"]
+    try:
+        segments = plan_segments(model.graph, targets, target_layers(state.analysis(), targets))
+    except SegmentError as e:
+        sumsq = input_sumsq(model, targets, windows, batch=opts.batch, tmp_parent=state.out_dir)
+        for t in targets:
+            done[t.name] = prune_target(opts, t, sumsq[t.name], state.analysis())
+        return ONE_SHOT, [f"calibration is one-shot on the dense model (ONNX Runtime), not "
+                          f"block-sequential: the graph could not be cut into layers ({e}); "
+                          "layers after the first see dense, not pruned, activations"]
+
+    def prune_layer(segment, sums):
+        for t in segment.targets:
+            done[t.name] = prune_target(opts, t, sums[t.name], state.analysis())
+
+    block_sequential_onnx(model, segments, windows, prune_layer, batch=opts.batch,
+                          tmp_parent=state.out_dir, progress=state.progress)
+    return CALIBRATION, []

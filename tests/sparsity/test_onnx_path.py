@@ -1,7 +1,9 @@
 """`sparsify` on ONNX input (slimgraph.sparsity.onnx_path): the tiny LLaMA exported with
 dynamic axes, pruned through the ONNX path and saved by export-onnx; magnitude equals the
-PyTorch path; Wanda's one-shot ORT calibration equals the dense torch activations; options
-only the PyTorch path supports are refused before anything is written."""
+PyTorch path; the block-sequential ORT calibration gives the PyTorch path's masks for
+Wanda and RIA in every layer (the one-shot fallback's statistics equal the dense torch
+activations); options only the PyTorch path supports are refused before anything is
+written."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.ir.dependency import analyze
 from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 from slimgraph.sparsity.masks import is_nm
-from slimgraph.sparsity.onnx_path import CALIBRATION, find_targets, input_sumsq
+from slimgraph.sparsity.onnx_path import CALIBRATION, ONE_SHOT, find_targets, input_sumsq
 from tests import zoo
 
 ort = pytest.importorskip("onnxruntime")
@@ -154,21 +156,78 @@ def _torch_norms(model, windows) -> dict[str, torch.Tensor]:
     return {n + ".weight": s.sqrt() for n, s in sums.items()}
 
 
-def test_wanda_24_one_shot_calibration_matches_dense_torch(tiny, tmp_path):
+@pytest.mark.parametrize("options", ["score=wanda,pattern=2:4", "score=ria,pattern=2:4",
+                                     "score=wanda,sparsity=0.5,scope=row"])
+def test_block_sequential_calibration_gives_the_pytorch_masks(tiny, tmp_path, options):
+    """Every layer's mask equals the PyTorch path's: layer 1 is observed on the outputs of
+    the pruned layer 0 on both paths (with dense activations, layer 1 differs)."""
     src = tiny / "onnx" / "model.onnx"
     out = tmp_path / "out"
-    assert _compile(src, out, "sparsify{score=wanda,pattern=2:4},export-onnx", *_calib(tiny)) == 0
-    assert main(["check-sparsity", str(out / "model.onnx"), "--pattern", "2:4"]) == 0
+    pipeline = f"sparsify{{{options}}}"
+    assert _compile(src, out, pipeline + ",export-onnx", *_calib(tiny)) == 0
     rep = _report(out)[0]["report"]
     assert rep["calibration"] == {"method": CALIBRATION, "source": str(tiny / "calib.txt"),
                                   "samples": 8, "seqlen": 32}
-    assert any("one-shot" in n for n in rep["notes"])
-    assert rep["sparsity"] == pytest.approx(0.5) and len(rep["layers"]) == N_TARGETS
+    assert rep["notes"] == [] and len(rep["layers"]) == N_TARGETS
+    assert rep["sparsity"] == pytest.approx(0.5)
+    assert _compile(tiny / "hf", tmp_path / "t", pipeline + ",save-hf", *_calib(tiny)) == 0
+    params = dict(load_model(str(tmp_path / "t" / "hf")).model.named_parameters())
+    onnx_w = _onnx_weights(out / "model.onnx")
+    assert len(onnx_w) == N_TARGETS
+    for name, w in onnx_w.items():
+        assert torch.equal(w, params[name].detach()), name
 
-    # the per-channel input norms from ONNX Runtime equal the dense torch activations'
+    # dense statistics (one-shot) would give layer 1 other masks: the test can tell
     windows = sample_windows(calibration_tokens(zoo.tiny_tokenizer(), tiny / "calib.txt"),
                              8, 32, 0)
     graph = import_onnx(src)
+    targets, _ = find_targets(analyze(graph))
+    dense = input_sumsq(graph.meta["onnx_model"], targets, windows)
+    pruned = _torch_norms(load_model(str(tmp_path / "t" / "hf")).model, windows)
+    later = [t.name for t in targets if ".layers.1." in t.name]
+    assert later and any(not torch.allclose(dense[n].sqrt(), pruned[n.removeprefix(WRAPPER)],
+                                            rtol=1e-3) for n in later)
+
+
+def test_segments_cut_the_residual_stream(tiny):
+    """One segment per layer; only the residual stream crosses between them."""
+    from slimgraph.sparsity.onnx_blocks import plan_segments, target_layers
+
+    graph = import_onnx(tiny / "onnx" / "model.onnx")
+    result = analyze(graph)
+    targets, _ = find_targets(result)
+    segments = plan_segments(graph.meta["onnx_model"].graph, targets,
+                             target_layers(result, targets))
+    assert [s.layer for s in segments] == list(range(zoo.LAYERS))
+    assert [len(s.targets) for s in segments] == [7] * zoo.LAYERS
+    assert segments[0].inputs == [] and segments[-1].outputs == []
+    for a, b in zip(segments, segments[1:]):
+        assert len(a.outputs) == 1 and a.outputs == b.inputs
+    # the crossing value is a residual Add's output
+    by_out = {o.name: n for n in graph.meta["onnx_model"].graph for o in n.outputs}
+    assert all(by_out[s.outputs[0]].op_type == "Add" for s in segments[:-1])
+
+
+def test_one_shot_fallback_statistics_match_dense_torch(tiny, monkeypatch, tmp_path):
+    """A graph that cannot be cut into layers falls back to one dense run, says so, and
+    those statistics equal the dense torch activations."""
+    from slimgraph.sparsity import onnx_blocks
+
+    def refuse(*_a, **_k):
+        raise onnx_blocks.SegmentError("node 'x' holds a subgraph")
+
+    monkeypatch.setattr(onnx_blocks, "plan_segments", refuse)
+    out = tmp_path / "out"
+    assert _compile(tiny / "onnx" / "model.onnx", out, "sparsify{score=wanda,pattern=2:4},"
+                    "export-onnx", *_calib(tiny)) == 0
+    assert main(["check-sparsity", str(out / "model.onnx"), "--pattern", "2:4"]) == 0
+    rep = _report(out)[0]["report"]
+    assert rep["calibration"]["method"] == ONE_SHOT
+    assert len(rep["notes"]) == 1 and "node 'x' holds a subgraph" in rep["notes"][0]
+
+    windows = sample_windows(calibration_tokens(zoo.tiny_tokenizer(), tiny / "calib.txt"),
+                             8, 32, 0)
+    graph = import_onnx(tiny / "onnx" / "model.onnx")
     targets, _ = find_targets(analyze(graph))
     onnx_norms = {n.removeprefix(WRAPPER): s.sqrt()
                   for n, s in input_sumsq(graph.meta["onnx_model"], targets, windows).items()}
@@ -178,20 +237,42 @@ def test_wanda_24_one_shot_calibration_matches_dense_torch(tiny, tmp_path):
         rel = float((onnx_norms[name] - want).norm() / want.norm())
         assert rel < 1e-4, (name, rel)
 
-    # layer 0 sees dense activations on both paths: its masks equal the PyTorch path's
-    assert _compile(tiny / "hf", tmp_path / "t", "sparsify{score=wanda,pattern=2:4},save-hf",
-                    *_calib(tiny)) == 0
-    params = dict(load_model(str(tmp_path / "t" / "hf")).model.named_parameters())
-    onnx_w = _onnx_weights(out / "model.onnx")
-    layer0 = [n for n in onnx_w if ".layers.0." in n]
-    assert len(layer0) == 7
-    for name in layer0:
-        assert torch.equal(onnx_w[name] != 0, params[name] != 0), name
+
+@pytest.mark.parametrize("mode", ["mask-only", "fold", "gather"])
+def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
+    """RIA 2:4 with a channel permutation: the ONNX path gives the PyTorch path's model
+    (ORT logits within 1e-4); fold and gather store 2:4 weights, mask-only does not."""
+    pipeline = f"sparsify{{score=ria,pattern=2:4,permute={mode}}},export-onnx"
+    onnx_out, torch_out = tmp_path / "o", tmp_path / "t"
+    assert _compile(tiny / "onnx" / "model.onnx", onnx_out, pipeline, *_calib(tiny)) == 0
+    assert _compile(tiny / "hf", torch_out, pipeline, *_calib(tiny)) == 0
+    path = onnx_out / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    ids = torch.randint(0, zoo.VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+    got, want = _ort_logits(path, ids), _ort_logits(torch_out / "model.onnx", ids)
+    dense = _ort_logits(tiny / "onnx" / "model.onnx", ids)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    assert np.linalg.norm(got - dense) / np.linalg.norm(dense) > 1e-2  # it did prune
+    rc = main(["check-sparsity", str(path), "--pattern", "2:4"])
+    assert rc == (1 if mode == "mask-only" else 0)
+    rep = _report(onnx_out)[0]["report"]
+    torch_rep = _report(torch_out)[0]["report"]
+    assert rep["permutation"]["mode"] == mode
+    assert rep["permutation"]["layers_permuted"] == torch_rep["permutation"]["layers_permuted"]
+    gathers = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Gather"
+               and any(i.endswith(".input_perm") for i in n.input)]
+    if mode == "fold":  # o_proj (v head_dim) and down_proj (MLP channels) in every layer
+        assert rep["permutation"]["layers_permuted"] == 2 * zoo.LAYERS
+        assert all("hidden space" in why for why in rep["permutation"]["layers_unpermuted"])
+    else:
+        assert rep["permutation"]["layers_permuted"] == N_TARGETS
+    assert len(gathers) == (N_TARGETS if mode == "gather" else 0)
+    assert rep["sparsity"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("options,needle", [
     ("score=ria,pattern=2:4,reconstruct=true", "option 'reconstruct'"),
-    ("score=ria,pattern=2:4,permute=fold", "option 'permute'"),
+    ("score=ria,pattern=2:4,permute=space", "option 'permute'"),
     ("score=sparsegpt,pattern=2:4", "option 'score'"),
     ("score=wanda,pattern=2:4,calib=self", "option 'calib'"),
 ])

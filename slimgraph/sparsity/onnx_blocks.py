@@ -1,0 +1,318 @@
+"""Block-sequential calibration on an ONNX graph, through ONNX Runtime.
+
+The PyTorch path (``calibration.block_sequential``) observes block ``k`` on the outputs of
+the already-pruned blocks ``0..k-1``. This module does the same on a model that exists
+only as an ONNX file, without module boundaries to hook: the graph is cut into one
+segment per decoder layer, and each segment becomes a small ONNX model of its own.
+
+Segments come from the graph, not from node names. Every target weight (a decoder-block
+linear) has a layer (its analysis group's, else the number in its name). For every node:
+
+* ``depth`` -- the highest layer of a target weight among its ancestors (itself
+  included); ``-1`` for *side* nodes that no target feeds (the embedding lookup,
+  attention masks, rotary caches, shape arithmetic on the token ids);
+* ``next`` -- the lowest layer of a target weight among its descendants: nodes that feed
+  no target (the final norm, ``lm_head``) are not needed for calibration.
+
+A needed non-side node starts in segment ``depth`` and then *sinks* (in reverse
+topological order) into the segment of its earliest consumer whenever that does not
+increase the number of tensors that cross a segment boundary: the pre-norm of block
+``k+1`` moves into segment ``k+1``, the residual ``Add`` that ends block ``k`` stays
+(moving it would make two tensors cross instead of one). What crosses into segment
+``k`` -- in a transformer, the residual stream -- is kept for every calibration batch;
+side nodes are not cut at all: each segment model recomputes the ones it needs from the
+token inputs (``onnx_ir.convenience.extract`` walks back to them).
+
+Per layer ``k``: the *observe* model (its targets' input activations as outputs) runs
+over the calibration batches and the per-channel sums of squares accumulate; the layer's
+weights are pruned (written into the ONNX model); the *propagate* model -- extracted
+again, so it holds the pruned weights -- computes what crosses into later segments.
+Memory: the crossing tensors for the calibration set (the residual stream: samples x
+seqlen x hidden) and one segment model at a time.
+
+:func:`plan_segments` raises :class:`SegmentError` when the graph cannot be cut this
+way (a target fed by a later layer's target, a crossing tensor of unknown type, a
+control-flow node on the path); the caller then falls back to one-shot calibration and
+says so in its report.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from slimgraph.errors import SlimgraphError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from slimgraph.sparsity.onnx_path import Target
+
+NOT_NEEDED = 1 << 30
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+class SegmentError(SlimgraphError):
+    """The ONNX graph cannot be cut into per-layer segments (see the module docstring)."""
+
+
+@dataclass
+class Segment:
+    """The nodes of one decoder layer's segment, by what a segment model needs."""
+
+    layer: int
+    targets: list[Target] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # crossing in (from earlier segments)
+    outputs: list[str] = field(default_factory=list)  # crossing out (to later segments)
+    observe: list[str] = field(default_factory=list)  # the targets' input activations
+    last_use: dict[str, int] = field(default_factory=dict)  # crossing out -> last layer using it
+
+
+def target_layers(result, targets: list[Target]) -> dict[str, int]:
+    """Each target's layer: its analysis group's, else the block number in its name."""
+    layers: dict[str, int] = {}
+    for g in result.groups:
+        if g.layer is not None and g.kind in ("heads", "mlp"):
+            for m in g.members:
+                layers.setdefault(m.param, g.layer)
+    out = {}
+    for t in targets:
+        if t.name in layers:
+            out[t.name] = layers[t.name]
+            continue
+        m = _LAYER_RE.search("." + t.name)
+        if m is None:
+            raise SegmentError(f"{t.name}: no layer (not in a per-layer group, no block number "
+                               "in its name)")
+        out[t.name] = int(m.group(1))
+    return out
+
+
+def plan_segments(graph: ir.Graph, targets: list[Target], layers: dict[str, int]
+                  ) -> list[Segment]:
+    """Cut ``graph`` into one segment per layer of ``layers`` (see the module docstring)."""
+    nodes = list(graph)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    target_layer: dict[int, int] = {}  # node id -> layer of the target weight it reads
+    for t in targets:
+        for stored in t.handle.targets:
+            for node, _ in stored.uses:
+                target_layer[id(node)] = max(target_layer.get(id(node), -1), layers[t.name])
+
+    def producer(v):
+        p = v.producer() if v is not None else None
+        return p if p is not None and id(p) in index else None
+
+    depth: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if any(a.type in (_graph_attr_types()) for a in n.attributes.values()):
+            raise SegmentError(f"node '{n.name}' ({n.op_type}) holds a subgraph")
+        d = target_layer.get(id(n), -1)
+        for v in n.inputs:
+            p = producer(v)
+            if p is not None:
+                if index[id(p)] >= i:
+                    raise SegmentError("the ONNX graph is not topologically sorted "
+                                       f"(node '{n.name}')")
+                d = max(d, depth[id(p)])
+        depth[id(n)] = d
+    nxt: dict[int, int] = {}
+    for n in reversed(nodes):
+        m = target_layer.get(id(n), NOT_NEEDED)
+        for o in n.outputs:
+            for c in o.consumers():
+                m = min(m, nxt.get(id(c), NOT_NEEDED))
+        nxt[id(n)] = m
+    for n in nodes:
+        lay = target_layer.get(id(n))
+        if lay is not None and (depth[id(n)] != lay or nxt[id(n)] != lay):
+            raise SegmentError(f"node '{n.name}' ({n.op_type}) reads a layer-{lay} weight but "
+                               "depends on, or feeds, a linear of another layer out of order")
+
+    seg = {id(n): depth[id(n)] for n in nodes if depth[id(n)] >= 0 and nxt[id(n)] < NOT_NEEDED}
+
+    def consumers_in_seg(v):
+        return [c for c in v.consumers() if id(c) in seg]
+
+    def crosses(v) -> bool:
+        p = producer(v)
+        if p is None or id(p) not in seg:
+            return False
+        return any(seg[id(c)] > seg[id(p)] for c in consumers_in_seg(v))
+
+    for n in reversed(nodes):
+        if id(n) not in seg or id(n) in target_layer:
+            continue
+        later = [seg[id(c)] for o in n.outputs for c in consumers_in_seg(o)]
+        if not later or min(later) <= seg[id(n)]:
+            continue
+        affected = [o for o in n.outputs] + [v for v in n.inputs if producer(v) is not None]
+        before = sum(crosses(v) for v in affected)
+        old = seg[id(n)]
+        seg[id(n)] = min(later)
+        if sum(crosses(v) for v in affected) > before:
+            seg[id(n)] = old
+
+    graph_inputs = {v.name for v in graph.inputs}
+    for t in targets:
+        if graph_inputs.intersection(t.inputs):
+            raise SegmentError(f"{t.name} reads a graph input directly")
+    order = sorted(set(layers.values()))
+    segments = {k: Segment(k) for k in order}
+    for t in targets:
+        s = segments[layers[t.name]]
+        s.targets.append(t)
+        s.observe.extend(x for x in t.inputs if x not in s.observe)
+    for n in nodes:
+        if id(n) not in seg:
+            continue
+        for o in n.outputs:
+            later = sorted({seg[id(c)] for c in consumers_in_seg(o) if seg[id(c)] > seg[id(n)]})
+            if not later:
+                continue
+            if o.dtype is None:
+                raise SegmentError(f"the tensor '{o.name}' crosses from layer {seg[id(n)]} to "
+                                   f"layer {later[0]} and its type is unknown")
+            segments[seg[id(n)]].outputs.append(o.name)
+            segments[seg[id(n)]].last_use[o.name] = later[-1]
+            for k in later:
+                segments[k].inputs.append(o.name)
+    return [segments[k] for k in order]
+
+
+def _graph_attr_types():
+    import onnx_ir as ir
+
+    return (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+def segment_model(model: ir.Model, inputs: list[str], outputs: list[str]) -> ir.Model:
+    """A stand-alone model of the nodes that compute ``outputs`` from the graph's token
+    inputs and the crossing tensors ``inputs`` (weights as they are now)."""
+    import onnx_ir as ir
+
+    graph_inputs = [v.name for v in model.graph.inputs]
+    sub = ir.convenience.extract(model.graph, [*graph_inputs, *inputs], outputs)
+    for v in [*sub.inputs, *sub.outputs]:
+        if v.type is None:
+            v.type = ir.TensorType(v.dtype or ir.DataType.FLOAT)
+    return ir.Model(sub, ir_version=model.ir_version, producer_name="slimgraph-calibration",
+                    functions=list(model.functions.values()))
+
+
+class _Runner:
+    """Saves segment models under one temporary directory and runs them in ORT."""
+
+    def __init__(self, model: ir.Model, tmp_parent: Path | None):
+        self.model = model
+        self.tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=tmp_parent))
+        self.count = 0
+
+    def session(self, inputs: list[str], outputs: list[str]):
+        import onnx_ir as ir
+
+        from slimgraph.backends.ort_session import session
+
+        self.count += 1
+        path = self.tmp / f"segment{self.count}.onnx"
+        ir.save(segment_model(self.model, inputs, outputs), path,
+                external_data=f"segment{self.count}.onnx.data")
+        return session(path)
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: torch.Tensor,
+                          prune_layer: Callable[[Segment, dict[str, torch.Tensor]], None], *,
+                          batch: int = 8, tmp_parent: Path | None = None,
+                          progress: Callable[..., None] | None = None) -> None:
+    """Observe, prune (``prune_layer(segment, sumsq by target name)``) and propagate, one
+    segment after the other (see the module docstring). ``sumsq`` holds float64
+    ``[C_in]`` per-input-channel sums of squares of every target of the segment."""
+    from slimgraph.sparsity.onnx_path import _batches
+
+    runner = _Runner(model, tmp_parent)
+    try:
+        chunks = list(_batches(_GraphInputs(model.graph), windows, batch))
+        stored: list[dict[str, np.ndarray]] = [{} for _ in chunks]
+        for i, s in enumerate(segments):
+            want = [x for x in s.observe if x not in s.inputs]
+            sess = runner.session(s.inputs, want) if want else None
+            sums: dict[str, np.ndarray] = {}
+            for chunk, keep in zip(chunks, stored, strict=True):
+                outs = dict(zip(want, sess.run(want, _feeds(sess, chunk, keep, s.inputs)),
+                                strict=True)) if sess is not None else {}
+                for name in s.observe:
+                    arr = outs[name] if name in outs else keep[name]
+                    x = np.asarray(arr, dtype=np.float64).reshape(-1, arr.shape[-1])
+                    sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", x, x)
+            del sess
+            prune_layer(s, {t.name: torch.from_numpy(np.sum([sums[n] for n in t.inputs], axis=0))
+                            for t in s.targets})
+            if s.outputs:
+                sess = runner.session(s.inputs, s.outputs)
+                for chunk, keep in zip(chunks, stored, strict=True):
+                    keep.update(zip(s.outputs, sess.run(s.outputs, _feeds(sess, chunk, keep,
+                                                                             s.inputs)),
+                                    strict=True))
+                del sess
+            for keep in stored:  # drop what no later segment reads
+                for name in [n for n in keep if _last_use(segments, n) <= s.layer]:
+                    del keep[name]
+            if progress:
+                progress(i + 1, len(segments), "blocks")
+    finally:
+        runner.close()
+
+
+def _last_use(segments: list[Segment], name: str) -> int:
+    return max((s.last_use[name] for s in segments if name in s.last_use), default=-1)
+
+
+def _feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[str]
+           ) -> dict[str, np.ndarray]:
+    """The token feeds (ids, mask, positions) of the segment model plus its crossing
+    inputs for this batch."""
+    from slimgraph.backends.ort_session import token_feeds
+
+    feeds = token_feeds(_TokenInputs(sess, inputs), chunk)
+    feeds.update((name, keep[name]) for name in inputs)
+    return feeds
+
+
+class _GraphInputs:
+    """The model's inputs in the shape of ``InferenceSession.get_inputs()`` (name, shape)
+    for ``onnx_path._batches``, without building a session."""
+
+    def __init__(self, graph):
+        self._inputs = [_Arg(v.name, None if v.shape is None else
+                             [d if isinstance(d, int) else str(d) for d in v.shape])
+                        for v in graph.inputs]
+
+    def get_inputs(self):
+        return self._inputs
+
+
+@dataclass
+class _Arg:
+    name: str
+    shape: list | None
+
+
+class _TokenInputs:
+    """A session seen without its crossing inputs (for ``token_feeds``)."""
+
+    def __init__(self, sess, crossing: list[str]):
+        self._inputs = [i for i in sess.get_inputs() if i.name not in crossing]
+
+    def get_inputs(self):
+        return self._inputs

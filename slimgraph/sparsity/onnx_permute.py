@@ -1,0 +1,121 @@
+"""N:M channel permutations on ONNX input (``sparsify{...,permute=MODE}`` on a .onnx).
+
+The permutation search is the PyTorch path's (:func:`~slimgraph.sparsity.permutation.
+search_permutation` on the layer's scores); what differs is how it is made real in the
+ONNX model:
+
+- ``mask-only``: the N:M mask chosen in permuted order, applied in the stored order (the
+  stored weight is not N:M; RIA's "mask only" use).
+- ``fold``: the permutation is folded into the producers of the linear's input channels
+  through the channel group that covers them unit by unit (MLP channels: ``down_proj``
+  columns with ``gate``/``up`` rows; a layer's v head_dim: ``o_proj`` columns with
+  ``v_proj`` rows), every member written back through its ONNX initializer
+  (:func:`~slimgraph.sparsity.deploy.permute_group`): the same function, the stored weight
+  N:M, no extra node.
+- ``gather``: the weight stores ``W[:, pi]`` and a ``Gather(axis=-1)`` node in front of
+  each MatMul/Gemm that reads it reorders the activation: exact for any linear.
+
+``space`` (one permutation of the residual stream) needs the PyTorch model and is refused
+for ONNX input.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from slimgraph.passes.sparsify import Sparsify
+    from slimgraph.sparsity.onnx_path import Target
+
+ONNX_MODES = ("none", "mask-only", "fold", "gather")
+
+
+def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.Tensor,
+                   act: torch.Tensor | None, nm: tuple[int, int]):
+    """Search and realise a permutation of ``t``'s input channels (``w``, ``s`` are
+    ``[out, in]``). Returns ``(w, s, act, fixed_mask, info)``: the weight and scores in
+    the new stored column order, or a mask in the original order for mask-only."""
+    from slimgraph.sparsity.deploy import fold_group, permute_group, stacked_scores, unit_positions
+    from slimgraph.sparsity.permutation import permuted_nm_mask, search_permutation
+
+    n, m = nm
+    info: dict = {"realised": "none"}
+    if opts.permute == "mask-only":
+        res = search_permutation(s, n, m, mode=opts.search)
+        info.update(realised="mask-only", kept_before=res.kept_before,
+                    kept_after=res.kept_after, seconds=round(res.seconds, 3))
+        return w, s, act, permuted_nm_mask(s, res.perm, n, m), info
+    if opts.permute == "fold":
+        group, why = fold_group(result, t.name, m, dim=t.w_in)
+        if group is None:
+            info["why"] = why
+            return w, s, act, None, info
+        pos = unit_positions(group, t.name, t.w_in)
+        res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
+        idx = permute_group(result, group, res.perm)[(t.name, t.w_in)]
+        raw = t.handle.read().float()
+        w = raw if t.w_in == 1 else raw.T
+        info.update(realised="fold", group=group.id, group_kind=group.kind,
+                    perm=res.perm.tolist())
+    else:  # gather
+        uses = _activation_inputs(t)
+        if isinstance(uses, str):
+            info["why"] = uses
+            return w, s, act, None, info
+        res = search_permutation(s, n, m, mode=opts.search)
+        idx = res.perm
+        install_gathers(t, uses, idx)
+        w = w[:, idx]
+        info.update(realised="gather")
+    info.update(kept_before=res.kept_before, kept_after=res.kept_after,
+                seconds=round(res.seconds, 3))
+    return w, s[:, idx], act[idx] if act is not None else None, None, info
+
+
+def _activation_inputs(t: Target) -> list[tuple[object, int]] | str:
+    """``(node, input index)`` of the activation of every MatMul/Gemm that reads ``t``'s
+    weight directly, or why a gather cannot be placed."""
+    out = []
+    for stored in t.handle.targets:
+        for node, i in stored.uses:
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and i == 1:
+                out.append((node, 0))
+            elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and i == 1:
+                attr = node.attributes.get("transA")
+                if attr is not None and attr.as_int():
+                    return f"Gemm '{node.name}' has transA=1"
+                out.append((node, 0))
+            else:
+                return (f"its weight is read by {node.op_type} '{node.name}' (input {i}), not "
+                        "directly as a MatMul/Gemm B")
+    return out or "no MatMul/Gemm reads its weight"
+
+
+def install_gathers(t: Target, uses, perm: torch.Tensor) -> None:
+    """Put ``Gather(x, perm, axis=-1)`` in front of every use (the weight is written
+    permuted by the caller)."""
+    import onnx_ir as ir
+
+    graph = t.handle.onnx_graph
+    taken = {v.name for v in graph.initializers.values()} | {
+        o.name for n in graph for o in n.outputs}
+    base = f"{t.label or t.name}.input_perm"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}.{k}"
+    arr = np.asarray(perm, dtype=np.int64)
+    index = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT64),
+                     const_value=ir.Tensor(arr, name=name))
+    graph.register_initializer(index)
+    for j, (node, i) in enumerate(uses):
+        x = node.inputs[i]
+        gathered = ir.Value(name=f"{name}.x{j}" if j else f"{name}.x", shape=x.shape,
+                            type=x.type)
+        gather = ir.Node("", "Gather", [x, index], attributes=[ir.AttrInt64("axis", -1)],
+                         outputs=[gathered], name=f"{name}.gather{j}" if j else f"{name}.gather")
+        graph.insert_before(node, gather)
+        node.replace_input_with(i, gathered)
