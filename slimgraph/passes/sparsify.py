@@ -22,13 +22,15 @@ linears equals ``sparsity``; the per-layer values are in the report.
 ONNX input (a model that exists only as an .onnx file) goes through
 ``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
 model (``export-onnx`` saves it), calibration block-sequential through ONNX Runtime (one
-segment model per layer, ``sparsity/onnx_blocks.py``: the PyTorch path's masks), and
-reconstruct / sparsegpt / permute / calib=self are refused.
+segment model per layer, ``sparsity/onnx_blocks.py``: the PyTorch path's masks);
+reconstruction and permute=mask-only/fold/gather work, permute=space and calib=self are
+refused.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -196,16 +198,17 @@ class Sparsify(Pass):
         """The pruning pass observes each block's linear inputs."""
         from slimgraph.sparsity.scores import SCORES_NEED_DATA
 
-        return self.score in SCORES_NEED_DATA or self.reconstruct or self.score == "sparsegpt"
+        return self.score in SCORES_NEED_DATA or self.needs_hessian()
+
+    def needs_hessian(self) -> bool:
+        """SparseGPT's weight update (reconstruct=true or score=sparsegpt) needs the Gram
+        matrix of each linear's inputs."""
+        return self.reconstruct or self.score == "sparsegpt"
 
     def requires(self, state: CompileState) -> None:
         from slimgraph.sparsity import onnx_path
 
         if state.is_onnx:
-            if self.schedule_name() != "uniform":
-                raise self.option_error("schedule", "per-layer schedules need the PyTorch model "
-                                        "(block-sequential calibration); not supported for ONNX "
-                                        "input")
             onnx_path.check_onnx_input(self, state)
             return
         self.require_torch(state)
@@ -217,12 +220,15 @@ class Sparsify(Pass):
         if self.schedule_name() == "explicit":
             from slimgraph.sparsity.calibration import find_blocks
 
-            n_blocks = len(find_blocks(state.analysis()))
-            n_values = len(self.layer_values())
-            if n_values != n_blocks:
-                raise self.option_error("layer_sparsity", f"{n_values} value"
-                                        f"{'s' if n_values != 1 else ''} given; the model has "
-                                        f"{n_blocks} decoder blocks (give one value per block)")
+            self.check_layer_count(len(find_blocks(state.analysis())))
+
+    def check_layer_count(self, n_blocks: int) -> None:
+        """``layer_sparsity`` has one value per decoder block."""
+        n_values = len(self.layer_values())
+        if n_values != n_blocks:
+            raise self.option_error("layer_sparsity", f"{n_values} value"
+                                    f"{'s' if n_values != 1 else ''} given; the model has "
+                                    f"{n_blocks} decoder blocks (give one value per block)")
 
     def run(self, state: CompileState) -> PassResult:
         from slimgraph.sparsity import onnx_path
@@ -290,30 +296,38 @@ class Sparsify(Pass):
                                       if r.get("permutation", {}).get("realised") == "none"]}
 
     def layer_plan(self, state: CompileState, blocks: list, windows) -> dict:
-        """Per-block sparsity of an unstructured prune: ``by_layer`` (layer index -> s_l),
-        the blocks' parameter counts, the overall target and, for OWL, the outlier ratios
-        (from one extra dense block-sequential pass)."""
+        """Per-block sparsity of an unstructured prune (:meth:`schedule_plan`); OWL's
+        outlier ratios come from one extra dense block-sequential pass."""
         from slimgraph.sparsity import schedules
 
-        sched = self.schedule_name()
         # weights of each block's pruned linears (shapes only: fine on the meta device)
         params = [sum(state.model.get_submodule(n).weight.numel() for n in b.linears)
                   for b in blocks]
+        return self.schedule_plan([b.layer for b in blocks], params, lambda: (
+            schedules.owl_outlier_ratios(state.model, blocks, windows, self.owl_threshold(),
+                                         batch=self.batch, progress=state.progress,
+                                         lazy=state.offload)))
+
+    def schedule_plan(self, layers: list[int], params: list[int],
+                      owl_ratios: Callable[[], list[float]]) -> dict:
+        """``by_layer`` (layer index -> s_l), the layers' parameter counts, the overall
+        target and, for OWL, the outlier ratios (``owl_ratios()``, dense statistics)."""
+        from slimgraph.sparsity import schedules
+
+        sched = self.schedule_name()
         owl = None
         try:
             if sched == "uniform":
-                values = [self.sparsity] * len(blocks)
+                values = [self.sparsity] * len(layers)
             elif sched == "explicit":
                 values = self.layer_values()
             elif sched == "linear":
                 values = schedules.match_mean(
-                    schedules.linear_schedule(self.sparsity, self.spread, len(blocks)), params,
+                    schedules.linear_schedule(self.sparsity, self.spread, len(layers)), params,
                     self.sparsity)
             else:  # owl
                 t0 = time.perf_counter()
-                ratios = schedules.owl_outlier_ratios(
-                    state.model, blocks, windows, self.owl_threshold(), batch=self.batch,
-                    progress=state.progress, lazy=state.offload)
+                ratios = owl_ratios()
                 values = schedules.match_mean(
                     schedules.owl_schedule(ratios, self.sparsity, self.owl_lam()), params,
                     self.sparsity)
@@ -323,8 +337,8 @@ class Sparsify(Pass):
         except schedules.ScheduleError as e:
             raise self.option_error("schedule", str(e)) from None
         target = schedules.weighted_mean(values, params) if sched == "explicit" else self.sparsity
-        return {"name": sched, "by_layer": {b.layer: v for b, v in zip(blocks, values)},
-                "blocks": [b.layer for b in blocks], "values": values, "params": params,
+        return {"name": sched, "by_layer": dict(zip(layers, values, strict=True)),
+                "blocks": list(layers), "values": values, "params": params,
                 "target": target, "owl": owl}
 
     def schedule_report(self, plan: dict, reports: list[dict]) -> dict:
@@ -343,6 +357,31 @@ class Sparsify(Pass):
         if plan["owl"] is not None:
             out["owl"] = plan["owl"]
         return out
+
+
+def masked_weight(opts: Sparsify, w: torch.Tensor, s: torch.Tensor, hess: torch.Tensor | None,
+                  sparsity: float | None, fixed_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The pruned ``[out, in]`` weight: the mask from the scores ``s`` (N:M, or
+    unstructured at ``sparsity`` per row or layer), or ``fixed_mask`` (mask-only
+    permutations); with a Hessian (reconstruct / sparsegpt), SparseGPT's update."""
+    from slimgraph.sparsity.masks import nm_mask, unstructured_mask
+    from slimgraph.sparsity.reconstruct import sparsegpt_prune
+
+    nm = opts.nm()
+    if fixed_mask is not None:  # mask-only: the permuted choice, in the original order
+        if hess is not None:
+            return sparsegpt_prune(w, hess, mask=fixed_mask)[0]
+        return w * fixed_mask
+    if opts.score == "sparsegpt":
+        return sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm)[0]
+    if opts.reconstruct:
+        return sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm, scores=s)[0]
+    if nm is not None:
+        keep = nm_mask(s, *nm)
+    else:
+        keep = unstructured_mask(s, sparsity, opts.scope or ("row" if opts.score == "wanda"
+                                                             else "layer"))
+    return w * keep
 
 
 class _BlockPruner:
@@ -365,15 +404,13 @@ class _BlockPruner:
         stats: dict = {}
         if opts.needs_stats():
             stats, _ = observe_block(module, linears, inputs,
-                                     hessian=opts.reconstruct or opts.score == "sparsegpt")
+                                     hessian=opts.needs_hessian())
         sparsity = self.by_layer[block.layer] if self.by_layer is not None else opts.sparsity
         return {"layer": block.layer,
                 "layers": [self.prune_linear(name, linears[name], stats.get(name), sparsity)
                            for name in linears]}
 
     def prune_linear(self, name: str, lin: torch.nn.Linear, acc, sparsity: float | None) -> dict:
-        from slimgraph.sparsity.masks import nm_mask, unstructured_mask
-        from slimgraph.sparsity.reconstruct import sparsegpt_prune
         from slimgraph.sparsity.scores import score
 
         opts = self.opts
@@ -383,28 +420,12 @@ class _BlockPruner:
             return {"name": name, "skipped": f"input size {w.shape[1]} is not divisible by "
                     f"{nm[1]}", "numel": w.numel(), "zeros": 0}
         act = acc.act_norm() if acc is not None else None
-        hess = acc.hessian() if acc is not None and (opts.reconstruct or opts.score == "sparsegpt") \
-            else None
+        hess = acc.hessian() if acc is not None and opts.needs_hessian() else None
         s = score(w, "magnitude" if opts.score == "sparsegpt" else opts.score, act_norm=act, a=opts.a)
         fixed_mask, perm_info = None, None
         if opts.permute != "none":
             lin, w, s, act, hess, fixed_mask, perm_info = self.permute(name, lin, w, s, act, hess, nm)
-        if fixed_mask is not None:  # mask-only: the permuted choice, in the original order
-            if hess is not None:
-                new, keep = sparsegpt_prune(w, hess, mask=fixed_mask)
-            else:
-                new, keep = w * fixed_mask, fixed_mask
-        elif opts.score == "sparsegpt":
-            new, keep = sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm)
-        elif opts.reconstruct:
-            new, keep = sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm, scores=s)
-        else:
-            if nm is not None:
-                keep = nm_mask(s, *nm)
-            else:
-                scope = opts.scope or ("row" if opts.score == "wanda" else "layer")
-                keep = unstructured_mask(s, sparsity, scope)
-            new = w * keep
+        new = masked_weight(opts, w, s, hess, sparsity, fixed_mask)
         with torch.no_grad():
             lin.weight.copy_(new.to(lin.weight.dtype))
         zeros = int((lin.weight == 0).sum())

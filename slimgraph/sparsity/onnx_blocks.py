@@ -24,9 +24,10 @@ side nodes are not cut at all: each segment model recomputes the ones it needs f
 token inputs (``onnx_ir.convenience.extract`` walks back to them).
 
 Per layer ``k``: the *observe* model (its targets' input activations as outputs) runs
-over the calibration batches and the per-channel sums of squares accumulate; the layer's
-weights are pruned (written into the ONNX model); the *propagate* model -- extracted
-again, so it holds the pruned weights -- computes what crosses into later segments.
+over the calibration batches and the statistics accumulate (per-channel sums of squares,
+and the Gram matrix for SparseGPT's reconstruction); the layer's weights are pruned
+(written into the ONNX model); the *propagate* model -- extracted again, so it holds the
+pruned weights -- computes what crosses into later segments.
 Memory: the crossing tensors for the calibration set (the residual stream: samples x
 seqlen x hidden) and one segment model at a time.
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from slimgraph.sparsity.onnx_path import Target
+    from slimgraph.sparsity.reconstruct import GramAccumulator
 
 NOT_NEEDED = 1 << 30
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -232,13 +234,15 @@ class _Runner:
 
 
 def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: torch.Tensor,
-                          prune_layer: Callable[[Segment, dict[str, torch.Tensor]], None], *,
-                          batch: int = 8, tmp_parent: Path | None = None,
+                          prune_layer: Callable[[Segment, dict[str, GramAccumulator]], None], *,
+                          hessian: bool = False, batch: int = 8, tmp_parent: Path | None = None,
                           progress: Callable[..., None] | None = None) -> None:
-    """Observe, prune (``prune_layer(segment, sumsq by target name)``) and propagate, one
-    segment after the other (see the module docstring). ``sumsq`` holds float64
-    ``[C_in]`` per-input-channel sums of squares of every target of the segment."""
+    """Observe, prune (``prune_layer(segment, statistics by target name)``) and
+    propagate, one segment after the other (see the module docstring). The statistics
+    are :class:`~slimgraph.sparsity.reconstruct.GramAccumulator` s (channel norms; the Gram
+    matrix too with ``hessian``), shared by targets that read the same activations."""
     from slimgraph.sparsity.onnx_path import _batches
+    from slimgraph.sparsity.reconstruct import GramAccumulator
 
     runner = _Runner(model, tmp_parent)
     try:
@@ -247,17 +251,17 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
         for i, s in enumerate(segments):
             want = [x for x in s.observe if x not in s.inputs]
             sess = runner.session(s.inputs, want) if want else None
-            sums: dict[str, np.ndarray] = {}
+            accs = {tuple(t.inputs): GramAccumulator(t.in_features, hessian=hessian)
+                    for t in s.targets}
             for chunk, keep in zip(chunks, stored, strict=True):
                 outs = dict(zip(want, sess.run(want, _feeds(sess, chunk, keep, s.inputs)),
                                 strict=True)) if sess is not None else {}
-                for name in s.observe:
-                    arr = outs[name] if name in outs else keep[name]
-                    x = np.asarray(arr, dtype=np.float64).reshape(-1, arr.shape[-1])
-                    sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", x, x)
-            del sess
-            prune_layer(s, {t.name: torch.from_numpy(np.sum([sums[n] for n in t.inputs], axis=0))
-                            for t in s.targets})
+                for names, acc in accs.items():
+                    for name in names:
+                        acc.add(torch.from_numpy(outs[name] if name in outs else keep[name]))
+            del sess, outs
+            prune_layer(s, {t.name: accs[tuple(t.inputs)] for t in s.targets})
+            del accs
             if s.outputs:
                 sess = runner.session(s.inputs, s.outputs)
                 for chunk, keep in zip(chunks, stored, strict=True):

@@ -23,11 +23,12 @@ Calibration (wanda, ria) is block-sequential as in the PyTorch path
 layer ``k``'s targets are observed in ONNX Runtime on the outputs of the already-pruned
 layers ``0..k-1``, so the masks are those of the PyTorch path on the same model. When
 the graph cannot be cut (see ``onnx_blocks.plan_segments``), calibration falls back to
-one run of the dense model (:func:`input_sumsq`) and the report says why.
-Channel permutations (``permute=mask-only|fold|gather``) are realised in the ONNX model
-(``sparsity/onnx_permute.py``). Reconstruction (``reconstruct=true``,
-``score=sparsegpt``), ``permute=space`` and ``calib=self`` (sampling from the model) need
-the PyTorch model and are refused for ONNX input before any work starts.
+one run of the dense model (:func:`input_stats`) and the report says why.
+SparseGPT's reconstruction (``reconstruct=true``, ``score=sparsegpt``) uses the Gram
+matrices accumulated by the same segment models. Channel permutations
+(``permute=mask-only|fold|gather``) are realised in the ONNX model
+(``sparsity/onnx_permute.py``). ``permute=space`` and ``calib=self`` (sampling from the
+model) need the PyTorch model and are refused for ONNX input before any work starts.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import numpy as np
 import torch
 
 from slimgraph.errors import PipelineError
+
+from slimgraph.sparsity.reconstruct import GramAccumulator
 
 if TYPE_CHECKING:
     from slimgraph.passes.base import CompileState
@@ -58,18 +61,23 @@ def calib_source(opts: Sparsify, state: CompileState) -> str:
 
 def check_onnx_input(opts: Sparsify, state: CompileState) -> None:
     """Refuse what only the PyTorch path supports, naming the option (``requires``)."""
-    if opts.reconstruct:
-        raise opts.option_error("reconstruct", "weight reconstruction needs the PyTorch model; "
-                                "it is not supported for ONNX input (use reconstruct=false)")
-    if opts.score == "sparsegpt":
-        raise opts.option_error("score", "'sparsegpt' reconstructs weights and needs the PyTorch "
-                                "model; for ONNX input use magnitude, wanda, ri or ria")
     if opts.permute == "space":
         raise opts.option_error("permute", "permute=space (one permutation of the residual "
                                 "stream) needs the PyTorch model; it is not supported for ONNX "
                                 "input (use fold, gather or mask-only)")
     if state.graph is None or state.graph.meta.get("onnx_model") is None:
         raise PipelineError(f"pass '{opts.name}': the ONNX model is not loaded")
+    if opts.schedule_name() != "uniform":
+        from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
+
+        targets, _ = find_targets(state.analysis())
+        try:
+            layers = target_layers(state.analysis(), targets)
+        except SegmentError as e:
+            raise opts.option_error("schedule", f"per-layer schedules need the layer of every "
+                                    f"pruned linear: {e}") from None
+        if opts.schedule_name() == "explicit":
+            opts.check_layer_count(len(set(layers.values())))
     if opts.needs_data():
         if calib_source(opts, state) == "self":
             raise opts.option_error("calib", f"score '{opts.score}' needs calibration data; "
@@ -151,11 +159,12 @@ def find_targets(result) -> tuple[list[Target], list[str]]:
 # --------------------------------------------------------------------------- calibration
 
 
-def input_sumsq(model, targets: list[Target], windows: torch.Tensor, *, batch: int = 8,
-                tmp_parent: Path | None = None) -> dict[str, torch.Tensor]:
-    """Per-input-channel sum of squares (float64 ``[C_in]``) of every target's input over
-    ``windows`` (token ids ``[samples, seqlen]``), from one ONNX Runtime run of the dense
-    ``model`` (an ``onnx_ir`` Model) per batch; ``sqrt`` of it is Wanda's ``‖X_j‖₂``.
+def input_stats(model, targets: list[Target], windows: torch.Tensor, *, batch: int = 8,
+                tmp_parent: Path | None = None) -> dict[str, GramAccumulator]:
+    """Per-input-channel statistics of every target's input over ``windows`` (token ids
+    ``[samples, seqlen]``), from one ONNX Runtime run of the dense ``model`` (an
+    ``onnx_ir`` Model) per batch: channel norms only (``act_norm()`` is Wanda's
+    ``‖X_j‖₂``), no Gram matrix.
 
     The inputs of the target MatMul/Gemm nodes become extra graph outputs on a copy of
     the model saved to a temporary directory (``tmp_parent`` or the system's); ``model``
@@ -198,27 +207,26 @@ def input_sumsq(model, targets: list[Target], windows: torch.Tensor, *, batch: i
                 v.type = typ
         sess = session(tmp / "calib.onnx")
         names = [n for n in wanted if n not in graph_inputs]
-        sums: dict[str, np.ndarray] = {}
+        accs = {n: GramAccumulator(_width(wanted[n], targets, n), hessian=False) for n in wanted}
         # the extra outputs of one run stay under RUN_BYTES (when the batch axis is free)
         per_window = 4 * windows.shape[1] * sum(_width(wanted[n], targets, n) for n in names)
         batch = max(1, min(batch, RUN_BYTES // max(per_window, 1)))
         for chunk in _batches(sess, windows, batch):
             feeds = token_feeds(sess, chunk)
             outs = dict(zip(names, sess.run(names, feeds), strict=True)) if names else {}
-            for name in wanted:
-                arr = outs[name] if name in outs else feeds[name]
-                x = np.asarray(arr, dtype=np.float64).reshape(-1, arr.shape[-1])
-                sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", x, x)
+            for name, acc in accs.items():
+                acc.add(torch.from_numpy(np.asarray(outs[name] if name in outs else feeds[name],
+                                                    dtype=np.float32)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, GramAccumulator] = {}
     for t in targets:
-        parts = [sums[n] for n in t.inputs]
-        total = np.sum(parts, axis=0)
-        if total.shape != (t.in_features,):
-            raise PipelineError(f"calibration: the inputs of {t.name} have {total.shape[0]} "
-                                f"channels, the weight expects {t.in_features}")
-        out[t.name] = torch.from_numpy(total)
+        if len(t.inputs) == 1:
+            out[t.name] = accs[t.inputs[0]]
+            continue
+        merged = out[t.name] = GramAccumulator(t.in_features, hessian=False)
+        for n in t.inputs:
+            merged.merge(accs[n])
     return out
 
 
@@ -254,11 +262,15 @@ def _batches(sess, windows: torch.Tensor, batch: int):
 # --------------------------------------------------------------------------- pruning
 
 
-def prune_target(opts: Sparsify, t: Target, sumsq: torch.Tensor | None, result=None) -> dict:
+def prune_target(opts: Sparsify, t: Target, acc=None, result=None,
+                 sparsity: float | None = None) -> dict:
     """Score ``t``'s weight (``[out, in]``), permute its input channels when
     ``opts.permute`` says so (``onnx_permute``; ``result``: the analysis, for ``fold``),
-    mask it, write it back through its handle."""
-    from slimgraph.sparsity.masks import nm_mask, unstructured_mask
+    prune it (:func:`~slimgraph.passes.sparsify.masked_weight`: masks, or SparseGPT's
+    update with the Hessian of ``acc``, a
+    :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`), write it back through its
+    handle. ``sparsity``: this layer's (a per-layer schedule), else ``opts.sparsity``."""
+    from slimgraph.passes.sparsify import masked_weight
     from slimgraph.sparsity.onnx_permute import permute_target
     from slimgraph.sparsity.scores import score
 
@@ -269,19 +281,13 @@ def prune_target(opts: Sparsify, t: Target, sumsq: torch.Tensor | None, result=N
     if nm is not None and w.shape[1] % nm[1]:
         return {"name": label, "skipped": f"input size {w.shape[1]} is not divisible by {nm[1]}",
                 "numel": w.numel(), "zeros": 0}
-    act = sumsq.sqrt().float() if sumsq is not None else None
-    s = score(w, opts.score, act_norm=act, a=opts.a)
-    keep, perm_info = None, None
+    act = acc.act_norm() if acc is not None else None
+    hess = acc.hessian() if acc is not None and opts.needs_hessian() else None
+    s = score(w, "magnitude" if opts.score == "sparsegpt" else opts.score, act_norm=act, a=opts.a)
+    fixed, perm_info = None, None
     if opts.permute != "none":
-        w, s, act, keep, perm_info = permute_target(opts, result, t, w, s, act, nm)
-    if keep is not None:
-        pass  # mask-only: chosen in permuted order, in the stored order
-    elif nm is not None:
-        keep = nm_mask(s, *nm)
-    else:
-        keep = unstructured_mask(s, opts.sparsity, opts.scope or ("row" if opts.score == "wanda"
-                                                                   else "layer"))
-    new = w * keep
+        w, s, act, hess, fixed, perm_info = permute_target(opts, result, t, w, s, act, hess, nm)
+    new = masked_weight(opts, w, s, hess, opts.sparsity if sparsity is None else sparsity, fixed)
     t.handle.write((new if t.w_in == 1 else new.T).contiguous())
     zeros = int((t.handle.read() == 0).sum())
     out = {"name": label, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
@@ -306,14 +312,20 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
     source = calib_source(opts, state)
     method, notes = None, []
     done: dict[str, dict] = {}
+    windows = None
     if opts.needs_data():
         tokens = calibration_tokens(onnx_tokenizer(state), source, None, seqlen=seqlen,
                                     samples=samples, seed=opts.seed)
         windows = sample_windows(tokens, samples, seqlen, opts.seed)
-        method, notes = calibrate_and_prune(opts, state, targets, windows, done)
+    plan, layer_of = None, {}
+    if opts.pattern is None and opts.schedule_name() != "uniform":
+        plan, layer_of = schedule_plan(opts, state, targets, windows)
+    sparsity = {t.name: plan["by_layer"][layer_of[t.name]] for t in targets} if plan else {}
+    if opts.needs_stats():
+        method, notes = calibrate_and_prune(opts, state, targets, windows, done, sparsity)
     for i, t in enumerate(targets):
         if t.name not in done:
-            done[t.name] = prune_target(opts, t, None, state.analysis())
+            done[t.name] = prune_target(opts, t, None, state.analysis(), sparsity.get(t.name))
             if state.progress:
                 state.progress(i + 1, len(targets), "linears")
     layers = [done[t.name] for t in targets]
@@ -327,7 +339,7 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
     zeros = sum(r["zeros"] for r in pruned)
     data = opts.needs_data()
     report = {"score": opts.score, "pattern": opts.pattern, "sparsity_target": opts.sparsity,
-              "reconstruct": False, "input": "onnx",
+              "reconstruct": opts.reconstruct, "input": "onnx",
               "calibration": {"method": method,
                               "source": source if data else None,
                               "samples": samples if data else 0, "seqlen": seqlen},
@@ -336,14 +348,54 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
               "sparsity": zeros / total, "notes": notes}
     if opts.permute != "none":
         report["permutation"] = opts.permutation_summary(pruned)
+    if plan is not None:
+        by_layer: dict[int, list[dict]] = {}
+        for t in targets:
+            by_layer.setdefault(layer_of[t.name], []).append(done[t.name])
+        report["sparsity_target"] = plan["target"]
+        report["schedule"] = opts.schedule_report(plan, [{"layer": k, "layers": v}
+                                                         for k, v in by_layer.items()])
     return PassResult(True, report)
 
 
+def schedule_plan(opts: Sparsify, state: CompileState, targets: list[Target],
+                  windows: torch.Tensor | None) -> tuple[dict, dict[str, int]]:
+    """The per-layer sparsity plan (``Sparsify.schedule_plan``) over the targets' layers,
+    and each target's layer. OWL's outlier ratios come from the dense statistics of one
+    ONNX Runtime pass (:func:`input_stats`): the dense model's block-sequential
+    activations are its ordinary forward's."""
+    from slimgraph.sparsity.onnx_blocks import target_layers
+    from slimgraph.sparsity.schedules import outlier_ratio
+    from slimgraph.sparsity.scores import score
+
+    layer_of = target_layers(state.analysis(), targets)
+    layers = sorted(set(layer_of.values()))
+    params = [sum(int(np.prod(t.handle.shape)) for t in targets if layer_of[t.name] == k)
+              for k in layers]
+
+    def owl_ratios() -> list[float]:
+        stats = input_stats(state.graph.meta["onnx_model"], targets, windows, batch=opts.batch,
+                            tmp_parent=state.out_dir)
+        ratios = []
+        for k in layers:
+            mats = []
+            for t in targets:
+                if layer_of[t.name] == k:
+                    raw = t.handle.read().float()
+                    mats.append(score(raw if t.w_in == 1 else raw.T, "wanda",
+                                      act_norm=stats[t.name].act_norm()))
+            ratios.append(outlier_ratio(mats, opts.owl_threshold()))
+        return ratios
+
+    return opts.schedule_plan(layers, params, owl_ratios), layer_of
+
+
 def calibrate_and_prune(opts: Sparsify, state: CompileState, targets: list[Target],
-                        windows: torch.Tensor, done: dict[str, dict]) -> tuple[str, list[str]]:
-    """Prune every target with its calibration statistics (reports into ``done``):
-    block-sequential when the graph can be cut into layers, else one-shot. Returns the
-    method and the report's notes."""
+                        windows: torch.Tensor, done: dict[str, dict],
+                        sparsity: dict[str, float]) -> tuple[str, list[str]]:
+    """Prune every target with its calibration statistics (reports into ``done``; a
+    per-layer schedule's values in ``sparsity``): block-sequential when the graph can be
+    cut into layers, else one-shot. Returns the method and the report's notes."""
     from slimgraph.sparsity.onnx_blocks import (SegmentError, block_sequential_onnx,
                                                 plan_segments, target_layers)
 
@@ -351,17 +403,24 @@ def calibrate_and_prune(opts: Sparsify, state: CompileState, targets: list[Targe
     try:
         segments = plan_segments(model.graph, targets, target_layers(state.analysis(), targets))
     except SegmentError as e:
-        sumsq = input_sumsq(model, targets, windows, batch=opts.batch, tmp_parent=state.out_dir)
+        if opts.needs_hessian():
+            raise PipelineError(f"pass '{opts.name}': weight reconstruction needs block-"
+                                f"sequential calibration and the ONNX graph cannot be cut into "
+                                f"layers ({e})") from None
+        stats = input_stats(model, targets, windows, batch=opts.batch, tmp_parent=state.out_dir)
         for t in targets:
-            done[t.name] = prune_target(opts, t, sumsq[t.name], state.analysis())
+            done[t.name] = prune_target(opts, t, stats[t.name], state.analysis(),
+                                       sparsity.get(t.name))
         return ONE_SHOT, [f"calibration is one-shot on the dense model (ONNX Runtime), not "
                           f"block-sequential: the graph could not be cut into layers ({e}); "
                           "layers after the first see dense, not pruned, activations"]
 
     def prune_layer(segment, sums):
         for t in segment.targets:
-            done[t.name] = prune_target(opts, t, sums[t.name], state.analysis())
+            done[t.name] = prune_target(opts, t, sums[t.name], state.analysis(),
+                                        sparsity.get(t.name))
 
-    block_sequential_onnx(model, segments, windows, prune_layer, batch=opts.batch,
+    block_sequential_onnx(model, segments, windows, prune_layer, hessian=opts.needs_hessian(),
+                          batch=opts.batch,
                           tmp_parent=state.out_dir, progress=state.progress)
     return CALIBRATION, []

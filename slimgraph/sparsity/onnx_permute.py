@@ -34,10 +34,11 @@ ONNX_MODES = ("none", "mask-only", "fold", "gather")
 
 
 def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.Tensor,
-                   act: torch.Tensor | None, nm: tuple[int, int]):
+                   act: torch.Tensor | None, hess: torch.Tensor | None, nm: tuple[int, int]):
     """Search and realise a permutation of ``t``'s input channels (``w``, ``s`` are
-    ``[out, in]``). Returns ``(w, s, act, fixed_mask, info)``: the weight and scores in
-    the new stored column order, or a mask in the original order for mask-only."""
+    ``[out, in]``). Returns ``(w, s, act, hess, fixed_mask, info)``: the weight, scores
+    and statistics in the new stored column order, or a mask in the original order for
+    mask-only."""
     from slimgraph.sparsity.deploy import fold_group, permute_group, stacked_scores, unit_positions
     from slimgraph.sparsity.permutation import permuted_nm_mask, search_permutation
 
@@ -47,12 +48,12 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
         res = search_permutation(s, n, m, mode=opts.search)
         info.update(realised="mask-only", kept_before=res.kept_before,
                     kept_after=res.kept_after, seconds=round(res.seconds, 3))
-        return w, s, act, permuted_nm_mask(s, res.perm, n, m), info
+        return w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
     if opts.permute == "fold":
         group, why = fold_group(result, t.name, m, dim=t.w_in)
         if group is None:
             info["why"] = why
-            return w, s, act, None, info
+            return w, s, act, hess, None, info
         pos = unit_positions(group, t.name, t.w_in)
         res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
         idx = permute_group(result, group, res.perm)[(t.name, t.w_in)]
@@ -64,7 +65,7 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
         uses = _activation_inputs(t)
         if isinstance(uses, str):
             info["why"] = uses
-            return w, s, act, None, info
+            return w, s, act, hess, None, info
         res = search_permutation(s, n, m, mode=opts.search)
         idx = res.perm
         install_gathers(t, uses, idx)
@@ -72,7 +73,8 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
         info.update(realised="gather")
     info.update(kept_before=res.kept_before, kept_after=res.kept_after,
                 seconds=round(res.seconds, 3))
-    return w, s[:, idx], act[idx] if act is not None else None, None, info
+    return (w, s[:, idx], act[idx] if act is not None else None,
+            hess[idx][:, idx] if hess is not None else None, None, info)
 
 
 def _activation_inputs(t: Target) -> list[tuple[object, int]] | str:

@@ -79,6 +79,24 @@ class GramAccumulator:
 
     __call__ = add
 
+    @torch.no_grad()
+    def merge(self, other: GramAccumulator) -> None:
+        """Add the statistics of ``other`` (same input size; a Gram matrix only if both
+        keep one): as if every batch it saw had been added here."""
+        if other.in_features != self.in_features:
+            raise ValueError(f"cannot merge statistics of {other.in_features} channels into "
+                             f"{self.in_features}")
+        if self.track_hessian and not other.track_hessian:
+            raise ValueError("cannot merge channel norms into an accumulator with a Gram matrix")
+        if other.n_tokens == 0:
+            return
+        if self._sumsq is None:
+            self._init(other.device)
+        self._sumsq += other._sumsq.to(self.device)
+        if self._gram is not None:
+            self._gram += other._gram.to(device=self.device, dtype=self.dtype)
+        self.n_tokens += other.n_tokens
+
     def _need_tokens(self) -> None:
         if self.n_tokens == 0:
             raise ValueError("GramAccumulator has seen no calibration tokens yet")

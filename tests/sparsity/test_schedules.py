@@ -306,21 +306,6 @@ def test_cli_owl_writes_per_layer_values(tiny, tmp_path, capsys):
         f"{v:.3f}" for v in sched["layer_sparsity_pruned"]) in printed
 
 
-def test_schedule_refused_on_onnx_input():
-    from types import SimpleNamespace
-
-    from slimgraph.errors import PipelineError
-    from slimgraph.passes.base import CompileState
-    from slimgraph.passes.sparsify import Sparsify
-
-    state = CompileState(loaded=SimpleNamespace(model=None, onnx_path="m.onnx", config=None))
-    opts = Sparsify(score="ria", sparsity=0.5, schedule="owl")
-    opts.check_options()
-    with pytest.raises(PipelineError, match="option 'schedule': per-layer schedules need the "
-                       "PyTorch model"):
-        opts.requires(state)
-
-
 def test_layer_sparsity_from_a_yaml_list(tiny, tmp_path):
     pipe = tmp_path / "p.yaml"
     pipe.write_text("pipeline:\n  - pass: sparsify\n    score: magnitude\n"
