@@ -11,11 +11,11 @@ Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit ow
 its positions j of ||X_j||^2 ||W[:, j]||^2 on calibration data, i.e. the output energy
 the unit carries; calibration as for `sparsify`, ``samples`` windows of ``seqlen``).
 
-ONNX input (``compile model.onnx -p "prune-structured{mlp=0.5},export-onnx"``): heads and
-mlp units are removed from the ONNX model in memory (``slimgraph.structured.onnx_removal``:
-initializers sliced through the handles, shape constants rewritten, shapes re-checked);
-``hidden`` and ``importance=act`` are refused. Heads are exact groups only on files
-exported with static shapes; with dynamic batch/sequence axes they are unprunable.
+ONNX input (``compile model.onnx -p "prune-structured{mlp=0.5},export-onnx"``): heads,
+mlp and hidden units are removed from the ONNX model in memory
+(``slimgraph.structured.onnx_removal``: initializers sliced through the handles, shape
+constants rewritten, means and norms over hidden channels corrected, shapes re-checked);
+``importance=act`` is refused.
 """
 
 from __future__ import annotations
@@ -132,9 +132,6 @@ class PruneStructured(Pass):
         if self.importance == "act":
             raise self.option_error("importance", "'act' runs the PyTorch model on calibration "
                                     "data; it is not supported for ONNX input (use l1 or l2)")
-        if self.hidden:
-            raise self.option_error("hidden", "removing hidden (residual) channels is not "
-                                    "supported for ONNX input (only heads and mlp)")
         if state.graph is None or state.graph.meta.get("onnx_model") is None:
             raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
         if self.ratios().get("heads"):

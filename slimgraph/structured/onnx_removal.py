@@ -28,8 +28,11 @@ ONNX shape inference on a copy whose recorded shapes are cleared: every re-infer
 static dim must equal the new shape predicted by the analysis, else the pass fails
 (no file is written; the input file is never touched -- the model is in memory).
 
-Not supported on ONNX input: hidden (residual) channels (RMSNorm's epsilon and gains
-would have to be corrected inside the decomposed norm), importance=act.
+Hidden (residual) channels: the means and norms over the shrinking dim are corrected
+(:mod:`slimgraph.structured.onnx_norms`: a ``Mul`` by ``D'/D`` after a decomposed norm's
+``ReduceMean``, ALGORITHMS.md's gain and epsilon correction on a fused RMS norm), so the
+slim model equals the masked one; a LayerNorm's changed mean is recorded as an
+approximation in the notes. Not supported on ONNX input: importance=act.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 
 from slimgraph.errors import PipelineError
 from slimgraph.ir.dependency import DependencyResult
+from slimgraph.structured.onnx_norms import apply_statistics, plan_statistics
 from slimgraph.structured.onnx_removal_plan import _const, _Plan
 from slimgraph.structured.removal import positions
 
@@ -83,10 +87,11 @@ def check_selection(result: DependencyResult, selection: dict[int, list[int]],
     by_id = {g.id: g for g in result.groups}
     for gid, units in selection.items():
         g = by_id[gid]
-        if units and g.kind not in ("mlp", "heads"):
+        if units and g.kind not in ("mlp", "heads", "hidden"):
             raise PipelineError(
                 f"pass '{pass_name}': removing {g.kind} units ({_Plan.label(g)}) is not "
-                "supported for ONNX input (only mlp channels and attention heads / KV-groups)")
+                "supported for ONNX input (only mlp channels, attention heads / KV-groups and "
+                "hidden channels)")
 
 
 def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
@@ -100,6 +105,10 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
     plan = _Plan(result, selection)
     plan.shapes()
     plan.nodes()  # every refusal happens here, before anything is written
+    try:
+        stats = plan_statistics(plan)
+    except PipelineError as e:
+        raise PipelineError(f"pass '{pass_name}': {e}") from None
     before = graph.num_parameters()
     report: dict[str, Any] = {"removed_units": {}, "module_attrs": {}, "notes": [],
                               "input": "onnx", "onnx_rewrites": []}
@@ -182,6 +191,8 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
         node.attributes[attr] = ir.AttrInt64s(attr, new)
         report["onnx_rewrites"].append({"node": node.name, "op": node.op_type, "attribute": attr,
                                         "old": old, "new": new})
+    report["onnx_rewrites"].extend(apply_statistics(stats, graph, model, taken, _fresh))
+    report["notes"].extend(stats.notes)
     for v in {id(v): v for v in stale}.values():  # shape constants no longer used by anything
         if v.uses() or v in g.outputs:
             continue

@@ -217,8 +217,6 @@ def test_cli_dynamic_axes_mlp(files, tmp_path):
 
 @pytest.mark.parametrize("name,pipeline,needle", [
     ("llama", "prune-structured{mlp=0.5,importance=act}", "option 'importance'"),
-    ("llama", "prune-structured{mlp=0.5,hidden=0.25}", "option 'hidden'"),
-    ("llama", "prune-structured{hidden=0.25,remove=false},remove", "option 'hidden'"),
 ])
 def test_unsupported_is_refused_before_anything_is_written(files, tmp_path, capsys, name,
                                                            pipeline, needle):
@@ -230,15 +228,6 @@ def test_unsupported_is_refused_before_anything_is_written(files, tmp_path, caps
     assert needle in err and "prune-structured" in err, err
     assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
     assert _hashes(src.parent) == before
-
-
-def test_remove_refuses_hidden_units_on_onnx(files):
-    from slimgraph.structured.onnx_removal import check_selection
-
-    result = analyze(import_onnx(files["llama"]))
-    hidden = next(g for g in result.groups if g.kind == "hidden")
-    with pytest.raises(PipelineError, match="pass 'remove': removing hidden units"):
-        check_selection(result, {hidden.id: [0]}, "remove")
 
 
 def test_a_size_left_unrewritten_is_caught_by_shape_inference(files, monkeypatch):
