@@ -6,6 +6,9 @@ Input: SmolLM2 exported to ONNX by `slimgraph compile smollm2-135m -p export-onn
 re-exports at the end):
 
 - kv1of3+mlp50: `prune-structured{heads=0.33,mlp=0.5},export-onnx` (l2 importance);
+- hidden25: `prune-structured{hidden=0.25},export-onnx` (a quarter of the residual
+  channels by l2 magnitude, no fine-tuning: the point is that both routes give the same
+  model, norm corrections included, not a usable perplexity);
 - ria 2:4: `sparsify{score=ria,pattern=2:4},export-onnx` (64 x 512 calibration windows
   of the protocol's calibration split; both paths calibrate block by block, the ONNX
   path through ONNX Runtime with one segment model per layer).
@@ -34,6 +37,7 @@ from structured import interleaved_latency, latency  # noqa: E402
 PIPELINES = {
     "kv1of3+mlp50": "prune-structured{heads=0.33,mlp=0.5},export-onnx",
     "ria 2:4": "sparsify{score=ria,pattern=2:4},export-onnx",
+    "hidden25": "prune-structured{hidden=0.25},export-onnx",
 }
 
 

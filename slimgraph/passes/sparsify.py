@@ -23,8 +23,7 @@ ONNX input (a model that exists only as an .onnx file) goes through
 ``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
 model (``export-onnx`` saves it), calibration block-sequential through ONNX Runtime (one
 segment model per layer, ``sparsity/onnx_blocks.py``: the PyTorch path's masks);
-reconstruction and permute=mask-only/fold/gather work, permute=space and calib=self are
-refused.
+reconstruction, every permute mode and per-layer schedules work; calib=self is refused.
 """
 
 from __future__ import annotations

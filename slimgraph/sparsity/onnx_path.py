@@ -26,9 +26,9 @@ the graph cannot be cut (see ``onnx_blocks.plan_segments``), calibration falls b
 one run of the dense model (:func:`input_stats`) and the report says why.
 SparseGPT's reconstruction (``reconstruct=true``, ``score=sparsegpt``) uses the Gram
 matrices accumulated by the same segment models. Channel permutations
-(``permute=mask-only|fold|gather``) are realised in the ONNX model
-(``sparsity/onnx_permute.py``). ``permute=space`` and ``calib=self`` (sampling from the
-model) need the PyTorch model and are refused for ONNX input before any work starts.
+(``permute=mask-only|fold|space|gather``) are realised in the ONNX model
+(``sparsity/onnx_permute.py``). ``calib=self`` (sampling from the model) needs the
+PyTorch model and is refused for ONNX input before any work starts.
 """
 
 from __future__ import annotations
@@ -61,10 +61,6 @@ def calib_source(opts: Sparsify, state: CompileState) -> str:
 
 def check_onnx_input(opts: Sparsify, state: CompileState) -> None:
     """Refuse what only the PyTorch path supports, naming the option (``requires``)."""
-    if opts.permute == "space":
-        raise opts.option_error("permute", "permute=space (one permutation of the residual "
-                                "stream) needs the PyTorch model; it is not supported for ONNX "
-                                "input (use fold, gather or mask-only)")
     if state.graph is None or state.graph.meta.get("onnx_model") is None:
         raise PipelineError(f"pass '{opts.name}': the ONNX model is not loaded")
     if opts.schedule_name() != "uniform":
@@ -321,6 +317,14 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
     if opts.pattern is None and opts.schedule_name() != "uniform":
         plan, layer_of = schedule_plan(opts, state, targets, windows)
     sparsity = {t.name: plan["by_layer"][layer_of[t.name]] for t in targets} if plan else {}
+    space_info = None
+    if opts.permute == "space":
+        from slimgraph.sparsity.onnx_permute import permute_space
+
+        stats = input_stats(state.graph.meta["onnx_model"], targets, windows[:16],
+                            batch=opts.batch, tmp_parent=state.out_dir) \
+            if opts.score in ("wanda", "ria") else None
+        space_info = permute_space(opts, state.analysis(), targets, stats)
     if opts.needs_stats():
         method, notes = calibrate_and_prune(opts, state, targets, windows, done, sparsity)
     for i, t in enumerate(targets):
@@ -348,6 +352,8 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
               "sparsity": zeros / total, "notes": notes}
     if opts.permute != "none":
         report["permutation"] = opts.permutation_summary(pruned)
+        if space_info is not None:
+            report["permutation"]["space"] = space_info
     if plan is not None:
         by_layer: dict[int, list[dict]] = {}
         for t in targets:

@@ -15,8 +15,10 @@ ONNX model:
 - ``gather``: the weight stores ``W[:, pi]`` and a ``Gather(axis=-1)`` node in front of
   each MatMul/Gemm that reads it reorders the activation: exact for any linear.
 
-``space`` (one permutation of the residual stream) needs the PyTorch model and is refused
-for ONNX input.
+- ``space``: one permutation of the residual stream for all its readers
+  (:func:`permute_space`, before calibration: the hidden group's members -- embedding,
+  norm gains, readers' columns, writers' rows, ``lm_head`` -- reordered through their
+  initializers), then ``fold`` for the linears that read per-layer spaces.
 """
 
 from __future__ import annotations
@@ -49,10 +51,13 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
         info.update(realised="mask-only", kept_before=res.kept_before,
                     kept_after=res.kept_after, seconds=round(res.seconds, 3))
         return w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
-    if opts.permute == "fold":
+    if opts.permute in ("fold", "space"):
         group, why = fold_group(result, t.name, m, dim=t.w_in)
         if group is None:
-            info["why"] = why
+            if opts.permute == "space" and "shared by every layer" in why:
+                info.update(realised="space")  # its input space was permuted up front
+            else:
+                info["why"] = why
             return w, s, act, hess, None, info
         pos = unit_positions(group, t.name, t.w_in)
         res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
@@ -121,3 +126,36 @@ def install_gathers(t: Target, uses, perm: torch.Tensor) -> None:
                          outputs=[gathered], name=f"{name}.gather{j}" if j else f"{name}.gather")
         graph.insert_before(node, gather)
         node.replace_input_with(i, gathered)
+
+
+def permute_space(opts: Sparsify, result, targets: list[Target], stats: dict | None) -> dict:
+    """Choose one permutation of the hidden (residual) space for every target that reads
+    it (their scores stacked; ``stats``: dense input statistics by target name, for
+    Wanda / RIA) and apply it to the whole hidden group: an exact reordering."""
+    from slimgraph.sparsity.deploy import permute_group, stacked_scores, unit_positions
+    from slimgraph.sparsity.permutation import search_permutation
+    from slimgraph.sparsity.scores import score
+
+    n, m = opts.nm()
+    hidden = [g for g in result.groups if g.kind == "hidden" and g.layer is None]
+    if len(hidden) != 1 or hidden[0].units % m:
+        return {"realised": "none", "why": "no single hidden space whose size divides by M"}
+    group = hidden[0]
+    if group.reasons:
+        return {"realised": "none", "why": "; ".join(group.reasons)}
+    readers = [t for t in targets if unit_positions(group, t.name, t.w_in) is not None]
+    parts = []
+    for t in readers:
+        raw = t.handle.read().float()
+        w = raw if t.w_in == 1 else raw.T
+        act = stats[t.name].act_norm() if stats else None
+        parts.append(stacked_scores(score(w, "magnitude" if opts.score == "sparsegpt" else
+                                          opts.score, act_norm=act, a=opts.a),
+                                    unit_positions(group, t.name, t.w_in)).float())
+    if not parts:
+        return {"realised": "none", "why": "no pruned linear reads the hidden space"}
+    res = search_permutation(torch.cat(parts), n, m, mode=opts.search)
+    permute_group(result, group, res.perm)
+    return {"realised": "space", "readers": len(readers), "units": group.units,
+            "kept_before": res.kept_before, "kept_after": res.kept_after,
+            "seconds": round(res.seconds, 2), "perm": res.perm.tolist()}

@@ -304,10 +304,11 @@ def test_one_shot_fallback_statistics_match_dense_torch(tiny, monkeypatch, tmp_p
         assert rel < 1e-4, (name, rel)
 
 
-@pytest.mark.parametrize("mode", ["mask-only", "fold", "gather"])
+@pytest.mark.parametrize("mode", ["mask-only", "fold", "space", "gather"])
 def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
     """RIA 2:4 with a channel permutation: the ONNX path gives the PyTorch path's model
-    (ORT logits within 1e-4); fold and gather store 2:4 weights, mask-only does not."""
+    (ORT logits within 1e-4); fold, space and gather store 2:4 weights, mask-only does
+    not."""
     pipeline = f"sparsify{{score=ria,pattern=2:4,permute={mode}}},export-onnx"
     onnx_out, torch_out = tmp_path / "o", tmp_path / "t"
     assert _compile(tiny / "onnx" / "model.onnx", onnx_out, pipeline, *_calib(tiny)) == 0
@@ -330,14 +331,18 @@ def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
     if mode == "fold":  # o_proj (v head_dim) and down_proj (MLP channels) in every layer
         assert rep["permutation"]["layers_permuted"] == 2 * zoo.LAYERS
         assert all("hidden space" in why for why in rep["permutation"]["layers_unpermuted"])
-    else:
+    else:  # space: the hidden readers through the residual permutation, the others fold
+        if mode == "space":
+            space, want_space = rep["permutation"]["space"], torch_rep["permutation"]["space"]
+            assert space["realised"] == "space" and space["readers"] == 5 * zoo.LAYERS
+            assert space["perm"] == want_space["perm"]
+            assert space["perm"] != sorted(space["perm"])
         assert rep["permutation"]["layers_permuted"] == N_TARGETS
     assert len(gathers) == (N_TARGETS if mode == "gather" else 0)
     assert rep["sparsity"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("options,needle", [
-    ("score=ria,pattern=2:4,permute=space", "option 'permute'"),
     ("score=wanda,pattern=2:4,calib=self", "option 'calib'"),
 ])
 def test_torch_only_options_are_refused(tiny, tmp_path, capsys, options, needle):
