@@ -485,38 +485,21 @@ def permute_residual_space(opts: Sparsify, state: CompileState, result, windows)
     """
     from slimgraph.ir.dependency import layer_of
     from slimgraph.ir.graph import OpKind
-    from slimgraph.sparsity.deploy import permute_group, stacked_scores, unit_positions
-    from slimgraph.sparsity.permutation import search_permutation
-    from slimgraph.sparsity.scores import score
+    from slimgraph.sparsity.deploy import permute_hidden_space, unit_positions
     from slimgraph.structured.importance import consumer_input_norms
 
-    n, m = opts.nm()
-    hidden = [g for g in result.groups if g.kind == "hidden" and g.layer is None]
-    if len(hidden) != 1 or hidden[0].units % m:
-        return {"realised": "none", "why": "no single hidden space whose size divides by M"}
-    group = hidden[0]
-    if group.reasons:
-        return {"realised": "none", "why": "; ".join(group.reasons)}
-    readers = [nd.inputs[1].name for nd in result.graph.nodes if nd.kind is OpKind.LINEAR
-               and layer_of([nd.inputs[1].name]) is not None
-               and unit_positions(group, nd.inputs[1].name, nd.attrs["w_in"]) is not None
-               and nd.attrs["w_in"] == 1]
-    readers = list(dict.fromkeys(readers))
-    need_data = opts.score in ("wanda", "ria")
-    norms = consumer_input_norms(state.model, result.graph, windows[: min(len(windows), 16)]) \
-        if need_data else {}
-    parts = []
-    for name in readers:
-        w = result.graph.params[name].param.read().float()
-        act = norms[name].sqrt().float() if need_data else None
-        parts.append(stacked_scores(score(w, "magnitude" if opts.score == "sparsegpt" else
-                                          opts.score, act_norm=act, a=opts.a),
-                                    unit_positions(group, name, 1)).float())
-    res = search_permutation(torch.cat(parts), n, m, mode=opts.search)
-    permute_group(result, group, res.perm)
-    return {"realised": "space", "readers": len(readers), "units": group.units,
-            "kept_before": res.kept_before, "kept_after": res.kept_after,
-            "seconds": round(res.seconds, 2), "perm": res.perm.tolist()}
+    def readers_of(group):
+        names = list(dict.fromkeys(
+            nd.inputs[1].name for nd in result.graph.nodes if nd.kind is OpKind.LINEAR
+            and layer_of([nd.inputs[1].name]) is not None and nd.attrs["w_in"] == 1
+            and unit_positions(group, nd.inputs[1].name, 1) is not None))
+        norms = consumer_input_norms(state.model, result.graph,
+                                     windows[: min(len(windows), 16)]) \
+            if opts.score in ("wanda", "ria") and names else {}
+        return [(name, 1, result.graph.params[name].param.read().float(),
+                 norms[name].sqrt().float() if norms else None) for name in names]
+
+    return permute_hidden_space(opts, result, readers_of)
 
 
 register(Sparsify)

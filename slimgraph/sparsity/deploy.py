@@ -81,6 +81,36 @@ def permute_group(result: DependencyResult, group: ChannelGroup, perm: torch.Ten
     return applied
 
 
+def permute_hidden_space(opts, result: DependencyResult, readers_of) -> dict:
+    """One permutation of the hidden (residual) space for all its readers: their scores
+    (``opts.score``; SparseGPT's saliency falls back to magnitude) stacked per unit, the
+    permutation that keeps the most N:M score applied to the whole hidden group.
+    ``readers_of(group)`` lists ``(param, in dim, weight [out, in], act_norm or None)``.
+    Returns the report's ``space`` entry (``realised: none`` with why, when impossible)."""
+    from slimgraph.sparsity.permutation import search_permutation
+    from slimgraph.sparsity.scores import score
+
+    n, m = opts.nm()
+    hidden = [g for g in result.groups if g.kind == "hidden" and g.layer is None]
+    if len(hidden) != 1 or hidden[0].units % m:
+        return {"realised": "none", "why": "no single hidden space whose size divides by M"}
+    group = hidden[0]
+    if group.reasons:
+        return {"realised": "none", "why": "; ".join(group.reasons)}
+    readers = readers_of(group)
+    if not readers:
+        return {"realised": "none", "why": "no pruned linear reads the hidden space"}
+    kind = "magnitude" if opts.score == "sparsegpt" else opts.score
+    parts = [stacked_scores(score(w, kind, act_norm=act, a=opts.a),
+                            unit_positions(group, name, dim)).float()
+             for name, dim, w, act in readers]
+    res = search_permutation(torch.cat(parts), n, m, mode=opts.search)
+    permute_group(result, group, res.perm)
+    return {"realised": "space", "readers": len(readers), "units": group.units,
+            "kept_before": res.kept_before, "kept_after": res.kept_after,
+            "seconds": round(res.seconds, 2), "perm": res.perm.tolist()}
+
+
 class GatherLinear(torch.nn.Linear):
     """``y = W x[..., perm] + b``: a linear whose weight columns were permuted."""
 

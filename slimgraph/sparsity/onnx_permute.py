@@ -129,33 +129,19 @@ def install_gathers(t: Target, uses, perm: torch.Tensor) -> None:
 
 
 def permute_space(opts: Sparsify, result, targets: list[Target], stats: dict | None) -> dict:
-    """Choose one permutation of the hidden (residual) space for every target that reads
-    it (their scores stacked; ``stats``: dense input statistics by target name, for
-    Wanda / RIA) and apply it to the whole hidden group: an exact reordering."""
-    from slimgraph.sparsity.deploy import permute_group, stacked_scores, unit_positions
-    from slimgraph.sparsity.permutation import search_permutation
-    from slimgraph.sparsity.scores import score
+    """One permutation of the hidden (residual) space for every target that reads it
+    (:func:`~slimgraph.sparsity.deploy.permute_hidden_space`; ``stats``: dense input
+    statistics by target name, for Wanda / RIA), applied to the whole hidden group."""
+    from slimgraph.sparsity.deploy import permute_hidden_space, unit_positions
 
-    n, m = opts.nm()
-    hidden = [g for g in result.groups if g.kind == "hidden" and g.layer is None]
-    if len(hidden) != 1 or hidden[0].units % m:
-        return {"realised": "none", "why": "no single hidden space whose size divides by M"}
-    group = hidden[0]
-    if group.reasons:
-        return {"realised": "none", "why": "; ".join(group.reasons)}
-    readers = [t for t in targets if unit_positions(group, t.name, t.w_in) is not None]
-    parts = []
-    for t in readers:
-        raw = t.handle.read().float()
-        w = raw if t.w_in == 1 else raw.T
-        act = stats[t.name].act_norm() if stats else None
-        parts.append(stacked_scores(score(w, "magnitude" if opts.score == "sparsegpt" else
-                                          opts.score, act_norm=act, a=opts.a),
-                                    unit_positions(group, t.name, t.w_in)).float())
-    if not parts:
-        return {"realised": "none", "why": "no pruned linear reads the hidden space"}
-    res = search_permutation(torch.cat(parts), n, m, mode=opts.search)
-    permute_group(result, group, res.perm)
-    return {"realised": "space", "readers": len(readers), "units": group.units,
-            "kept_before": res.kept_before, "kept_after": res.kept_after,
-            "seconds": round(res.seconds, 2), "perm": res.perm.tolist()}
+    def readers_of(group):
+        out = []
+        for t in targets:
+            if unit_positions(group, t.name, t.w_in) is None:
+                continue
+            raw = t.handle.read().float()
+            out.append((t.name, t.w_in, raw if t.w_in == 1 else raw.T,
+                        stats[t.name].act_norm() if stats else None))
+        return out
+
+    return permute_hidden_space(opts, result, readers_of)

@@ -24,9 +24,10 @@ def random_heads_and_mlp(result, seed: int) -> dict[int, list[int]]:
     return sel
 
 
-def slim_and_masked(src, seed: int, tmp_path):
-    """Import ``src`` twice; zero a random selection in one copy and remove it from the
-    other; save both. Returns (result, selection, removal report, masked path, slim path)."""
+def slim_and_masked(src, seed: int, tmp_path, select=random_heads_and_mlp):
+    """Import ``src`` twice; zero a random selection (``select(result, seed)``) in one copy
+    and remove it from the other; save both. Returns (result, selection, removal report,
+    masked path, slim path)."""
     from slimgraph.backends.onnx_export import save_onnx_model
     from slimgraph.frontends.onnx_import import import_onnx
     from slimgraph.ir.dependency import analyze
@@ -34,7 +35,7 @@ def slim_and_masked(src, seed: int, tmp_path):
     from slimgraph.structured.removal import mask_units
 
     result = analyze(import_onnx(src))
-    sel = random_heads_and_mlp(result, seed)
+    sel = select(result, seed)
     masked = analyze(import_onnx(src))
     mask_units(masked, sel)
     masked_path = save_onnx_model(masked.graph.meta["onnx_model"], tmp_path / "masked" / "model.onnx")

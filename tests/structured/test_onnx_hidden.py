@@ -27,9 +27,10 @@ from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_norms import plan_statistics
 from slimgraph.structured.onnx_removal import remove_units_onnx
-from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.removal import remove_units
 from tests import zoo
 from tests.structured import test_onnx_dynamic_heads as dyn
+from tests.structured.random_selection import slim_and_masked
 from tests.structured.test_onnx_removal import _export_static
 
 ort = pytest.importorskip("onnxruntime")
@@ -89,16 +90,9 @@ def _ops(path):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gqa-op18", "gqa-op23"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_slim_equals_masked_and_the_torch_path(files, tmp_path, name, seed):
-    from slimgraph.backends.onnx_export import save_onnx_model
-
     src = files[name]
-    result = analyze(import_onnx(src))
-    sel = _selection(result, seed)
-    masked = analyze(import_onnx(src))
-    mask_units(masked, sel)
-    masked_path = save_onnx_model(masked.graph.meta["onnx_model"], tmp_path / "m" / "model.onnx")
-    report = remove_units_onnx(result, sel, "test")
-    slim_path = save_onnx_model(result.graph.meta["onnx_model"], tmp_path / "s" / "model.onnx")
+    result, sel, report, masked_path, slim_path = slim_and_masked(src, seed, tmp_path,
+                                                                  select=_selection)
     onnx.checker.check_model(str(slim_path), full_check=True)
     assert report["shape_check"]["checked"] and not report["notes"]
 
