@@ -251,3 +251,24 @@ def test_selections_cover_heads_and_mlp(files):
             by_id = {g.id: g for g in result.groups}
             kinds |= {by_id[gid].kind for gid in _selection(result, seed, ("heads", "mlp"))}
     assert kinds == {"heads", "mlp"}
+
+
+def test_the_shape_check_copies_no_weights(files):
+    """The re-inference runs on a serialization without the weights' data (so a model of
+    any size is checked) and leaves the model's tensors as they were."""
+    import onnx_ir as ir
+
+    from slimgraph.structured.onnx_removal import _shape_only_proto
+
+    model = analyze(import_onnx(files["llama"])).graph.meta["onnx_model"]
+    tensors = {n: v.const_value for n, v in model.graph.initializers.items()}
+    weight_bytes = sum(t.nbytes for t in tensors.values())
+    proto = _shape_only_proto(model)
+    inline = sum(len(t.raw_data) for t in proto.graph.initializer)
+    assert inline < weight_bytes / 4
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) == sum(1 for t in tensors.values() if t.size > 1024) > 0
+    assert all(model.graph.initializers[n].const_value is t for n, t in tensors.items())
+    assert not any(isinstance(t, ir.ExternalTensor) for t in tensors.values())
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    assert len(inferred.graph.value_info) > 0
