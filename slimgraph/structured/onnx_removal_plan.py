@@ -19,7 +19,8 @@ and these are rewritten (planned by :meth:`_Plan.nodes`, carried out by
   of the Concat made for that use (with a new constant piece); an entry read from a
   value's dim must change with it (it does when that value shrinks too, e.g. the opset-18
   keys reshaped by ``Shape(k)``); dynamic dims of products (``4*batch``) follow at run time;
-- ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` and
+- ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` (4-D:
+  the head dim; 3-D ``[B, L, H*E]``: width / head size) and
   ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size; the
   com.microsoft one too), when present, follow the new head counts;
 - ONNX Runtime's fused attention (com.microsoft ``Attention``, ``MultiHeadAttention``,
@@ -383,7 +384,13 @@ class _Plan:
             new = self.new_shape.get(v.name)
             if new is None:
                 continue
-            if len(new) != 4:
-                raise PipelineError(f"{self._where(node, v)}: {attr} with 3-D inputs is not "
-                                    "rewritten")
-            self.attr_rewrites.append((node, attr, int(_attr(node, attr)), int(new[1])))
+            heads = int(_attr(node, attr))
+            if len(new) == 4:
+                self.attr_rewrites.append((node, attr, heads, int(new[1])))
+                continue
+            old = self.old_shape[v.name]  # 3-D: [B, L, H*E], E unchanged
+            size = old[2] // heads
+            if new[2] % size:
+                raise PipelineError(f"{self._where(node, v)}: {new[2]} channels are not whole "
+                                    f"heads of {size}")
+            self.attr_rewrites.append((node, attr, heads, int(new[2] // size)))

@@ -221,14 +221,44 @@ def _slice(ctx: _Ctx) -> Converted:
 
 
 def _attention(ctx: _Ctx) -> Converted:
+    """``Attention`` (opset 23) on ``[B, H, L, E]`` inputs, or on 3-D ``[B, L, H*E]`` ones
+    (``q_num_heads`` / ``kv_num_heads``): those are viewed as ``[B, L, H, E]``, transposed
+    to ``[B, H, L, E]`` for the attention, and the result is transposed back and
+    flattened to ``[B, L, H*E_v]`` -- what the op computes, so the analysis sees the heads
+    (and GQA KV-groups) as on the 4-D form."""
     ranks = [ctx.rank(i) for i in range(3)]
-    if ranks != [4, 4, 4]:
-        raise _Unsupported("attention inputs are not [B, H, L, E]")
     if any(i < ctx.n_inputs and ctx.node.inputs[i] is not None for i in (4, 5, 6)):
         raise _Unsupported("attention with a KV cache or padding lengths")
-    q, k = ctx.in_shape(0), ctx.in_shape(1)
+    if any(o is not None and (o.uses() or o in ctx.imp.g.outputs)
+           for o in ctx.node.outputs[1:]):
+        raise _Unsupported("attention whose present key/value or qk output is read")
     mask = ctx.inp(3) if ctx.n_inputs > 3 else None
-    return OpKind.ATTENTION, [ctx.inp(0), ctx.inp(1), ctx.inp(2), mask], {"gqa": q[1] != k[1]}
+    if ranks == [4, 4, 4]:
+        q, k = ctx.in_shape(0), ctx.in_shape(1)
+        return OpKind.ATTENTION, [ctx.inp(0), ctx.inp(1), ctx.inp(2), mask], {"gqa": q[1] != k[1]}
+    if ranks != [3, 3, 3]:
+        raise _Unsupported("attention inputs are not [B, H, L, E] or [B, L, H*E]")
+    heads = {0: ctx.attr("q_num_heads", 0), 1: ctx.attr("kv_num_heads", 0)}
+    heads[2] = heads[1]
+    if not heads[0] or not heads[1]:
+        raise _Unsupported("3-D attention inputs without q_num_heads / kv_num_heads")
+    dtype = _dtype_str(ctx.node.inputs[0].dtype)
+    views, sizes = [], []
+    for i in range(3):
+        b, length, width = ctx.in_shape(i)
+        if not isinstance(width, int) or width % heads[i]:
+            raise _Unsupported(f"3-D attention input {i} of width {width} with {heads[i]} heads")
+        e = width // heads[i]
+        x = ctx.emit(OpKind.RESHAPE, [ctx.inp(i)], (b, length, heads[i], e), dtype)
+        views.append(ctx.emit(OpKind.TRANSPOSE, [x], (b, heads[i], length, e), dtype,
+                              {"perm": [0, 2, 1, 3]}))
+        sizes.append((b, length, e))
+    b, length, _ = sizes[0]
+    ev = sizes[2][2]
+    y = ctx.emit(OpKind.ATTENTION, [*views, mask], (b, heads[0], length, ev), dtype,
+                 {"gqa": heads[0] != heads[1]})
+    yt = ctx.emit(OpKind.TRANSPOSE, [y], (b, length, heads[0], ev), dtype, {"perm": [0, 2, 1, 3]})
+    return OpKind.RESHAPE, [yt], {}
 
 
 def _rotary(ctx: _Ctx) -> Converted:
