@@ -149,12 +149,33 @@ class _Stop(Exception):
     pass
 
 
+def _share_equal(value, previous):
+    """``value`` with every tensor equal to its counterpart in ``previous`` (same place in
+    the same nested tuples/lists/dicts, same dtype and shape) replaced by that counterpart."""
+    if isinstance(value, torch.Tensor):
+        if (isinstance(previous, torch.Tensor) and previous.dtype == value.dtype
+                and previous.shape == value.shape and torch.equal(previous, value)):
+            return previous
+        return value
+    if type(value) in (tuple, list) and type(previous) is type(value) \
+            and len(previous) == len(value):
+        return type(value)(_share_equal(v, p) for v, p in zip(value, previous))
+    if isinstance(value, dict) and isinstance(previous, dict):
+        return {k: _share_equal(v, previous.get(k)) for k, v in value.items()}
+    return value
+
+
 def capture_block_inputs(model, block0: torch.nn.Module, windows: torch.Tensor, batch: int
                          ) -> list[tuple[tuple, dict]]:
-    """Run the model up to block 0 for every batch of windows; keep block 0's inputs."""
+    """Run the model up to block 0 for every batch of windows; keep block 0's inputs.
+
+    Keyword inputs equal to the previous batch's (rotary cos/sin, position ids: the same
+    for every batch of the same size) are kept once and shared by the batches."""
     captured: list[tuple[tuple, dict]] = []
 
     def hook(_module, args, kwargs):
+        if captured:
+            kwargs = _share_equal(kwargs, captured[-1][1])
         captured.append((args, kwargs))
         raise _Stop
 
@@ -179,12 +200,12 @@ def _next_inputs(y, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-    """The block's outputs, as inputs for the next block (same kwargs)."""
-    outs = []
+    """The block's outputs, as inputs for the next block (same kwargs), written over
+    ``inputs`` batch by batch (one copy of the activations); returns ``inputs``."""
     with torch.no_grad():
-        for args, kwargs in inputs:
-            outs.append(_next_inputs(block(*args, **kwargs), args, kwargs))
-    return outs
+        for j, (args, kwargs) in enumerate(inputs):
+            inputs[j] = _next_inputs(block(*args, **kwargs), args, kwargs)
+    return inputs
 
 
 def observe_block(module: torch.nn.Module, linears: dict[str, torch.nn.Module], inputs: list, *,
@@ -194,7 +215,8 @@ def observe_block(module: torch.nn.Module, linears: dict[str, torch.nn.Module], 
     norms only). Linears that read the same tensor in a forward (q/k/v, gate/up) share one
     accumulator, so a Gram matrix is built once per distinct input. Returns the
     accumulators by linear name and, with ``outputs=True``, the block's outputs as the
-    next block's inputs (the same forward: no second run of the block)."""
+    next block's inputs (the same forward: no second run of the block), written over
+    ``inputs`` batch by batch as :func:`run_block` does."""
     from slimgraph.sparsity.reconstruct import GramAccumulator
 
     accs: dict[str, GramAccumulator] = {}
@@ -215,18 +237,17 @@ def observe_block(module: torch.nn.Module, linears: dict[str, torch.nn.Module], 
 
     hooks = [lin.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
              for name, lin in linears.items()]
-    outs: list | None = [] if outputs else None
     try:
         with torch.no_grad():
-            for args, kwargs in inputs:
+            for j, (args, kwargs) in enumerate(inputs):
                 batch_seen.clear()
                 y = module(*args, **kwargs)
-                if outs is not None:
-                    outs.append(_next_inputs(y, args, kwargs))
+                if outputs:
+                    inputs[j] = _next_inputs(y, args, kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return accs, outs
+    return accs, inputs if outputs else None
 
 
 def block_sequential(model, result: DependencyResult, windows: torch.Tensor,

@@ -39,6 +39,7 @@ import torch
 from slimgraph.errors import ModelLoadError, SlimgraphError
 from slimgraph.frontends.loading import LoadedModel, quiet_transformers
 from slimgraph.io import atomic_write_json, make_temp_dir
+from slimgraph.memory import release_free_heap
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -254,6 +255,7 @@ class Offload:
                     owner, attr = _owner(self.model, name)
                     owner._parameters[attr] = empty
         self.resident.discard(block)
+        release_free_heap()  # the block's freed tensors and activations (slimgraph/memory.py)
 
     def close(self) -> None:
         """Remove the offload store (at the end of the compile, whatever happened)."""

@@ -194,3 +194,61 @@ def test_self_calibration_is_data_free(tiny, tmp_path):
     assert rc == 0
     rep = json.loads((tmp_path / "o" / "report.json").read_text())["passes"][0]["report"]
     assert rep["calibration"]["source"] == "self" and rep["sparsity"] == pytest.approx(0.5)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+def test_calibration_inputs_hold_one_copy_of_the_shared_kwargs():
+    """Batches of the same size get equal rotary tables and position ids: they are kept
+    once (the same tensor objects); the hidden states stay per batch, and a shared table
+    gives the block the outputs of a fresh one."""
+    from slimgraph.sparsity.calibration import capture_block_inputs
+
+    model = zoo.build("llama").eval()
+    windows = torch.randint(3, zoo.VOCAB, (5, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, model.model.layers[0], windows, batch=2)
+    assert len(inputs) == 3
+    first = list(_tensors(inputs[0][1]))
+    assert first  # position embeddings at least
+    assert all(a is b for a, b in zip(first, _tensors(inputs[1][1])))
+    assert inputs[0][0][0] is not inputs[1][0][0]
+    with torch.no_grad():  # the shared kwargs give the same block outputs as fresh ones
+        x = model.model.embed_tokens(windows[2:4])
+        pos = torch.arange(16)[None]
+        fresh = model.model.layers[0](x, position_embeddings=model.model.rotary_emb(x, pos),
+                                      position_ids=pos)
+        shared = model.model.layers[0](*inputs[1][0], **inputs[1][1])
+    fresh, shared = (y[0] if isinstance(y, tuple) else y for y in (fresh, shared))
+    assert torch.equal(fresh, shared)
+
+
+def test_run_block_writes_the_outputs_over_the_inputs():
+    """One copy of the activations: the next block's inputs replace this block's, batch by
+    batch, in the same list, with the values a separate run gives."""
+    from slimgraph.sparsity.calibration import capture_block_inputs, observe_block, run_block
+
+    model = zoo.build("llama").eval()
+    windows = torch.randint(3, zoo.VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, windows, batch=2)
+    with torch.no_grad():
+        want = [block(*a, **k) for a, k in inputs]
+    want = [y[0] if isinstance(y, tuple) else y for y in want]
+    kwargs = [k for _, k in inputs]
+    got = run_block(block, inputs)
+    assert got is inputs
+    assert all(torch.equal(a[0], w) for (a, _), w in zip(got, want))
+    assert all(k is k0 for (_, k), k0 in zip(got, kwargs))
+    inputs = capture_block_inputs(model, block, windows, batch=2)
+    _, outs = observe_block(block, {"q": block.self_attn.q_proj}, inputs, hessian=False,
+                            outputs=True)
+    assert outs is inputs and all(torch.equal(a[0], w) for (a, _), w in zip(outs, want))
