@@ -113,7 +113,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M keep-mask along the reduction axis (dim 1, input channels).
 
     In every output row, in every group of ``m`` consecutive input channels, keep the
-    ``n`` largest scores (ties: lower channel index kept). ``C_in`` must be a multiple of ``m``.
+    ``n`` largest scores (ties: see :func:`nm_keep_groups`). ``C_in`` must be a multiple of
+    ``m``.
     """
     n, m = check_nm(n, m)
     s = _check_scores(scores)
@@ -121,11 +122,23 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if c_in % m:
         raise ValueError(f"N:M {n}:{m} needs the input size (dim 1) to be a multiple of {m}; "
                          f"got C_in = {c_in} (shape [{c_out}, {c_in}])")
-    groups = s.reshape(c_out, c_in // m, m)
-    order = torch.argsort(groups, dim=2, descending=True, stable=True)
-    keep = torch.zeros(groups.shape, dtype=torch.bool, device=s.device)
-    keep.scatter_(2, order[..., :n], True)
-    return keep.reshape(c_out, c_in)
+    return nm_keep_groups(s.reshape(c_out, c_in // m, m), n).reshape(c_out, c_in)
+
+
+def nm_keep_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep-mask of the ``n`` largest of every group along the last dim (``[..., m]``).
+
+    The ``m - n`` pruned entries are those ``torch.topk(largest=False)`` returns, which is
+    how the reference implementations (Wanda, SparseGPT, RIA) choose N:M masks: on ties
+    (frequent in magnitude scores of bf16-trained weights -- 15% of SmolLM2's groups of 4
+    tie between their 2nd and 3rd largest |w|) both pick the same entries. A stable
+    "lower index kept" rule gave magnitude 2:4 a perplexity of 2508 on SmolLM2 against the
+    reference's 1543.
+    """
+    m = groups.shape[-1]
+    keep = torch.ones(groups.shape, dtype=torch.bool, device=groups.device)
+    keep.scatter_(-1, torch.topk(groups, m - n, dim=-1, largest=False).indices, False)
+    return keep
 
 
 _PATTERN = re.compile(r"^\s*([+-]?\d+)\s*:\s*([+-]?\d+)\s*$")

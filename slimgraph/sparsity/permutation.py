@@ -44,7 +44,7 @@ import torch
 
 from scipy.optimize import linear_sum_assignment
 
-from slimgraph.sparsity.masks import check_nm
+from slimgraph.sparsity.masks import check_nm, nm_keep_groups
 
 __all__ = [
     "MODES",
@@ -252,10 +252,7 @@ def permuted_nm_mask(scores: torch.Tensor, perm, n: int, m: int) -> torch.Tensor
     s = _as_scores(scores, m)
     p = _as_perm(perm, s.shape[1]).to(s.device)
     c_out, c_in = s.shape
-    g = s[:, p].reshape(c_out, c_in // m, m)
-    order = torch.argsort(g, dim=2, descending=True, stable=True)
-    keep_perm = torch.zeros(g.shape, dtype=torch.bool, device=s.device)
-    keep_perm.scatter_(2, order[..., :n], True)
+    keep_perm = nm_keep_groups(s[:, p].reshape(c_out, c_in // m, m), n)
     keep = torch.empty((c_out, c_in), dtype=torch.bool, device=s.device)
     keep[:, p] = keep_perm.reshape(c_out, c_in)
     return keep

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from slimgraph.sparsity.masks import _check_sparsity, _prune_lowest, parse_pattern, prune_count
+from slimgraph.sparsity.masks import (_check_sparsity, _prune_lowest, nm_keep_groups, parse_pattern,
+                                      prune_count)
 
 __all__ = ["GramAccumulator", "sparsegpt_prune"]
 
@@ -322,10 +323,7 @@ def sparsegpt_prune(
             if nm is not None and not fixed and i % nm[1] == 0:
                 n_keep, m = nm
                 sg = current_scores(W1[:, i:i + m], slice(i1 + i, i1 + i + m), d1[i:i + m])
-                order = torch.argsort(sg, dim=1, descending=True, stable=True)
-                g = torch.zeros((c_out, m), dtype=torch.bool, device=dev)
-                g.scatter_(1, order[:, :n_keep], True)
-                keep1[:, i:i + m] = g
+                keep1[:, i:i + m] = nm_keep_groups(sg, n_keep)
             w = W1[:, i]
             q = torch.where(keep1[:, i], w, torch.zeros((), dtype=w.dtype, device=dev))
             err = (w - q) / d1[i]

@@ -88,9 +88,37 @@ def test_nm_mask_random(pat, rows, groups, seed):
     assert torch.equal(keep, brute_nm(s, n, m))
 
 
+def _reference_nm(scores, n, m):
+    """The reference implementations' N:M loop (Wanda's prune_wanda / SparseGPT): per
+    group of m columns, prune the m - n that torch.topk(largest=False) returns."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)  # True = pruned
+    for ii in range(scores.shape[1]):
+        if ii % m == 0:
+            tmp = scores[:, ii:(ii + m)].float()
+            mask.scatter_(1, ii + torch.topk(tmp, m - n, dim=1, largest=False)[1], True)
+    return ~mask
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_breaks_ties_as_the_reference_does(n, m):
+    """Scores with many exact ties (magnitudes of a few levels, like bf16 weights): the
+    mask is the reference loop's, entry for entry."""
+    g = torch.Generator().manual_seed(n * 10 + m)
+    s = torch.randint(0, 4, (64, 16 * m), generator=g).float().abs()
+    keep = nm_mask(s, n, m)
+    assert torch.equal(keep, _reference_nm(s, n, m))
+    assert (keep.reshape(64, 16, m).sum(-1) == n).all()
+    groups = s.reshape(64, 16, m)
+    kept_min = torch.where(keep.reshape(64, 16, m), groups, torch.inf).amin(-1)
+    pruned_max = torch.where(keep.reshape(64, 16, m), -torch.inf, groups).amax(-1)
+    assert (kept_min >= pruned_max).all()  # a valid top-n whatever the tie-break
+
+
 def test_nm_mask_ties_and_errors():
     s = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 3.0, 3.0, 2.0]])
-    assert nm_mask(s, 2, 4).tolist() == [[True, True, False, False, False, True, True, False]]
+    keep = nm_mask(s, 2, 4)
+    assert keep[0, 4:].tolist() == [False, True, True, False]
+    assert int(keep[0, :4].sum()) == 2 and torch.equal(keep, _reference_nm(s, 2, 4))
     with pytest.raises(ValueError, match="6.*multiple of 4|multiple of 4.*6"):
         nm_mask(torch.rand(2, 6), 2, 4)
     with pytest.raises(ValueError):
