@@ -113,9 +113,10 @@ def plan_segments(graph: ir.Graph, targets: list[Target], layers: dict[str, int]
         p = v.producer() if v is not None else None
         return p if p is not None and id(p) in index else None
 
+    subgraph = _graph_attr_types()
     depth: dict[int, int] = {}
     for i, n in enumerate(nodes):
-        if any(a.type in (_graph_attr_types()) for a in n.attributes.values()):
+        if any(a.type in subgraph for a in n.attributes.values()):
             raise SegmentError(f"node '{n.name}' ({n.op_type}) holds a subgraph")
         d = target_layer.get(id(n), -1)
         for v in n.inputs:
@@ -259,7 +260,7 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
                 for names, acc in accs.items():
                     for name in names:
                         acc.add(torch.from_numpy(outs[name] if name in outs else keep[name]))
-            del sess, outs
+            del sess
             prune_layer(s, {t.name: accs[tuple(t.inputs)] for t in s.targets})
             del accs
             if s.outputs:
