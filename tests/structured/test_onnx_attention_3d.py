@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.ir.dependency import analyze
+from tests.structured.onnx_builders import save_lm
 from tests.structured.random_selection import slim_and_masked
 
 ort = pytest.importorskip("onnxruntime")
@@ -52,17 +53,8 @@ def _model(path):
         nodes.append(helper.make_node("Add", [f"{p}mid", f"{p}down"], [f"{p}out"]))
         h = f"{p}out"
     nodes.append(helper.make_node("MatMul", [h, w("lm_head.weight.T", D, VOCAB)], ["logits"]))
-    graph = helper.make_graph(
-        nodes, "attention3d",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_lm(nodes, inits, path, vocab=VOCAB, name="attention3d", opsets={"": 23},
+                   ir_version=10, infer=True)
 
 
 @pytest.fixture(scope="module")

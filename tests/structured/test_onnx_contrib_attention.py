@@ -36,6 +36,7 @@ from slimgraph.cli import main
 from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
+from tests.structured.onnx_builders import save_lm
 from tests.structured.random_selection import slim_and_masked
 
 ort = pytest.importorskip("onnxruntime")
@@ -180,17 +181,8 @@ def _gqa(path, form: str):
                   [f"xn_{i + 1}", "", "", f"res_{i + 1}"], ms, epsilon=1e-5)
         residual = f"res_{i + 1}"
     node("MatMul", [xn, w("lm_head", H, VOCAB)], ["logits"])
-    graph = helper.make_graph(
-        nodes, "tiny_gqa",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(ms, 1)])
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_lm(nodes, inits, path, vocab=VOCAB, name="tiny_gqa",
+                   opsets={"": 17, ms: 1})
 
 
 @pytest.fixture(scope="module")
