@@ -242,12 +242,13 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
     propagate, one segment after the other (see the module docstring). The statistics
     are :class:`~slimgraph.sparsity.reconstruct.GramAccumulator` s (channel norms; the Gram
     matrix too with ``hessian``), shared by targets that read the same activations."""
-    from slimgraph.sparsity.onnx_path import _batches
+    from slimgraph.sparsity.onnx_path import _batches, observe
     from slimgraph.sparsity.reconstruct import GramAccumulator
 
     runner = _Runner(model, tmp_parent)
     try:
         chunks = list(_batches(_GraphInputs(model.graph), windows, batch))
+        last_use = {n: k for s in segments for n, k in s.last_use.items()}
         stored: list[dict[str, np.ndarray]] = [{} for _ in chunks]
         for i, s in enumerate(segments):
             want = [x for x in s.observe if x not in s.inputs]
@@ -259,7 +260,7 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
                                 strict=True)) if sess is not None else {}
                 for names, acc in accs.items():
                     for name in names:
-                        acc.add(torch.from_numpy(outs[name] if name in outs else keep[name]))
+                        observe(acc, name, outs[name] if name in outs else keep[name])
             del sess
             prune_layer(s, {t.name: accs[tuple(t.inputs)] for t in s.targets})
             del accs
@@ -271,16 +272,12 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
                                     strict=True))
                 del sess
             for keep in stored:  # drop what no later segment reads
-                for name in [n for n in keep if _last_use(segments, n) <= s.layer]:
+                for name in [n for n in keep if last_use[n] <= s.layer]:
                     del keep[name]
             if progress:
                 progress(i + 1, len(segments), "blocks")
     finally:
         runner.close()
-
-
-def _last_use(segments: list[Segment], name: str) -> int:
-    return max((s.last_use[name] for s in segments if name in s.last_use), default=-1)
 
 
 def _feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[str]

@@ -211,8 +211,8 @@ def input_stats(model, targets: list[Target], windows: torch.Tensor, *, batch: i
             feeds = token_feeds(sess, chunk)
             outs = dict(zip(names, sess.run(names, feeds), strict=True)) if names else {}
             for name, acc in accs.items():
-                acc.add(torch.from_numpy(np.asarray(outs[name] if name in outs else feeds[name],
-                                                    dtype=np.float32)))
+                observe(acc, name, np.asarray(outs[name] if name in outs else feeds[name],
+                                              dtype=np.float32))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out: dict[str, GramAccumulator] = {}
@@ -224,6 +224,15 @@ def input_stats(model, targets: list[Target], windows: torch.Tensor, *, batch: i
         for n in t.inputs:
             merged.merge(accs[n])
     return out
+
+
+def observe(acc: GramAccumulator, name: str, arr: np.ndarray) -> None:
+    """Add the activation ``name`` of one batch to ``acc``; a width that does not match
+    the weight reading it is a PipelineError naming the value."""
+    if arr.shape[-1] != acc.in_features:
+        raise PipelineError(f"calibration: the activation '{name}' has {arr.shape[-1]} "
+                            f"channels, the weight reading it expects {acc.in_features}")
+    acc.add(torch.from_numpy(arr))
 
 
 def _width(value, targets: list[Target], name: str) -> int:
