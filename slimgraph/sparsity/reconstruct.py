@@ -1,8 +1,8 @@
 """Calibration statistics and the SparseGPT-style weight update (ALGORITHMS.md section 2).
 
 - :class:`GramAccumulator` -- accumulates, batch by batch, ``H = (2/N) Σ x xᵀ`` over the
-  calibration tokens of one linear layer and the per-channel sum of squares that gives
-  ``‖X_j‖₂ = sqrt(Σ x_j²)`` (the statistic of Wanda and RIA).
+  calibration tokens of one linear layer and the per-channel statistic of Wanda and RIA
+  (``‖X_j‖₂`` up to a per-layer constant, in the reference implementations' arithmetic).
 - :func:`sparsegpt_prune` -- prune a weight ``[C_out, C_in]`` to an unstructured sparsity
   or an N:M pattern and update the remaining weights to compensate (OBS-style), with
   SparseGPT's own saliency ``w² / [H⁻¹]_jj²`` or with any external score (e.g. RIA:
@@ -28,13 +28,21 @@ log = logging.getLogger(__name__)
 class GramAccumulator:
     """Running calibration statistics of the inputs of one linear layer.
 
-    ``add(x)`` takes a batch of inputs ``[..., C_in]`` (every leading index is a token).
-    ``hessian()`` returns ``H = (2/N) Σ x xᵀ`` ``[C_in, C_in]`` and ``act_norm()`` returns
-    ``‖X_j‖₂ = sqrt(Σ_tokens x_j²)`` ``[C_in]``, N being the number of tokens seen so far.
-    The Gram sum is kept in ``dtype`` (float32 by default; float64 for extra accuracy), the
-    sums of squares always in float64 (float32 sums and scores flipped 0.2% of SmolLM2's RIA 2:4
-    mask entries and moved its perplexity from 206.3 to 210.1). ``hessian=False`` skips
-    the ``C_in²`` Gram matrix (scores such as Wanda/RIA need only the channel norms).
+    ``add(x)`` takes a batch of inputs ``[..., C_in]`` (every leading index is a token; for
+    3-D and larger inputs the first index is the calibration sample, a 2-D input is one
+    sample). ``hessian()`` returns ``H = (2/N) Σ x xᵀ`` ``[C_in, C_in]``, N being the number
+    of tokens seen so far; the Gram sum is kept in ``dtype`` (float32 by default; float64
+    for extra accuracy). ``hessian=False`` skips the ``C_in²`` Gram matrix (scores such as
+    Wanda/RIA need only the channel statistic).
+
+    ``act_norm()`` is the channel statistic of Wanda and RIA computed exactly as their
+    reference implementations do (``scaler_row`` of their ``WrappedGPT``): a float32 running
+    mean over calibration samples of each sample's ``Σ_tokens x_j²`` (the norm taken in
+    float32 per sample), square-rooted -- ``‖X_j‖₂ / sqrt(samples)``; the constant does not
+    change any ranking. Bit-for-bit arithmetic matters more than precision here: SmolLM2's
+    2:4 perplexity is chaotic in the last bits of the scores (float64 sums gave RIA 206.3,
+    plain float32 sums 210.1, this arithmetic 205.53 = the reference's 205.5; Wanda 204.45
+    / 204.30 = 204.3).
     """
 
     def __init__(self, in_features: int, *, hessian: bool = True, dtype: torch.dtype = torch.float32,
@@ -48,13 +56,14 @@ class GramAccumulator:
         self.device = torch.device(device) if device is not None else None
         self.track_hessian = bool(hessian)
         self.n_tokens = 0
+        self.n_samples = 0
         self._gram: torch.Tensor | None = None
-        self._sumsq: torch.Tensor | None = None
+        self._scaler: torch.Tensor | None = None  # running mean of per-sample Σ x², float32
 
     def _init(self, device: torch.device) -> None:
         if self.device is None:
             self.device = device
-        self._sumsq = torch.zeros(self.in_features, dtype=torch.float64, device=self.device)
+        self._scaler = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         if self.track_hessian:
             self._gram = torch.zeros(self.in_features, self.in_features, dtype=self.dtype,
                                      device=self.device)
@@ -66,15 +75,20 @@ class GramAccumulator:
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"inputs must have shape [..., {self.in_features}], got {list(x.shape)}")
-        if self._sumsq is None:
+        if self._scaler is None:
             self._init(x.device)
-        x2 = x.detach().reshape(-1, self.in_features).to(device=self.device)
+        x = x.detach().to(device=self.device)
+        x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return
-        x64 = x2.to(torch.float64)
-        self._sumsq += (x64 * x64).sum(dim=0)
+        samples = x.reshape(x.shape[0], -1, self.in_features) if x.dim() >= 3 else x2.unsqueeze(0)
+        for sample in samples:
+            # the reference's order of operations: decay the mean, then add norm² / n
+            self._scaler *= self.n_samples / (self.n_samples + 1)
+            self.n_samples += 1
+            self._scaler += torch.norm(sample.t().to(torch.float32), p=2, dim=1) ** 2 / self.n_samples
         if self._gram is not None:
-            xd = x64 if self.dtype == torch.float64 else x2.to(self.dtype)
+            xd = x2.to(self.dtype)
             self._gram.addmm_(xd.T, xd)
         self.n_tokens += x2.shape[0]
 
@@ -91,9 +105,11 @@ class GramAccumulator:
             raise ValueError("cannot merge channel norms into an accumulator with a Gram matrix")
         if other.n_tokens == 0:
             return
-        if self._sumsq is None:
+        if self._scaler is None:
             self._init(other.device)
-        self._sumsq += other._sumsq.to(self.device)
+        n = self.n_samples + other.n_samples
+        self._scaler = (self._scaler * self.n_samples + other._scaler.to(self.device) * other.n_samples) / n
+        self.n_samples = n
         if self._gram is not None:
             self._gram += other._gram.to(device=self.device, dtype=self.dtype)
         self.n_tokens += other.n_tokens
@@ -103,9 +119,10 @@ class GramAccumulator:
             raise ValueError("GramAccumulator has seen no calibration tokens yet")
 
     def act_norm(self) -> torch.Tensor:
-        """``‖X_j‖₂ = sqrt(Σ_tokens x_j²)`` per input channel, float32 ``[C_in]``."""
+        """``sqrt(mean over samples of Σ_tokens x_j²) = ‖X_j‖₂ / sqrt(samples)`` per input
+        channel, float32 ``[C_in]`` (the reference implementations' ``sqrt(scaler_row)``)."""
         self._need_tokens()
-        return self._sumsq.sqrt().to(torch.float32)
+        return torch.sqrt(self._scaler)
 
     def hessian(self) -> torch.Tensor:
         """``H = (2/N) Σ x xᵀ``, ``[C_in, C_in]`` in the accumulator's dtype (a new tensor)."""

@@ -11,8 +11,11 @@ ri         ``|W_ij| / Σ_k |W_kj|  +  |W_ij| / Σ_k |W_ik|``
 ria        ``RI_ij · (‖X_j‖₂)^a``, default ``a = 0.5``
 =========  ==============================================================
 
-Scores are returned as float32; the row / column sums of RI are taken in float64. A row
-or column whose absolute sum is zero contributes 0 (its entries are all zero anyway).
+Scores are computed in float32 in the reference implementations' order of operations
+(Wanda's and RIA's ``W_metric``), so that the same statistics give the same masks bit for
+bit; ``act_norm`` may be ``‖X_j‖₂`` up to a per-layer constant, which no ranking sees. A row
+or column whose absolute sum is zero contributes 0 (its entries are all zero anyway;
+the reference code would divide 0 by 0).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _check_act_norm(act_norm, c_in: int, method: str) -> torch.Tensor:
     if act.dim() != 1 or act.shape[0] != c_in:
         raise ValueError(f"score '{method}': act_norm must have shape [{c_in}] (one value per input "
                          f"channel), got {list(act.shape)}")
-    act = act.to(torch.float64)
+    act = act.to(torch.float32)
     if not bool(torch.isfinite(act).all()):
         raise ValueError(f"score '{method}': act_norm has non-finite values")
     if bool((act < 0).any()):
@@ -47,9 +50,9 @@ def _check_act_norm(act_norm, c_in: int, method: str) -> torch.Tensor:
 
 
 def _ri(absw: torch.Tensor) -> torch.Tensor:
-    """Relative importance of an absolute-valued float64 matrix (zero-sum guarded)."""
-    col = absw.sum(dim=0, keepdim=True)  # Σ_k |W_kj|, [1, C_in]
-    row = absw.sum(dim=1, keepdim=True)  # Σ_k |W_ik|, [C_out, 1]
+    """Relative importance of an absolute-valued float32 matrix (zero-sum guarded)."""
+    col = torch.sum(absw, dim=0)  # Σ_k |W_kj|, [C_in]
+    row = torch.sum(absw, dim=1).reshape(-1, 1)  # Σ_k |W_ik|, [C_out, 1]
     col_share = torch.where(col > 0, absw / torch.where(col > 0, col, 1.0), 0.0)
     row_share = torch.where(row > 0, absw / torch.where(row > 0, row, 1.0), 0.0)
     return col_share + row_share
@@ -59,9 +62,10 @@ def score(weight: torch.Tensor, method: str, act_norm: torch.Tensor | None = Non
           a: float = 0.5) -> torch.Tensor:
     """Importance score of every weight, same shape as ``weight`` (``[C_out, C_in]``), float32.
 
-    ``method``: one of :data:`SCORE_METHODS`. ``act_norm``: ``‖X_j‖₂`` per input channel,
-    shape ``[C_in]`` -- required by the methods in :data:`SCORES_NEED_DATA`, ignored by the
-    others. ``a``: RIA's activation exponent (``a >= 0``). The input is not modified.
+    ``method``: one of :data:`SCORE_METHODS`. ``act_norm``: ``‖X_j‖₂`` per input channel
+    (up to a per-layer constant), shape ``[C_in]`` -- required by the methods in
+    :data:`SCORES_NEED_DATA`, ignored by the others. ``a``: RIA's activation exponent
+    (``a >= 0``). The input is not modified.
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"unknown score method {method!r}; expected one of {', '.join(SCORE_METHODS)}")
@@ -74,20 +78,20 @@ def score(weight: torch.Tensor, method: str, act_norm: torch.Tensor | None = Non
     c_in = weight.shape[1]
     w = weight.detach()
 
+    absw = torch.abs(w.to(torch.float32))
     if method == "magnitude":
-        return w.abs().to(torch.float32)
+        return absw
 
     if method == "wanda":
         act = _check_act_norm(act_norm, c_in, method).to(w.device)
-        return (w.to(torch.float64).abs() * act.unsqueeze(0)).to(torch.float32)
+        return absw * act.reshape(1, -1)
 
-    absw = w.to(torch.float64).abs()
     ri = _ri(absw)
     if method == "ri":
-        return ri.to(torch.float32)
+        return ri
 
     # ria
     if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
         raise ValueError(f"score 'ria': exponent a must be a finite number >= 0, got {a!r}")
     act = _check_act_norm(act_norm, c_in, method).to(w.device)
-    return (ri * act.pow(float(a)).unsqueeze(0)).to(torch.float32)
+    return ri * act.reshape(1, -1) ** float(a)

@@ -10,7 +10,6 @@ import torch
 from slimgraph.cli import main
 from slimgraph.frontends.loading import load_model
 from slimgraph.sparsity.masks import is_nm, nm_mask, unstructured_mask
-from slimgraph.sparsity.scores import score
 from tests import zoo
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,6 +70,7 @@ def test_wanda_unstructured_per_row(tiny, tmp_path):
 def test_layer0_masks_equal_a_direct_reference(tiny, tmp_path):
     """Block 0 sees the dense model's activations: its Wanda/RIA masks are reproducible."""
     from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
+    from tests.sparsity import reference_wanda as ref
 
     rc, out = _compile(tiny, tmp_path, "sparsify{score=ria,sparsity=0.5}")
     assert rc == 0
@@ -78,10 +78,9 @@ def test_layer0_masks_equal_a_direct_reference(tiny, tmp_path):
     dense = zoo.build("llama")
     tok = zoo.tiny_tokenizer()
     windows = sample_windows(calibration_tokens(tok, tiny / "calib.txt"), 8, 32, 0)
-    sq = {}
+    seen = {}
     hooks = [getattr(dense.model.layers[0].self_attn, n).register_forward_pre_hook(
-        lambda mod, args, n=n: sq.__setitem__(n, sq.get(n, 0) + args[0].double().pow(2)
-                                              .reshape(-1, args[0].shape[-1]).sum(0)))
+        lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().clone()))
         for n in ("q_proj", "o_proj")]
     with torch.no_grad():
         dense(input_ids=windows, use_cache=False)
@@ -89,7 +88,7 @@ def test_layer0_masks_equal_a_direct_reference(tiny, tmp_path):
         h.remove()
     for n in ("q_proj", "o_proj"):
         w = getattr(dense.model.layers[0].self_attn, n).weight.detach()
-        keep = unstructured_mask(score(w, "ria", act_norm=sq[n].sqrt().float()), 0.5, "layer")
+        keep = unstructured_mask(ref.ria_metric(w, ref.scaler_row(seen[n])), 0.5, "layer")
         got = getattr(pruned.model.layers[0].self_attn, n).weight != 0
         assert torch.equal(got, keep), n
 

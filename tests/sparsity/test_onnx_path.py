@@ -139,7 +139,8 @@ def test_magnitude_matches_the_pytorch_path(tiny, tmp_path):
 
 
 def _torch_norms(model, windows) -> dict[str, torch.Tensor]:
-    """sqrt(sum of squares) of every block nn.Linear's input channels (dense model)."""
+    """Every block nn.Linear's input-channel statistic as GramAccumulator.act_norm defines
+    it: sqrt(sum of squares / calibration samples), here from one forward in float64."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -153,7 +154,7 @@ def _torch_norms(model, windows) -> dict[str, torch.Tensor]:
         model(input_ids=windows, use_cache=False)
     for h in hooks:
         h.remove()
-    return {n + ".weight": s.sqrt() for n, s in sums.items()}
+    return {n + ".weight": (s / windows.shape[0]).sqrt() for n, s in sums.items()}
 
 
 @pytest.mark.parametrize("options", ["score=wanda,pattern=2:4", "score=ria,pattern=2:4",

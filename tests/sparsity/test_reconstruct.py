@@ -47,7 +47,8 @@ def test_gram_accumulator_matches_direct():
     x64 = x.double()
     assert acc.n_tokens == TOKENS
     torch.testing.assert_close(acc.hessian(), 2 / TOKENS * x64.T @ x64)
-    torch.testing.assert_close(acc.act_norm(), x.norm(dim=0), rtol=1e-5, atol=1e-5)
+    assert acc.n_samples == TOKENS // 4  # chunks [t, 4, C_in]: t samples of 4 tokens each
+    torch.testing.assert_close(acc.act_norm(), x.norm(dim=0) / acc.n_samples ** 0.5, rtol=1e-5, atol=1e-5)
     assert acc.act_norm().shape == (C_IN,) and acc.act_norm().dtype == torch.float32
     acc32 = GramAccumulator(C_IN)
     acc32.add(x[:100])
@@ -55,8 +56,9 @@ def test_gram_accumulator_matches_direct():
     torch.testing.assert_close(acc32.hessian(), acc.hessian().float(), rtol=1e-4, atol=1e-3)
 
     only_norms = GramAccumulator(C_IN, hessian=False)
-    only_norms.add(x)
-    torch.testing.assert_close(only_norms.act_norm(), acc.act_norm())
+    only_norms.add(x)  # a 2-D input is one sample
+    assert only_norms.n_samples == 1
+    torch.testing.assert_close(only_norms.act_norm(), x.norm(dim=0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="hessian=False"):
         only_norms.hessian()
     with pytest.raises(ValueError, match="no calibration tokens"):
