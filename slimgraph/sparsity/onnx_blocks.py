@@ -24,7 +24,7 @@ side nodes are not cut at all: each segment model recomputes the ones it needs f
 token inputs (``onnx_ir.convenience.extract`` walks back to them).
 
 Per layer ``k``: the *observe* model (its targets' input activations as outputs) runs
-over the calibration batches and the statistics accumulate (per-channel sums of squares,
+over the calibration batches and the statistics accumulate (Wanda/RIA's per-channel statistic,
 and the Gram matrix for SparseGPT's reconstruction); the layer's weights are pruned
 (written into the ONNX model); the *propagate* model -- extracted again, so it holds the
 pruned weights -- computes what crosses into later segments.
