@@ -5,7 +5,8 @@ as a one-node model, three ways: opset-23 ``Attention`` with ``is_causal=1`` (wh
 ``export-onnx`` writes, up to the mask form), opset-23 ``Attention`` with an additive
 causal mask input, and ``com.microsoft.GroupQueryAttention`` (ONNX Runtime's contrib op).
 Outputs are compared (causal vs GQA) before timing; median of ``--runs`` runs after 3
-warm-ups, 2 intra-op threads, the three sessions measured round-robin.
+warm-ups, 2 intra-op threads (no spin-waiting: the idle sessions' thread pools would
+otherwise take the cores from the running one), the three sessions measured round-robin.
 
 Usage: python benchmarks/attention_kernels.py [--seq 512] [--runs 30]
 Writes benchmarks/results/attention_kernels.json.
@@ -31,6 +32,8 @@ HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 def _session(model) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
+    # three sessions take turns: idle pools must not spin on the cores the running one needs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
