@@ -5,8 +5,10 @@ as a one-node model, three ways: opset-23 ``Attention`` with ``is_causal=1`` (wh
 ``export-onnx`` writes, up to the mask form), opset-23 ``Attention`` with an additive
 causal mask input, and ``com.microsoft.GroupQueryAttention`` (ONNX Runtime's contrib op).
 Outputs are compared (causal vs GQA) before timing; median of ``--runs`` runs after 3
-warm-ups, 2 intra-op threads (no spin-waiting: the idle sessions' thread pools would
-otherwise take the cores from the running one), the three sessions measured round-robin.
+warm-ups, 2 intra-op threads; the sessions take turns in blocks (3 rounds, each running
+every session ``runs / 3`` times after its own warm-up), not run by run: a session run
+right after another one finds that one's thread pool still spin-waiting on the cores,
+which doubled these few-millisecond times.
 
 Usage: python benchmarks/attention_kernels.py [--seq 512] [--runs 30]
 Writes benchmarks/results/attention_kernels.json.
@@ -32,8 +34,6 @@ HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 def _session(model) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-    # three sessions take turns: idle pools must not spin on the cores the running one needs
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -85,14 +85,14 @@ def main() -> None:
     if diff > 1e-4:
         raise SystemExit(f"kernels disagree: max |diff| {diff}")
     times: list[list[float]] = [[] for _ in names]
-    for sess, fd in zip(sessions, feeds, strict=True):
-        for _ in range(3):
-            sess.run(None, fd)
-    for _ in range(args.runs):  # round-robin
+    for _ in range(3):  # rounds: drift hits every kernel alike
         for i, (sess, fd) in enumerate(zip(sessions, feeds, strict=True)):
-            t = time.perf_counter()
-            sess.run(None, fd)
-            times[i].append(time.perf_counter() - t)
+            for _ in range(3):
+                sess.run(None, fd)
+            for _ in range(max(1, args.runs // 3)):
+                t = time.perf_counter()
+                sess.run(None, fd)
+                times[i].append(time.perf_counter() - t)
     rows = {n: {"median_ms": round(float(np.median(t)) * 1000, 3)} for n, t in zip(names, times, strict=True)}
     write_result(args.out, rows, seq=s, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                  onnxruntime=ort.__version__, max_abs_diff=diff)

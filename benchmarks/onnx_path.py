@@ -49,6 +49,26 @@ def ort_latency(out: Path, runs: int) -> dict[str, float]:
     return {str(s): round(latency(out / "model.onnx", s, runs), 1) for s in (128, 512)}
 
 
+def mask_agreement(a: Path, b: Path) -> dict[str, int]:
+    """Zero patterns of the 2-D float initializers two files share by name and at least
+    one of them has pruned (>= 10% zeros): tensors and entries compared, and entries
+    whose zero-ness differs."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    def weights(path: Path) -> dict[str, np.ndarray]:
+        model = onnx.load(str(path))
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+
+    wa, wb = weights(a), weights(b)
+    shared = [n for n in wa if n in wb and wa[n].shape == wb[n].shape  # the pruned ones
+              and max((wa[n] == 0).mean(), (wb[n] == 0).mean()) >= 0.1]
+    return {"tensors": len(shared), "entries": int(sum(wa[n].size for n in shared)),
+            "differ": int(sum(((wa[n] == 0) != (wb[n] == 0)).sum() for n in shared))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--windows", type=int, default=40)
@@ -91,11 +111,15 @@ def main() -> None:
                       "peak_rss_mb": rss, "params": report["parameters"]["after"],
                       "ppl": round(json.loads(ev)["ppl"], 3), "latency_ms": ort_latency(out, args.runs)}
         print(name, json.dumps(rows[name]), flush=True)
+    routes = [_outdir(work, f"{r} ria 2:4") / "model.onnx" for r in ("onnx", "torch")]
+    if not args.latency_only and all(p.exists() for p in routes):
+        rows["ria 2:4 masks, onnx vs torch"] = mask_agreement(*routes)
+        print("ria 2:4 masks, onnx vs torch", rows["ria 2:4 masks, onnx vs torch"], flush=True)
     write_result(path, rows)
     print("| route | pipeline | compile s | peak RSS MB | params | ppl | ORT 128 ms | ORT 512 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        if "ppl" not in r:
+        if "ppl" not in r or "pipeline" not in r:
             continue
         route, pipe = name.split(" ", 1)
         print(f"| {route} | {pipe} | {r['compile_s']} | {r['peak_rss_mb']} | {r['params']:,} | "
