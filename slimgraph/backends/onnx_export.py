@@ -123,9 +123,12 @@ def save_onnx_model(model, path: Path) -> Path:
     """Save an ``onnx_ir`` model to ``path`` atomically: into a temporary directory beside
     it, checked by ``onnx.checker``, then renamed. Over 2 GB of weights go to external data
     (``NAME.data``); below, every tensor is stored in the file (tensors still mapped from
-    the input's data file are read in). ``model`` is not modified."""
+    the input's data file are read in), written and checked one initializer at a time
+    (:mod:`slimgraph.backends.onnx_inline`). ``model`` is not modified."""
     import onnx
     import onnx_ir as ir
+
+    from slimgraph.backends.onnx_inline import can_save_inline, save_inline
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = make_temp_dir(path.parent, ".export-")
@@ -133,12 +136,15 @@ def save_onnx_model(model, path: Path) -> Path:
         tmp = tmpdir / path.name
         size = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
                    if v.const_value is not None)
-        data = tmpdir / (path.name + ".data")
-        ir.save(model, tmp, external_data=data.name,
-                size_threshold_bytes=256 if size > TWO_GB else 2**62)
-        if data.is_file() and data.stat().st_size == 0:
-            data.unlink()
-        onnx.checker.check_model(str(tmp))
+        if size <= TWO_GB and can_save_inline(model):
+            save_inline(model, tmp)
+        else:
+            data = tmpdir / (path.name + ".data")
+            ir.save(model, tmp, external_data=data.name,
+                    size_threshold_bytes=256 if size > TWO_GB else 2**62)
+            if data.is_file() and data.stat().st_size == 0:
+                data.unlink()
+            onnx.checker.check_model(str(tmp))
         for f in tmpdir.iterdir():  # model.onnx (+ model.onnx.data)
             os.replace(f, path.parent / f.name)
     except SlimgraphError:

@@ -32,6 +32,46 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inv)
 
 
+def read_external(tensor: ir.ExternalTensor) -> np.ndarray:
+    """A copy of an external tensor's values, read from its file; ``tensor`` is not loaded.
+
+    ``ExternalTensor.numpy()`` maps the file and keeps the map open, and every page read
+    through a map stays resident in this process while the map is open: one pass over
+    the weights of a 3.3 GB model left all 3.3 GB resident. Read here, the file's bytes
+    are copied into a new array (``tofile``: onnx_ir's checks of the path included);
+    packed types (4-, 2- and 6-bit) go through a map of their own, closed again."""
+    if tensor.dtype.bitwidth % 8:
+        reader = ir.ExternalTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype,
+                                   shape=tensor.shape, name=tensor.name,
+                                   base_dir=tensor.base_dir)
+        try:
+            return reader.numpy().copy()
+        finally:
+            reader.release()
+    arr = np.empty(tensor.shape.numpy(), dtype=np.dtype(tensor.dtype.numpy()).newbyteorder("<"))
+    writer = _BufferWriter(arr.reshape(-1).view(np.uint8))
+    tensor.tofile(writer)
+    if writer.position != arr.nbytes:
+        raise ValueError(f"external data of {tensor.name!r}: {writer.position} bytes read, "
+                         f"{arr.nbytes} expected")
+    return arr
+
+
+class _BufferWriter:
+    """A file-like ``write`` into a byte array, in order."""
+
+    def __init__(self, buffer: np.ndarray):
+        self.buffer = buffer
+        self.position = 0
+
+    def write(self, chunk: bytes) -> None:
+        end = self.position + len(chunk)
+        if end > len(self.buffer):
+            raise ValueError("external data longer than its tensor")
+        self.buffer[self.position:end] = np.frombuffer(chunk, dtype=np.uint8)
+        self.position = end
+
+
 @dataclass(eq=False)
 class _Storage:
     """A tensor stored in the file: an initializer, or the value of a Constant node."""
@@ -65,7 +105,12 @@ class _Storage:
         return int(np.prod(self.shape)) if self.shape else 1
 
     def array(self) -> np.ndarray:
-        return self.tensor.numpy()
+        """The stored values: the model's own array for a tensor held in memory, a fresh
+        copy read from the file for external data (see :func:`read_external`)."""
+        tensor = self.tensor
+        if isinstance(tensor, ir.ExternalTensor):
+            return read_external(tensor)
+        return tensor.numpy()
 
     def uses(self) -> list[tuple[ir.Node, int]]:
         return [(u.node, u.idx) for u in self.value.uses()]
@@ -124,27 +169,37 @@ class OnnxParamHandle(ArrayParamHandle):
         return self._array is not None or bool(self.targets)
 
     def _load(self) -> np.ndarray:
-        if self._array is None:
-            t = self.targets[0]
-            self._array = np.transpose(t.storage.array(), _inverse(t.perm))
-        return self._array
+        """The parameter in its own layout, from its first stored copy. Not kept: a weight
+        no pass modified stays in the file it was loaded from, and a modified one is held
+        once, by the ONNX model (keeping it here too would hold a second, transposed copy
+        of every weight stored transposed)."""
+        if self._array is not None or not self.targets:
+            return self._array
+        t = self.targets[0]
+        return np.transpose(t.storage.array(), _inverse(t.perm))
 
     def read(self) -> torch.Tensor:
-        arr = np.array(self._load(), order="C")  # a copy: stored tensors may be read-only maps
+        arr = np.array(self._load(), order="C")  # a copy: the model's array is not handed out
         if arr.dtype.name == "bfloat16":
             return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
         return torch.from_numpy(arr)
 
     def write(self, tensor: torch.Tensor) -> None:
-        old = self._load().dtype
+        old = self._dtype()
         t = tensor.detach().cpu()
         if old.name == "bfloat16":
             arr = t.to(torch.bfloat16).view(torch.int16).numpy().view(old)
         else:
             arr = t.numpy().astype(old, copy=False)
-        self._array = arr
+        if not self.targets:
+            self._array = arr
         self.shape = tuple(arr.shape)
         self._write_back(arr)
+
+    def _dtype(self) -> np.dtype:
+        if self._array is not None or not self.targets:
+            return self._array.dtype
+        return np.dtype(self.targets[0].storage.dtype.numpy())
 
     def _write_back(self, arr: np.ndarray) -> None:
         for t in self.targets:
