@@ -173,7 +173,7 @@ class OnnxParamHandle(ArrayParamHandle):
         no pass modified stays in the file it was loaded from, and a modified one is held
         once, by the ONNX model (keeping it here too would hold a second, transposed copy
         of every weight stored transposed)."""
-        if self._array is not None or not self.targets:
+        if not self.targets:  # a parameter stored nowhere in the model keeps its own array
             return self._array
         t = self.targets[0]
         return np.transpose(t.storage.array(), _inverse(t.perm))
@@ -197,7 +197,7 @@ class OnnxParamHandle(ArrayParamHandle):
         self._write_back(arr)
 
     def _dtype(self) -> np.dtype:
-        if self._array is not None or not self.targets:
+        if not self.targets:
             return self._array.dtype
         return np.dtype(self.targets[0].storage.dtype.numpy())
 
