@@ -1,11 +1,17 @@
-"""ONNX Runtime latency cost of `permute=gather` (one input gather per permuted linear).
+"""ONNX Runtime latency cost of `permute=gather` (input gathers of permuted linears).
 
-Compiles SmolLM2 twice with 2:4 masks, without and with gathers, exports both to ONNX and
-times them next to the dense export (ONNX Runtime CPU, 2 threads, batch 1, prefill 128 and
-512, median of 20 runs after 3 warm-ups; `latency` from structured.py). The score is
-magnitude, so no calibration is needed: the gathers (their number and sizes) are the same
-for every score. ORT's CPU kernels are dense, so the masked models cost what the dense one
-does; the difference between the two masked models is the cost of the gathers.
+Compiles SmolLM2 twice with 2:4 masks, without and with `permute=gather`, exports both
+to ONNX, and times them next to the dense export, round-robin (ONNX Runtime CPU, 2
+threads, batch 1, prefill 128 and 512, median of `--runs` rounds after 3 warm-ups;
+`interleaved_latency` from structured.py). The score is magnitude, so no calibration is
+needed: the gathers (their number and sizes) are the same for every score. ORT's CPU
+kernels are dense, so the masked models cost what the dense one does; the difference
+between the two masked models is the cost of the gathers.
+
+A third file, made from the `gather` export, puts back the earlier form for comparison:
+one `Gather(x, pi, axis=-1)` per permuted linear (q, k, v, gate, up each their own), the
+same permutations and weights -- what slimgraph wrote before gathers were shared and
+written as `GatherElements`.
 
 Usage: python benchmarks/gather_latency.py [--runs 20] [--latency-only]
 Writes benchmarks/results/gather_latency.json.
@@ -20,12 +26,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run, write_result  # noqa: E402
-from structured import latency  # noqa: E402
+from structured import interleaved_latency  # noqa: E402
 
 CONFIGS = {
     "2:4 no permutation": "sparsify{score=magnitude,pattern=2:4},export-onnx",
     "2:4 permute=gather": "sparsify{score=magnitude,pattern=2:4,permute=gather},export-onnx",
 }
+UNSHARED = "2:4 permute=gather, one Gather per linear (earlier form)"
+
+
+def unshared_gathers(src: Path, dst: Path) -> int:
+    """Rewrite ``src``'s shared ``GatherElements`` input gathers as one last-axis
+    ``Gather`` per reading MatMul (int64 indices), saved to ``dst``; returns how many."""
+    import numpy as np
+    import onnx_ir as ir
+
+    model = ir.load(str(src))
+    graph = model.graph
+    made = 0
+    for node in list(graph):
+        if node.op_type != "GatherElements":
+            continue
+        x, expand = node.inputs[0], node.inputs[1].producer()
+        perm = expand.inputs[0].const_value.numpy().astype(np.int64)
+        for k, (reader, i) in enumerate(list(node.outputs[0].uses())):
+            name = f"{node.name}_unshared_{k}"
+            index = ir.Value(name=name + "_index", shape=ir.Shape(perm.shape),
+                             type=ir.TensorType(ir.DataType.INT64),
+                             const_value=ir.Tensor(perm, name=name + "_index"))
+            graph.register_initializer(index)
+            gather = ir.node("Gather", [x, index], {"axis": -1}, name=name)
+            graph.insert_before(reader, [gather])
+            reader.replace_input_with(i, gather.outputs[0])
+            made += 1
+    ir.save(model, str(dst))
+    return made
 
 
 def main() -> None:
@@ -37,6 +72,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/gather_latency.json")
     ap.add_argument("--latency-only", action="store_true", help="reuse the compiled models")
     args = ap.parse_args()
+    import onnx
+
     work = Path(args.work)
     rows = {}
     for name, pipe in CONFIGS.items():
@@ -46,18 +83,33 @@ def main() -> None:
                  "-o", str(out)])
         report = json.loads((out / "report.json").read_text())
         perm = report["passes"][0]["report"].get("permutation", {})
+        realised = [r.get("permutation", {}).get("realised")
+                    for r in report["passes"][0]["report"]["layers"]]
+        nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
         rows[name] = {"pipeline": pipe, "onnx": str(out / "model.onnx"),
-                      "gathers": perm.get("layers_permuted", 0)}
+                      "linears_permuted": perm.get("layers_permuted", 0),
+                      "linears_gathered": realised.count("gather"),
+                      "linears_folded": realised.count("fold"),
+                      "gather_nodes": sum(n.op_type == "GatherElements" for n in nodes)}
+    g = rows["2:4 permute=gather"]
+    old = work / "unshared" / "model.onnx"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    rows[UNSHARED] = {"onnx": str(old), "gather_nodes": unshared_gathers(Path(g["onnx"]), old)}
     rows["dense"] = {"onnx": args.dense}
+    lat = interleaved_latency({n: Path(r["onnx"]) for n, r in rows.items()}, runs=args.runs)
     for name, row in rows.items():
-        row["latency_ms"] = {str(s): round(latency(Path(row["onnx"]), s, args.runs), 1)
-                             for s in (128, 512)}
+        row["latency_ms"] = lat[name]
         print(name, row["latency_ms"], flush=True)
     base = rows["2:4 no permutation"]["latency_ms"]
-    g = rows["2:4 permute=gather"]["latency_ms"]
-    cost = {s: round(100 * (g[s] / base[s] - 1), 1) for s in base}
-    write_result(args.out, rows, gather_cost_pct=cost)
-    print("gather cost (% over the same masks without gathers):", cost)
+
+    def cost(row: str) -> dict:
+        ms = rows[row]["latency_ms"]
+        return {s: round(100 * (ms[s] / base[s] - 1), 1) for s in base}
+
+    write_result(args.out, rows, gather_cost_pct=cost("2:4 permute=gather"),
+                 unshared_gather_cost_pct=cost(UNSHARED))
+    print("gather cost (% over the same masks without gathers):", cost("2:4 permute=gather"),
+          "; earlier form:", cost(UNSHARED))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ CONFIGS["sparsegpt 2:4"] = "sparsify{score=sparsegpt,pattern=2:4}"
 for mode in ("mask-only", "fold", "space", "gather"):  # issue 5: channel permutation
     CONFIGS[f"ria 2:4 permute={mode}"] = f"sparsify{{score=ria,pattern=2:4,permute={mode}}}"
 CONFIGS["ria+rec 2:4 permute=fold"] = "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=fold}"
+# deployable permutation + reconstruction (issue 5: the best deployable 2:4 model)
+CONFIGS["ria+rec 2:4 permute=gather"] = \
+    "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=gather}"
+CONFIGS["sparsegpt 2:4 permute=gather"] = "sparsify{score=sparsegpt,pattern=2:4,permute=gather}"
 # per-layer schedule: OWL (outlier-weighted layerwise sparsity, M=5, lambda=0.08)
 CONFIGS["wanda 50% owl"] = "sparsify{score=wanda,sparsity=0.5,scope=row,schedule=owl}"
 CONFIGS["ria 50% owl"] = "sparsify{score=ria,sparsity=0.5,schedule=owl}"

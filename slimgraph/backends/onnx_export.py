@@ -30,6 +30,7 @@ from slimgraph.io import make_temp_dir
 from slimgraph.errors import PipelineError, SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
+from slimgraph.sparsity.onnx_gathers import rewrite_input_gathers
 
 TWO_GB = 2 * 1024**3
 # Opset 23 has fused Attention, RMSNormalization and RotaryEmbedding ops: ONNX Runtime
@@ -51,9 +52,12 @@ class LogitsOnly(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | None = None
-                ) -> Path:
-    """Export ``model`` to ``path`` atomically; returns the path."""
+def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | None = None,
+                report: dict | None = None) -> Path:
+    """Export ``model`` to ``path`` atomically; returns the path. The input gathers of
+    ``permute=gather`` linears are written shared and in ONNX Runtime's fast form
+    (:func:`~slimgraph.sparsity.onnx_gathers.rewrite_input_gathers`; counts under
+    ``report["gathers"]`` when there are any)."""
     wrapper = LogitsOnly(model).eval()
     ids = torch.randint(0, max(vocab, 2), (2, 9))
     batch = torch.export.Dim("batch", max=4096)
@@ -67,6 +71,9 @@ def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | 
                 wrapper, (ids,), dynamo=True, dynamic_shapes={"input_ids": {0: batch, 1: seq}},
                 input_names=["input_ids"], output_names=["logits"], verbose=False, **kwargs)
         batch_rotary_caches(prog.model)
+        gathers = rewrite_input_gathers(prog.model)
+        if report is not None and gathers["gathers"]:
+            report["gathers"] = gathers
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         tmp = tmpdir / path.name
         if size > TWO_GB:
@@ -242,10 +249,11 @@ class ExportOnnx(Pass):
         if state.model is None:
             return self.save_onnx_input(state)
         vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
+        report: dict = {}
         path = export_onnx(state.model, state.out_dir / self.filename, vocab=vocab,
-                           opset=self.opset or None)
+                           opset=self.opset or None, report=report)
         onnx.checker.check_model(str(path))
-        report: dict = {"file": str(path), "bytes": _size(path)}
+        report.update(file=str(path), bytes=_size(path))
         if self.check:
             cmp = compare_with_torch(state.model, path, vocab=vocab)
             report["ort_vs_torch"] = cmp

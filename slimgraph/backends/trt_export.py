@@ -52,8 +52,9 @@ class ExportTRT(Pass):
         model = state.model
         if self.fp16:
             model = copy.deepcopy(model).to(torch.float16)
-        path = export_onnx(model, state.out_dir / self.filename, vocab=vocab)
-        report: dict = {"file": str(path), "fp16": self.fp16}
+        report: dict = {}
+        path = export_onnx(model, state.out_dir / self.filename, vocab=vocab, report=report)
+        report.update(file=str(path), fp16=self.fp16)
         if not self.fp16:  # ONNX Runtime's CPU kernels are fp32; TensorRT consumes the fp16 file
             report["ort_vs_torch"] = compare_with_torch(model, path, vocab=vocab)
         check = check_onnx(path, parse_pattern(self.pattern))

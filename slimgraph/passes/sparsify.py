@@ -393,6 +393,7 @@ class _BlockPruner:
         self.model = model
         self.result = result
         self.by_layer = by_layer
+        self.gather_plans: dict = {}
 
     def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
         from slimgraph.sparsity.calibration import observe_block
@@ -405,13 +406,42 @@ class _BlockPruner:
             stats, _ = observe_block(module, linears, inputs,
                                      hessian=opts.needs_hessian())
         sparsity = self.by_layer[block.layer] if self.by_layer is not None else opts.sparsity
+        if opts.permute == "gather":
+            self.gather_plans = self.plan_gathers(linears, stats)
         return {"layer": block.layer,
                 "layers": [self.prune_linear(name, linears[name], stats.get(name), sparsity)
                            for name in linears]}
 
-    def prune_linear(self, name: str, lin: torch.nn.Linear, acc, sparsity: float | None) -> dict:
+    def scores(self, lin: torch.nn.Linear, acc) -> torch.Tensor:
+        """The pruning scores of ``lin``'s ``[out, in]`` weight (SparseGPT ranks by
+        magnitude)."""
         from slimgraph.sparsity.scores import score
 
+        opts = self.opts
+        return score(lin.weight.detach().float(),
+                     "magnitude" if opts.score == "sparsegpt" else opts.score,
+                     act_norm=acc.act_norm() if acc is not None else None, a=opts.a)
+
+    def plan_gathers(self, linears: dict, stats: dict) -> dict:
+        """``permute=gather``: one permutation per set of this block's linears that read
+        the same activation (:func:`~slimgraph.sparsity.deploy.search_shared`); linears
+        folded for free (:func:`~slimgraph.sparsity.deploy.free_fold_group`) and those
+        the pattern cannot divide are left out."""
+        from slimgraph.ir.graph import OpKind
+        from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
+
+        n, m = self.opts.nm()
+        reads = {nd.inputs[1].name: nd.inputs[0].name for nd in self.result.graph.nodes
+                 if nd.kind is OpKind.LINEAR and nd.inputs[1] is not None
+                 and nd.inputs[0] is not None}
+        input_of = {name: reads.get(name + ".weight", name) for name, lin in linears.items()
+                    if lin.in_features % m == 0
+                    and free_fold_group(self.result, name + ".weight", m) is None}
+        return search_shared(input_sets(input_of),
+                             lambda name: self.scores(linears[name], stats.get(name)),
+                             n, m, self.opts.search)
+
+    def prune_linear(self, name: str, lin: torch.nn.Linear, acc, sparsity: float | None) -> dict:
         opts = self.opts
         w = lin.weight.detach().float()
         nm = opts.nm()
@@ -420,7 +450,7 @@ class _BlockPruner:
                     f"{nm[1]}", "numel": w.numel(), "zeros": 0}
         act = acc.act_norm() if acc is not None else None
         hess = acc.hessian() if acc is not None and opts.needs_hessian() else None
-        s = score(w, "magnitude" if opts.score == "sparsegpt" else opts.score, act_norm=act, a=opts.a)
+        s = self.scores(lin, acc)
         fixed_mask, perm_info = None, None
         if opts.permute != "none":
             lin, w, s, act, hess, fixed_mask, perm_info = self.permute(name, lin, w, s, act, hess, nm)
@@ -448,7 +478,8 @@ class _BlockPruner:
             info.update(realised="mask-only", kept_before=res.kept_before, kept_after=res.kept_after,
                         seconds=round(res.seconds, 3))
             return lin, w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
-        if opts.permute in ("fold", "space"):
+        plan = self.gather_plans.get(name) if opts.permute == "gather" else None
+        if plan is None:  # fold / space, or gather folded at no cost
             group, why = fold_group(self.result, name + ".weight", m)
             if group is None:
                 if opts.permute == "space" and "shared by every layer" in why:
@@ -461,13 +492,12 @@ class _BlockPruner:
             idx = permute_group(self.result, group, res.perm)[(name + ".weight", 1)]
             info.update(realised="fold", group=group.id, group_kind=group.kind,
                         perm=res.perm.tolist())
-        else:  # gather
-            res = search_permutation(s, n, m, mode=opts.search)
-            idx = res.perm
+            info.update(kept_before=res.kept_before, kept_after=res.kept_after,
+                        seconds=round(res.seconds, 3))
+        else:  # gather, with the permutation searched for the linears sharing the input
+            idx, shared = plan
             lin = install_gather(self.model, name, idx)
-            info.update(realised="gather")
-        info.update(kept_before=res.kept_before, kept_after=res.kept_after,
-                    seconds=round(res.seconds, 3))
+            info.update(realised="gather", **shared)
         w = lin.weight.detach().float()
         s = s[:, idx]
         act = act[idx] if act is not None else None

@@ -8,7 +8,11 @@ Two exact realisations (ALGORITHMS.md section 3.3), chosen per linear:
   up rows; a layer's v head_dim: o_proj columns with v_proj rows, shared by every head),
   permuting the group's units permutes every member consistently. Zero runtime cost.
 - **gather**: the linear stores ``W[:, pi]`` and gathers its input ``x[..., pi]``
-  (:class:`GatherLinear`); exact for any linear, one small gather per layer.
+  (:class:`GatherLinear`); exact for any linear. Linears that read the same activation
+  (q/k/v; gate/up) share one permutation, searched on their scores stacked
+  (:func:`search_shared`), so one gather serves them all; a linear whose input channels
+  are the units of a group one by one (down_proj: the MLP channels) has the permutation
+  folded instead (:func:`free_fold_group`: the same freedom, no gather).
 """
 
 from __future__ import annotations
@@ -57,6 +61,52 @@ def fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
             return None, f"group {g.id} units do not align with groups of {m}"
         return g, ""
     return None, "no channel group covers its input channels unit by unit"
+
+
+def free_fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
+                    ) -> ChannelGroup | None:
+    """The group that realises *any* permutation of ``weight``'s inputs by folding: one
+    input channel per unit (MLP channels for down_proj), so folding loses nothing
+    against a gather. ``None`` when folding would restrict the permutation (o_proj's
+    head_dim: one permutation shared by every head) or is impossible."""
+    group, _ = fold_group(result, weight, m, dim)
+    if group is None:
+        return None
+    pos = unit_positions(group, weight, dim)
+    return group if pos is not None and pos.shape[1] == 1 else None
+
+
+def input_sets(input_of: dict[str, str]) -> list[list[str]]:
+    """Linears grouped by the activation they read (``input_of``: linear -> activation
+    name), in the given order: q/k/v together, gate/up together."""
+    sets: dict[str, list[str]] = {}
+    for name, x in input_of.items():
+        sets.setdefault(x, []).append(name)
+    return list(sets.values())
+
+
+def search_shared(sets: list[list[str]], score_of, n: int, m: int, mode: str
+                  ) -> dict[str, tuple[torch.Tensor, dict]]:
+    """One permutation per set of linears that read the same activation, searched on
+    their ``[out, in]`` scores (``score_of(name)``) stacked along the output dim, so one
+    gather serves the set. Returns, per linear, the permutation and its report entry
+    (importance kept by this linear before / after; the search time on the set's first
+    linear; ``shared_with``)."""
+    from slimgraph.sparsity.permutation import kept_score, search_permutation
+
+    plans = {}
+    for names in sets:
+        scores = [score_of(x) for x in names]
+        res = search_permutation(torch.cat(scores), n, m, mode=mode)
+        identity = torch.arange(res.perm.numel())
+        for k, (x, s) in enumerate(zip(names, scores, strict=True)):
+            info = {"kept_before": kept_score(s, identity, n, m),
+                    "kept_after": kept_score(s, res.perm, n, m),
+                    "seconds": round(res.seconds, 3) if k == 0 else 0.0}
+            if len(names) > 1:
+                info["shared_with"] = [y for y in names if y != x]
+            plans[x] = (res.perm, info)
+    return plans
 
 
 def stacked_scores(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -267,17 +267,42 @@ def _batches(sess, windows: torch.Tensor, batch: int):
 # --------------------------------------------------------------------------- pruning
 
 
+def target_scores(opts: Sparsify, t: Target, acc=None, w: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Pruning scores of ``t``'s ``[out, in]`` weight (``w``, read when not given;
+    SparseGPT ranks by magnitude; ``acc``: its input statistics)."""
+    from slimgraph.sparsity.scores import score
+
+    if w is None:
+        raw = t.handle.read().float()
+        w = raw if t.w_in == 1 else raw.T
+    return score(w,
+                 "magnitude" if opts.score == "sparsegpt" else opts.score,
+                 act_norm=acc.act_norm() if acc is not None else None, a=opts.a)
+
+
+def gather_plans(opts: Sparsify, result, targets: list[Target], stats: dict | None) -> dict:
+    """Under ``permute=gather``, the shared permutations of ``targets`` (one layer's, or
+    all of them; ``stats``: input statistics by name) -- else nothing."""
+    from slimgraph.sparsity.onnx_permute import plan_gathers
+
+    if opts.permute != "gather":
+        return {}
+    return plan_gathers(opts, result, targets,
+                        lambda t: target_scores(opts, t, stats.get(t.name) if stats else None))
+
+
 def prune_target(opts: Sparsify, t: Target, acc=None, result=None,
-                 sparsity: float | None = None) -> dict:
+                 sparsity: float | None = None, plan: tuple | None = None) -> dict:
     """Score ``t``'s weight (``[out, in]``), permute its input channels when
     ``opts.permute`` says so (``onnx_permute``; ``result``: the analysis, for ``fold``),
     prune it (:func:`~slimgraph.passes.sparsify.masked_weight`: masks, or SparseGPT's
     update with the Hessian of ``acc``, a
     :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`), write it back through its
-    handle. ``sparsity``: this layer's (a per-layer schedule), else ``opts.sparsity``."""
+    handle. ``sparsity``: this layer's (a per-layer schedule), else ``opts.sparsity``;
+    ``plan``: its shared permutation under ``gather`` (:func:`gather_plans`)."""
     from slimgraph.passes.sparsify import masked_weight
     from slimgraph.sparsity.onnx_permute import permute_target
-    from slimgraph.sparsity.scores import score
 
     raw = t.handle.read().float()
     w = raw if t.w_in == 1 else raw.T  # [out, in]
@@ -288,10 +313,11 @@ def prune_target(opts: Sparsify, t: Target, acc=None, result=None,
                 "numel": w.numel(), "zeros": 0}
     act = acc.act_norm() if acc is not None else None
     hess = acc.hessian() if acc is not None and opts.needs_hessian() else None
-    s = score(w, "magnitude" if opts.score == "sparsegpt" else opts.score, act_norm=act, a=opts.a)
+    s = target_scores(opts, t, acc, w)
     fixed, perm_info = None, None
     if opts.permute != "none":
-        w, s, act, hess, fixed, perm_info = permute_target(opts, result, t, w, s, act, hess, nm)
+        w, s, act, hess, fixed, perm_info = permute_target(opts, result, t, w, s, act, hess, nm,
+                                                           plan)
     new = masked_weight(opts, w, s, hess, opts.sparsity if sparsity is None else sparsity, fixed)
     t.handle.write((new if t.w_in == 1 else new.T).contiguous())
     zeros = int((t.handle.read() == 0).sum())
@@ -336,9 +362,12 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
         space_info = permute_space(opts, state.analysis(), targets, stats)
     if opts.needs_stats():
         method, notes = calibrate_and_prune(opts, state, targets, windows, done, sparsity)
+    left = [t for t in targets if t.name not in done]
+    plans = gather_plans(opts, state.analysis(), left, None)
     for i, t in enumerate(targets):
         if t.name not in done:
-            done[t.name] = prune_target(opts, t, None, state.analysis(), sparsity.get(t.name))
+            done[t.name] = prune_target(opts, t, None, state.analysis(), sparsity.get(t.name),
+                                        plans.get(t.name))
             if state.progress:
                 state.progress(i + 1, len(targets), "linears")
     layers = [done[t.name] for t in targets]
@@ -423,17 +452,19 @@ def calibrate_and_prune(opts: Sparsify, state: CompileState, targets: list[Targe
                                 f"sequential calibration and the ONNX graph cannot be cut into "
                                 f"layers ({e})") from None
         stats = input_stats(model, targets, windows, batch=opts.batch, tmp_parent=state.out_dir)
+        plans = gather_plans(opts, state.analysis(), targets, stats)
         for t in targets:
             done[t.name] = prune_target(opts, t, stats[t.name], state.analysis(),
-                                       sparsity.get(t.name))
+                                       sparsity.get(t.name), plans.get(t.name))
         return ONE_SHOT, [f"calibration is one-shot on the dense model (ONNX Runtime), not "
                           f"block-sequential: the graph could not be cut into layers ({e}); "
                           "layers after the first see dense, not pruned, activations"]
 
     def prune_layer(segment, sums):
+        plans = gather_plans(opts, state.analysis(), segment.targets, sums)
         for t in segment.targets:
             done[t.name] = prune_target(opts, t, sums[t.name], state.analysis(),
-                                        sparsity.get(t.name))
+                                        sparsity.get(t.name), plans.get(t.name))
 
     block_sequential_onnx(model, segments, windows, prune_layer, hessian=opts.needs_hessian(),
                           batch=opts.batch,

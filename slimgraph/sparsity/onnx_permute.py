@@ -12,8 +12,11 @@ ONNX model:
   ``v_proj`` rows), every member written back through its ONNX initializer
   (:func:`~slimgraph.sparsity.deploy.permute_group`): the same function, the stored weight
   N:M, no extra node.
-- ``gather``: the weight stores ``W[:, pi]`` and a ``Gather(axis=-1)`` node in front of
-  each MatMul/Gemm that reads it reorders the activation: exact for any linear.
+- ``gather``: the weight stores ``W[:, pi]`` and a gather in front of each MatMul/Gemm
+  that reads it reorders the activation: exact for any linear. Targets that read the
+  same activations share one permutation and one gather (:func:`plan_gathers`;
+  ``GatherElements`` form, :mod:`~slimgraph.sparsity.onnx_gathers`); a target whose
+  input channels are one group's units one by one (down_proj) is folded instead.
 
 - ``space``: one permutation of the residual stream for all its readers
   (:func:`permute_space`, before calibration: the hidden group's members -- embedding,
@@ -35,12 +38,29 @@ if TYPE_CHECKING:
 ONNX_MODES = ("none", "mask-only", "fold", "gather")
 
 
+def plan_gathers(opts: Sparsify, result, targets: list[Target], score_of) -> dict:
+    """``permute=gather``: one permutation per set of targets that read the same
+    activations (:func:`~slimgraph.sparsity.deploy.search_shared`, ``score_of(target)``
+    their ``[out, in]`` scores), for the targets a gather can serve; targets folded at no
+    cost (:func:`~slimgraph.sparsity.deploy.free_fold_group`) are left out."""
+    from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
+
+    n, m = opts.nm()
+    by_name = {t.name: t for t in targets}
+    input_of = {t.name: "\n".join(t.inputs) for t in targets
+                if t.in_features % m == 0 and not isinstance(_activation_inputs(t), str)
+                and free_fold_group(result, t.name, m, dim=t.w_in) is None}
+    return search_shared(input_sets(input_of), lambda name: score_of(by_name[name]), n, m,
+                         opts.search)
+
+
 def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.Tensor,
-                   act: torch.Tensor | None, hess: torch.Tensor | None, nm: tuple[int, int]):
+                   act: torch.Tensor | None, hess: torch.Tensor | None, nm: tuple[int, int],
+                   plan: tuple | None = None):
     """Search and realise a permutation of ``t``'s input channels (``w``, ``s`` are
-    ``[out, in]``). Returns ``(w, s, act, hess, fixed_mask, info)``: the weight, scores
-    and statistics in the new stored column order, or a mask in the original order for
-    mask-only."""
+    ``[out, in]``; ``plan``: its entry of :func:`plan_gathers` under ``gather``). Returns
+    ``(w, s, act, hess, fixed_mask, info)``: the weight, scores and statistics in the new
+    stored column order, or a mask in the original order for mask-only."""
     from slimgraph.sparsity.deploy import fold_group, permute_group, stacked_scores, unit_positions
     from slimgraph.sparsity.permutation import permuted_nm_mask, search_permutation
 
@@ -51,13 +71,19 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
         info.update(realised="mask-only", kept_before=res.kept_before,
                     kept_after=res.kept_after, seconds=round(res.seconds, 3))
         return w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
-    if opts.permute in ("fold", "space"):
+    if opts.permute == "gather" and plan is not None:
+        idx, shared = plan
+        install_gathers(t, _activation_inputs(t), idx)
+        w = w[:, idx]
+        info.update(realised="gather", **shared)
+    else:  # fold / space, or gather folded at no cost
         group, why = fold_group(result, t.name, m, dim=t.w_in)
         if group is None:
             if opts.permute == "space" and "shared by every layer" in why:
                 info.update(realised="space")  # its input space was permuted up front
             else:
-                info["why"] = why
+                uses = _activation_inputs(t)
+                info["why"] = uses if opts.permute == "gather" and isinstance(uses, str) else why
             return w, s, act, hess, None, info
         pos = unit_positions(group, t.name, t.w_in)
         res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
@@ -65,19 +91,8 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
         raw = t.handle.read().float()
         w = raw if t.w_in == 1 else raw.T
         info.update(realised="fold", group=group.id, group_kind=group.kind,
-                    perm=res.perm.tolist())
-    else:  # gather
-        uses = _activation_inputs(t)
-        if isinstance(uses, str):
-            info["why"] = uses
-            return w, s, act, hess, None, info
-        res = search_permutation(s, n, m, mode=opts.search)
-        idx = res.perm
-        install_gathers(t, uses, idx)
-        w = w[:, idx]
-        info.update(realised="gather")
-    info.update(kept_before=res.kept_before, kept_after=res.kept_after,
-                seconds=round(res.seconds, 3))
+                    perm=res.perm.tolist(), kept_before=res.kept_before,
+                    kept_after=res.kept_after, seconds=round(res.seconds, 3))
     return (w, s[:, idx], act[idx] if act is not None else None,
             hess[idx][:, idx] if hess is not None else None, None, info)
 
@@ -102,30 +117,16 @@ def _activation_inputs(t: Target) -> list[tuple[object, int]] | str:
 
 
 def install_gathers(t: Target, uses, perm: torch.Tensor) -> None:
-    """Put ``Gather(x, perm, axis=-1)`` in front of every use (the weight is written
-    permuted by the caller)."""
-    import onnx_ir as ir
+    """Feed every use ``x[..., perm]`` (:func:`~slimgraph.sparsity.onnx_gathers.
+    gather_input`: one shared ``GatherElements`` per activation and permutation); the
+    weight is written permuted by the caller."""
+    from slimgraph.sparsity.onnx_gathers import gather_input
 
     graph = t.handle.onnx_graph
-    taken = {v.name for v in graph.initializers.values()} | {
-        o.name for n in graph for o in n.outputs}
-    base = f"{t.label or t.name}.input_perm"
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}.{k}"
-    arr = np.asarray(perm, dtype=np.int64)
-    index = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT64),
-                     const_value=ir.Tensor(arr, name=name))
-    graph.register_initializer(index)
-    for j, (node, i) in enumerate(uses):
-        x = node.inputs[i]
-        gathered = ir.Value(name=f"{name}.x{j}" if j else f"{name}.x", shape=x.shape,
-                            type=x.type)
-        gather = ir.Node("", "Gather", [x, index], attributes=[ir.AttrInt64("axis", -1)],
-                         outputs=[gathered], name=f"{name}.gather{j}" if j else f"{name}.gather")
-        graph.insert_before(node, gather)
-        node.replace_input_with(i, gathered)
+    label = (t.label or t.name).replace(".", "_").replace("/", "_")
+    for node, i in uses:
+        node.replace_input_with(i, gather_input(graph, node.inputs[i], np.asarray(perm),
+                                                node, label))
 
 
 def permute_space(opts: Sparsify, result, targets: list[Target], stats: dict | None) -> dict:

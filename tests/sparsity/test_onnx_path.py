@@ -327,8 +327,7 @@ def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
     torch_rep = _report(torch_out)[0]["report"]
     assert rep["permutation"]["mode"] == mode
     assert rep["permutation"]["layers_permuted"] == torch_rep["permutation"]["layers_permuted"]
-    gathers = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Gather"
-               and any(i.endswith(".input_perm") for i in n.input)]
+    gathers = [n for n in onnx.load(str(path)).graph.node if n.op_type == "GatherElements"]
     if mode == "fold":  # o_proj (v head_dim) and down_proj (MLP channels) in every layer
         assert rep["permutation"]["layers_permuted"] == 2 * zoo.LAYERS
         assert all("hidden space" in why for why in rep["permutation"]["layers_unpermuted"])
@@ -339,7 +338,11 @@ def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
             assert space["perm"] == want_space["perm"]
             assert space["perm"] != sorted(space["perm"])
         assert rep["permutation"]["layers_permuted"] == N_TARGETS
-    assert len(gathers) == (N_TARGETS if mode == "gather" else 0)
+    # gather: one shared gather for q/k/v, one for gate/up, one for o_proj; down_proj folds
+    assert len(gathers) == (3 * zoo.LAYERS if mode == "gather" else 0)
+    if mode == "gather":
+        realised = [r["permutation"]["realised"] for r in rep["layers"]]
+        assert realised.count("fold") == zoo.LAYERS and realised.count("gather") == 6 * zoo.LAYERS
     assert rep["sparsity"] == pytest.approx(0.5)
 
 
