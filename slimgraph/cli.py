@@ -91,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=cmd_compile)
 
     from slimgraph import evaluation
+    from slimgraph.passes import help as pass_help
 
+    pass_help.add_parser(sub)
     evaluation.add_parser(sub)
     from slimgraph.sparsity import check as sparsity_check
 
@@ -102,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 EPILOG_COMPILE = """\
 pipeline syntax: comma-separated passes, options in braces: pass{{key=value,...}}
 passes: {passes}
+(`slimgraph passes NAME` shows a pass's options, defaults and documentation)
 
 examples:
   slimgraph compile smollm2-135m -p 'prune-structured{{mlp=0.5}},export-onnx' -o out/mlp50

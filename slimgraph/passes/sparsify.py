@@ -13,6 +13,16 @@ weight update. Calibration is block-sequential (``sparsity/calibration.py``): sa
 x seqlen tokens from ``calib`` (a text file, Alpaca JSON/JSONL, or ``self``); the
 compile command's --calib-* options set the defaults.
 
+Channel permutation (N:M only, ``sparsity/deploy.py``): ``permute=mask-only`` (the
+permutation only chooses the mask; the stored weight is not N:M, the RIA reference's
+behaviour), ``fold`` (folded into the producers of a linear's inputs where the channel
+groups allow: down_proj with gate/up rows, o_proj with v_proj rows), ``space`` (one
+permutation of the residual stream for all its readers, plus fold), ``gather`` (any
+permutation: ``W[:, pi]`` stored, the input gathered; linears reading the same
+activation share one permutation and one gather, down_proj folds). ``search=fast``
+(independent blocks of channels) or ``exact``. After fold, space or gather the stored
+weights are N:M and the model computes what the un-permuted masked model computes.
+
 Per-layer schedules (unstructured only, ``sparsity/schedules.py``): ``schedule=uniform``
 (default), ``layer_sparsity=0.4 0.5 ...`` (one value per decoder block), ``schedule=linear``
 with ``spread``, ``schedule=owl`` (``owl_m``, ``owl_lambda``; one extra dense
