@@ -8,10 +8,10 @@ needed: the gathers (their number and sizes) are the same for every score. ORT's
 kernels are dense, so the masked models cost what the dense one does; the difference
 between the two masked models is the cost of the gathers.
 
-A third file, made from the `gather` export, puts back the earlier form for comparison:
-one `Gather(x, pi, axis=-1)` per permuted linear (q, k, v, gate, up each their own), the
-same permutations and weights -- what slimgraph wrote before gathers were shared and
-written as `GatherElements`.
+Also timed: `gather_share=true` (q/k/v share one permutation and one gather, gate/up
+another), and, made from the `gather` export, the same model with its gathers written as
+`Gather(x, pi, axis=-1)` (int64 indices: the form slimgraph wrote before) -- same
+permutations and weights, what the `GatherElements` form is worth.
 
 Usage: python benchmarks/gather_latency.py [--runs 20] [--latency-only]
 Writes benchmarks/results/gather_latency.json.
@@ -31,13 +31,17 @@ from structured import interleaved_latency  # noqa: E402
 CONFIGS = {
     "2:4 no permutation": "sparsify{score=magnitude,pattern=2:4},export-onnx",
     "2:4 permute=gather": "sparsify{score=magnitude,pattern=2:4,permute=gather},export-onnx",
+    "2:4 permute=gather share": "sparsify{score=magnitude,pattern=2:4,permute=gather,"
+                                "gather_share=true},export-onnx",
 }
-UNSHARED = "2:4 permute=gather, one Gather per linear (earlier form)"
+UNSHARED = "2:4 permute=gather, as last-axis Gather nodes (the earlier form)"
 
 
-def unshared_gathers(src: Path, dst: Path) -> int:
-    """Rewrite ``src``'s shared ``GatherElements`` input gathers as one last-axis
-    ``Gather`` per reading MatMul (int64 indices), saved to ``dst``; returns how many."""
+def unshared_gathers(src: Path, dst: Path, form: str = "Gather") -> int:
+    """Rewrite ``src``'s ``GatherElements`` input gathers as one gather per reading
+    MatMul, saved to ``dst``: a last-axis ``Gather`` (int64 indices, ``form="Gather"``)
+    or its own ``GatherElements`` (``form="GatherElements"``). Returns how many gathers
+    the file has."""
     import numpy as np
     import onnx_ir as ir
 
@@ -48,16 +52,24 @@ def unshared_gathers(src: Path, dst: Path) -> int:
         if node.op_type != "GatherElements":
             continue
         x, expand = node.inputs[0], node.inputs[1].producer()
-        perm = expand.inputs[0].const_value.numpy().astype(np.int64)
+        perm = expand.inputs[0].const_value.numpy()
+        if form == "Gather":
+            perm = perm.astype(np.int64)
         for k, (reader, i) in enumerate(list(node.outputs[0].uses())):
             name = f"{node.name}_unshared_{k}"
             index = ir.Value(name=name + "_index", shape=ir.Shape(perm.shape),
-                             type=ir.TensorType(ir.DataType.INT64),
+                             type=ir.TensorType(ir.DataType.from_numpy(perm.dtype)),
                              const_value=ir.Tensor(perm, name=name + "_index"))
             graph.register_initializer(index)
-            gather = ir.node("Gather", [x, index], {"axis": -1}, name=name)
-            graph.insert_before(reader, [gather])
-            reader.replace_input_with(i, gather.outputs[0])
+            if form == "Gather":
+                new = [ir.node("Gather", [x, index], {"axis": -1}, name=name)]
+            else:
+                shape = ir.node("Shape", [x], name=name + "_shape")
+                expand_k = ir.node("Expand", [index, shape.outputs[0]], name=name + "_expand")
+                new = [shape, expand_k, ir.node("GatherElements", [x, expand_k.outputs[0]],
+                                                {"axis": -1}, name=name)]
+            graph.insert_before(reader, new)
+            reader.replace_input_with(i, new[-1].outputs[0])
             made += 1
     ir.save(model, str(dst))
     return made
@@ -106,10 +118,10 @@ def main() -> None:
         ms = rows[row]["latency_ms"]
         return {s: round(100 * (ms[s] / base[s] - 1), 1) for s in base}
 
-    write_result(args.out, rows, gather_cost_pct=cost("2:4 permute=gather"),
-                 unshared_gather_cost_pct=cost(UNSHARED))
-    print("gather cost (% over the same masks without gathers):", cost("2:4 permute=gather"),
-          "; earlier form:", cost(UNSHARED))
+    costs = {name: cost(name) for name in ("2:4 permute=gather", "2:4 permute=gather share",
+                                           UNSHARED)}
+    write_result(args.out, rows, gather_cost_pct=costs)
+    print("gather cost (% over the same masks without gathers):", costs)
 
 
 if __name__ == "__main__":

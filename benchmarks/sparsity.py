@@ -41,6 +41,8 @@ CONFIGS["sparsegpt 2:4"] = "sparsify{score=sparsegpt,pattern=2:4}"
 for mode in ("mask-only", "fold", "space", "gather"):  # issue 5: channel permutation
     CONFIGS[f"ria 2:4 permute={mode}"] = f"sparsify{{score=ria,pattern=2:4,permute={mode}}}"
 CONFIGS["ria+rec 2:4 permute=fold"] = "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=fold}"
+CONFIGS["ria 2:4 permute=gather share"] = \
+    "sparsify{score=ria,pattern=2:4,permute=gather,gather_share=true}"
 # deployable permutation + reconstruction (issue 5: the best deployable 2:4 model)
 CONFIGS["ria+rec 2:4 permute=gather"] = \
     "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=gather}"

@@ -18,8 +18,9 @@ permutation only chooses the mask; the stored weight is not N:M, the RIA referen
 behaviour), ``fold`` (folded into the producers of a linear's inputs where the channel
 groups allow: down_proj with gate/up rows, o_proj with v_proj rows), ``space`` (one
 permutation of the residual stream for all its readers, plus fold), ``gather`` (any
-permutation: ``W[:, pi]`` stored, the input gathered; linears reading the same
-activation share one permutation and one gather, down_proj folds). ``search=fast``
+permutation: ``W[:, pi]`` stored, the input gathered; down_proj folds, at no cost; with
+``gather_share=true`` linears reading the same activation share one permutation and one
+gather: a third of the runtime cost, some of the gain lost). ``search=fast``
 (independent blocks of channels) or ``exact``. After fold, space or gather the stored
 weights are N:M and the model computes what the un-permuted masked model computes.
 
@@ -70,6 +71,7 @@ class Sparsify(Pass):
     batch: int = 8
     permute: str = "none"
     search: str = "fast"
+    gather_share: bool = False  # permute=gather: one permutation per activation, not per linear
     schedule: str | None = None  # uniform (default), explicit, linear, owl
     layer_sparsity: str = ""  # explicit per-block values, "0.4 0.45 0.5"
     spread: float | None = None  # schedule=linear: s - spread .. s + spread
@@ -123,6 +125,9 @@ class Sparsify(Pass):
             raise self.option_error("permute", "channel permutation needs an N:M pattern")
         if self.search not in ("fast", "exact"):
             raise self.option_error("search", f"{self.search!r} is not one of fast, exact")
+        if self.gather_share and self.permute != "gather":
+            raise self.option_error("gather_share", f"is an option of permute=gather (permute "
+                                    f"is {self.permute})")
         if self.a < 0:
             raise self.option_error("a", f"must be >= 0, got {self.a}")
         for opt in ("samples", "seqlen", "batch"):
@@ -433,10 +438,11 @@ class _BlockPruner:
                      act_norm=acc.act_norm() if acc is not None else None, a=opts.a)
 
     def plan_gathers(self, linears: dict, stats: dict) -> dict:
-        """``permute=gather``: one permutation per set of this block's linears that read
-        the same activation (:func:`~slimgraph.sparsity.deploy.search_shared`); linears
-        folded for free (:func:`~slimgraph.sparsity.deploy.free_fold_group`) and those
-        the pattern cannot divide are left out."""
+        """``permute=gather``: the permutation of each of this block's linears, or with
+        ``gather_share`` one per set of linears that read the same activation
+        (:func:`~slimgraph.sparsity.deploy.search_shared`); linears folded for free
+        (:func:`~slimgraph.sparsity.deploy.free_fold_group`) and those the pattern cannot
+        divide are left out."""
         from slimgraph.ir.graph import OpKind
         from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
 
@@ -447,7 +453,7 @@ class _BlockPruner:
         input_of = {name: reads.get(name + ".weight", name) for name, lin in linears.items()
                     if lin.in_features % m == 0
                     and free_fold_group(self.result, name + ".weight", m) is None}
-        return search_shared(input_sets(input_of),
+        return search_shared(input_sets(input_of, self.opts.gather_share),
                              lambda name: self.scores(linears[name], stats.get(name)),
                              n, m, self.opts.search)
 

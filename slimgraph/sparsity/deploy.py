@@ -8,11 +8,11 @@ Two exact realisations (ALGORITHMS.md section 3.3), chosen per linear:
   up rows; a layer's v head_dim: o_proj columns with v_proj rows, shared by every head),
   permuting the group's units permutes every member consistently. Zero runtime cost.
 - **gather**: the linear stores ``W[:, pi]`` and gathers its input ``x[..., pi]``
-  (:class:`GatherLinear`); exact for any linear. Linears that read the same activation
-  (q/k/v; gate/up) share one permutation, searched on their scores stacked
-  (:func:`search_shared`), so one gather serves them all; a linear whose input channels
-  are the units of a group one by one (down_proj: the MLP channels) has the permutation
-  folded instead (:func:`free_fold_group`: the same freedom, no gather).
+  (:class:`GatherLinear`); exact for any linear. A linear whose input channels are the
+  units of a group one by one (down_proj: the MLP channels) has its permutation folded
+  instead (:func:`free_fold_group`: the same freedom, no gather). Optionally linears that
+  read the same activation (q/k/v; gate/up) share one permutation, searched on their
+  scores stacked (:func:`search_shared`), so one gather serves them all.
 """
 
 from __future__ import annotations
@@ -76,9 +76,12 @@ def free_fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
     return group if pos is not None and pos.shape[1] == 1 else None
 
 
-def input_sets(input_of: dict[str, str]) -> list[list[str]]:
+def input_sets(input_of: dict[str, str], share: bool = True) -> list[list[str]]:
     """Linears grouped by the activation they read (``input_of``: linear -> activation
-    name), in the given order: q/k/v together, gate/up together."""
+    name), in the given order: q/k/v together, gate/up together; each alone when not
+    ``share``."""
+    if not share:
+        return [[name] for name in input_of]
     sets: dict[str, list[str]] = {}
     for name, x in input_of.items():
         sets.setdefault(x, []).append(name)

@@ -13,10 +13,11 @@ ONNX model:
   (:func:`~slimgraph.sparsity.deploy.permute_group`): the same function, the stored weight
   N:M, no extra node.
 - ``gather``: the weight stores ``W[:, pi]`` and a gather in front of each MatMul/Gemm
-  that reads it reorders the activation: exact for any linear. Targets that read the
-  same activations share one permutation and one gather (:func:`plan_gathers`;
-  ``GatherElements`` form, :mod:`~slimgraph.sparsity.onnx_gathers`); a target whose
-  input channels are one group's units one by one (down_proj) is folded instead.
+  that reads it reorders the activation (``GatherElements`` form,
+  :mod:`~slimgraph.sparsity.onnx_gathers`): exact for any linear. A target whose input
+  channels are one group's units one by one (down_proj) is folded instead; with
+  ``gather_share`` targets that read the same activations share one permutation and one
+  gather (:func:`plan_gathers`).
 
 - ``space``: one permutation of the residual stream for all its readers
   (:func:`permute_space`, before calibration: the hidden group's members -- embedding,
@@ -39,10 +40,11 @@ ONNX_MODES = ("none", "mask-only", "fold", "gather")
 
 
 def plan_gathers(opts: Sparsify, result, targets: list[Target], score_of) -> dict:
-    """``permute=gather``: one permutation per set of targets that read the same
-    activations (:func:`~slimgraph.sparsity.deploy.search_shared`, ``score_of(target)``
-    their ``[out, in]`` scores), for the targets a gather can serve; targets folded at no
-    cost (:func:`~slimgraph.sparsity.deploy.free_fold_group`) are left out."""
+    """``permute=gather``: the permutation of each target a gather can serve, or with
+    ``gather_share`` one per set of targets that read the same activations
+    (:func:`~slimgraph.sparsity.deploy.search_shared`, ``score_of(target)`` their
+    ``[out, in]`` scores); targets folded at no cost
+    (:func:`~slimgraph.sparsity.deploy.free_fold_group`) are left out."""
     from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
 
     n, m = opts.nm()
@@ -50,8 +52,8 @@ def plan_gathers(opts: Sparsify, result, targets: list[Target], score_of) -> dic
     input_of = {t.name: "\n".join(t.inputs) for t in targets
                 if t.in_features % m == 0 and not isinstance(_activation_inputs(t), str)
                 and free_fold_group(result, t.name, m, dim=t.w_in) is None}
-    return search_shared(input_sets(input_of), lambda name: score_of(by_name[name]), n, m,
-                         opts.search)
+    return search_shared(input_sets(input_of, opts.gather_share),
+                         lambda name: score_of(by_name[name]), n, m, opts.search)
 
 
 def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.Tensor,

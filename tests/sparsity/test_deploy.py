@@ -40,13 +40,14 @@ def _weights(model):
             yield f"{i}.{n}", mod
 
 
-@pytest.mark.parametrize("mode", ["fold", "space", "gather"])
-def test_deployable_permutation_is_exact_and_nm_in_stored_order(tiny, tmp_path, mode):
+@pytest.mark.parametrize("mode,share", [("fold", False), ("space", False), ("gather", False),
+                                        ("gather", True)])
+def test_deployable_permutation_is_exact_and_nm_in_stored_order(tiny, tmp_path, mode, share):
     from slimgraph.frontends.torch_export import trace
     from slimgraph.ir.dependency import analyze
     from slimgraph.sparsity.deploy import fold_group, permute_group
 
-    model, report = _run(tiny, tmp_path / mode, mode)
+    model, report = _run(tiny, tmp_path / mode, mode, ",gather_share=true" if share else "")
     for name, mod in _weights(model):
         assert is_nm(mod.weight.detach(), 2, 4, axis=1), name
     rep = report["passes"][0]["report"]
@@ -60,22 +61,27 @@ def test_deployable_permutation_is_exact_and_nm_in_stored_order(tiny, tmp_path, 
     elif mode == "space":  # the residual stream is permuted once, for all its readers
         assert perm["layers_permuted"] == 7 * zoo.LAYERS and not perm["layers_unpermuted"]
         assert perm["space"]["kept_after"] >= perm["space"]["kept_before"]
-    else:  # q/k/v share one gather, gate/up another; o_proj gathers; down_proj folds
+    else:  # every linear gathers but down_proj, which folds (the same freedom, no gather)
         assert perm["layers_permuted"] == 7 * zoo.LAYERS
         realised = {r["name"].split(".")[-1]: r["permutation"] for r in rep["layers"]
                     if r["name"].startswith("model.layers.0.")}
         assert realised["down_proj"]["realised"] == "fold"
         assert all(realised[n]["realised"] == "gather" for n in LIN if n != "down_proj")
-        assert sorted(realised["q_proj"]["shared_with"]) == ["model.layers.0.self_attn.k_proj",
-                                                             "model.layers.0.self_attn.v_proj"]
-        assert realised["gate_proj"]["shared_with"] == ["model.layers.0.mlp.up_proj"]
         assert "shared_with" not in realised["o_proj"]
         for layer in model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            assert torch.equal(a.q_proj.input_perm, a.k_proj.input_perm)
-            assert torch.equal(a.q_proj.input_perm, a.v_proj.input_perm)
-            assert torch.equal(mlp.gate_proj.input_perm, mlp.up_proj.input_perm)
             assert not hasattr(mlp.down_proj, "input_perm")
+            # gather_share: q/k/v one permutation (one gather), gate/up another
+            same = [torch.equal(a.q_proj.input_perm, a.k_proj.input_perm),
+                    torch.equal(a.q_proj.input_perm, a.v_proj.input_perm),
+                    torch.equal(mlp.gate_proj.input_perm, mlp.up_proj.input_perm)]
+            assert all(same) if share else not any(same)
+        if share:
+            assert sorted(realised["q_proj"]["shared_with"]) == [
+                "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+            assert realised["gate_proj"]["shared_with"] == ["model.layers.0.mlp.up_proj"]
+        else:
+            assert not any("shared_with" in p for p in realised.values())
     ids = torch.randint(0, zoo.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
@@ -126,10 +132,12 @@ def test_permute_needs_a_pattern(tiny, tmp_path, capsys):
         capsys.readouterr().err
 
 
-def test_gather_exports_to_onnx_and_checks_2_4(tiny, tmp_path):
+@pytest.mark.parametrize("share", [False, True])
+def test_gather_exports_to_onnx_and_checks_2_4(tiny, tmp_path, share):
     out = tmp_path / "g"
     rc = main(["compile", str(tiny / "m"), "-p",
-               "sparsify{score=ria,pattern=2:4,permute=gather},export-onnx,check-sparsity{pattern=2:4}",
+               f"sparsify{{score=ria,pattern=2:4,permute=gather,gather_share={str(share).lower()}}},"
+               "export-onnx,check-sparsity{pattern=2:4}",
                "-o", str(out), "--calib-file", str(tiny / "calib.txt"), "--calib-samples", "4",
                "--calib-seqlen", "32"])
     assert rc == 0
@@ -138,16 +146,17 @@ def test_gather_exports_to_onnx_and_checks_2_4(tiny, tmp_path):
 
     from slimgraph.sparsity.onnx_gathers import last_axis_gathers
 
-    # one shared gather per layer for q/k/v, one for gate/up, one for o_proj (down_proj
-    # folds), in the GatherElements form, none left as a last-axis Gather
+    # a gather per layer for q, k, v, o, gate, up (down_proj folds); shared: one for
+    # q/k/v, one for gate/up, one for o. GatherElements form, no last-axis Gather left
+    gathers = (3 if share else 6) * zoo.LAYERS
     nodes = onnx.load(str(out / "model.onnx")).graph.node
-    assert sum(n.op_type == "GatherElements" for n in nodes) == 3 * zoo.LAYERS
+    assert sum(n.op_type == "GatherElements" for n in nodes) == gathers
     import onnx_ir as ir
 
     assert not last_axis_gathers(ir.load(str(out / "model.onnx")).graph)
     report = json.loads((out / "report.json").read_text())
     counts = report["passes"][1]["report"]["gathers"]  # the exporter may merge some itself
-    assert counts["shared"] == 3 * zoo.LAYERS <= counts["gathers"] <= 6 * zoo.LAYERS
+    assert counts["shared"] == gathers <= counts["gathers"] <= 6 * zoo.LAYERS
 
 
 @pytest.mark.parametrize("mode,ok", [("fold", True), ("mask-only", False)])

@@ -305,12 +305,15 @@ def test_one_shot_fallback_statistics_match_dense_torch(tiny, monkeypatch, tmp_p
         assert rel < 1e-4, (name, rel)
 
 
-@pytest.mark.parametrize("mode", ["mask-only", "fold", "space", "gather"])
+@pytest.mark.parametrize("mode", ["mask-only", "fold", "space", "gather", "gather_share"])
 def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
     """RIA 2:4 with a channel permutation: the ONNX path gives the PyTorch path's model
     (ORT logits within 1e-4); fold, space and gather store 2:4 weights, mask-only does
     not."""
-    pipeline = f"sparsify{{score=ria,pattern=2:4,permute={mode}}},export-onnx"
+    share = mode == "gather_share"
+    mode = "gather" if share else mode
+    pipeline = (f"sparsify{{score=ria,pattern=2:4,permute={mode}"
+                f"{',gather_share=true' if share else ''}}},export-onnx")
     onnx_out, torch_out = tmp_path / "o", tmp_path / "t"
     assert _compile(tiny / "onnx" / "model.onnx", onnx_out, pipeline, *_calib(tiny)) == 0
     assert _compile(tiny / "hf", torch_out, pipeline, *_calib(tiny)) == 0
@@ -338,8 +341,9 @@ def test_permutations_match_the_pytorch_path(tiny, tmp_path, mode):
             assert space["perm"] == want_space["perm"]
             assert space["perm"] != sorted(space["perm"])
         assert rep["permutation"]["layers_permuted"] == N_TARGETS
-    # gather: one shared gather for q/k/v, one for gate/up, one for o_proj; down_proj folds
-    assert len(gathers) == (3 * zoo.LAYERS if mode == "gather" else 0)
+    # gather: q, k, v, o, gate, up each a gather (shared: q/k/v one, gate/up one, o one);
+    # down_proj folds
+    assert len(gathers) == ((3 if share else 6) * zoo.LAYERS if mode == "gather" else 0)
     if mode == "gather":
         realised = [r["permutation"]["realised"] for r in rep["layers"]]
         assert realised.count("fold") == zoo.LAYERS and realised.count("gather") == 6 * zoo.LAYERS
