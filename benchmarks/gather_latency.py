@@ -1,6 +1,6 @@
 """ONNX Runtime latency cost of `permute=gather` (input gathers of permuted linears).
 
-Compiles SmolLM2 twice with 2:4 masks, without and with `permute=gather`, exports both
+Compiles SmolLM2 with 2:4 masks, without and with `permute=gather`, exports them
 to ONNX, and times them next to the dense export, round-robin (ONNX Runtime CPU, 2
 threads, batch 1, prefill 128 and 512, median of `--runs` rounds after 3 warm-ups;
 `interleaved_latency` from structured.py). The score is magnitude, so no calibration is

@@ -47,6 +47,9 @@ CONFIGS["ria 2:4 permute=gather share"] = \
 CONFIGS["ria+rec 2:4 permute=gather"] = \
     "sparsify{score=ria,pattern=2:4,reconstruct=true,permute=gather}"
 CONFIGS["sparsegpt 2:4 permute=gather"] = "sparsify{score=sparsegpt,pattern=2:4,permute=gather}"
+CONFIGS["sparsegpt 2:4 permute=gather share"] = \
+    "sparsify{score=sparsegpt,pattern=2:4,permute=gather,gather_share=true}"
+CONFIGS["sparsegpt 2:4 permute=fold"] = "sparsify{score=sparsegpt,pattern=2:4,permute=fold}"
 # per-layer schedule: OWL (outlier-weighted layerwise sparsity, M=5, lambda=0.08)
 CONFIGS["wanda 50% owl"] = "sparsify{score=wanda,sparsity=0.5,scope=row,schedule=owl}"
 CONFIGS["ria 50% owl"] = "sparsify{score=ria,sparsity=0.5,schedule=owl}"

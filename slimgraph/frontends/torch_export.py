@@ -68,6 +68,9 @@ def _alias_table(module: torch.nn.Module) -> dict[int, tuple[list[str], str]]:
 
 
 def lower(ep: torch.export.ExportedProgram, module: torch.nn.Module) -> Graph:
+    """The :class:`Graph` of ``ep``; parameters are handles into ``module``. ``ep`` is not
+    kept: its state dict references every original weight, which would stay in memory
+    beside the new ones a pass writes (permutations, removal)."""
     graph = Graph(type(module).__name__, source="torch")
     aliases = _alias_table(module)
     state = {**ep.state_dict, **ep.constants}
@@ -105,7 +108,6 @@ def lower(ep: torch.export.ExportedProgram, module: torch.nn.Module) -> Graph:
             graph.set_outputs([v for v in outs if isinstance(v, Value) and v.is_tensor])
         elif node.op == "get_attr":
             env[node] = None
-    graph.meta["exported_program"] = ep
     return graph
 
 
