@@ -41,3 +41,23 @@ def test_evicting_a_block_releases_the_free_heap(monkeypatch):
     off.tensors, off.resident = [], {"b"}
     off.evict("b")
     assert calls == [1] and not off.resident
+
+
+def test_in_memory_block_walk_releases_the_free_heap_after_each_block(monkeypatch):
+    """Without --offload, the block-sequential walk trims the heap after every block too
+    (permutations rewrite a block's weights; its activations are freed)."""
+    from slimgraph.frontends.torch_export import trace
+    from slimgraph.ir.dependency import analyze
+    from slimgraph.sparsity import calibration
+    from tests import zoo
+
+    calls, seen = [], []
+    monkeypatch.setattr(calibration, "release_free_heap", lambda: calls.append(len(seen)))
+    model = zoo.build("llama")
+    result = analyze(trace(model, *zoo.example("llama")))
+    windows = torch.randint(0, zoo.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    calibration.block_sequential(model, result, windows,
+                                 lambda blk, module, inputs: seen.append(blk.layer) or {},
+                                 batch=2)
+    assert seen == list(range(zoo.LAYERS))
+    assert calls == list(range(1, zoo.LAYERS + 1))  # once after each block

@@ -23,6 +23,7 @@ import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.dependency import DependencyResult
+from slimgraph.memory import release_free_heap
 from slimgraph.structured.removal import module_prefix
 
 
@@ -274,7 +275,9 @@ def block_sequential(model, result: DependencyResult, windows: torch.Tensor,
         if i + 1 < len(blocks):
             inputs = run_block(module, inputs)
         if lazy is not None:
-            lazy.release(blk.module_name)
+            lazy.release(blk.module_name)  # evicts the block and trims the heap
+        else:  # the block's freed weights (rewritten by permutations) and activations
+            release_free_heap()
         if progress and lazy is not None:
             progress(i + 1, len(blocks), "blocks", "offloaded")
         elif progress:
