@@ -37,11 +37,9 @@ CONFIGS = {
 UNSHARED = "2:4 permute=gather, as last-axis Gather nodes (the earlier form)"
 
 
-def unshared_gathers(src: Path, dst: Path, form: str = "Gather") -> int:
-    """Rewrite ``src``'s ``GatherElements`` input gathers as one gather per reading
-    MatMul, saved to ``dst``: a last-axis ``Gather`` (int64 indices, ``form="Gather"``)
-    or its own ``GatherElements`` (``form="GatherElements"``). Returns how many gathers
-    the file has."""
+def unshared_gathers(src: Path, dst: Path) -> int:
+    """Rewrite ``src``'s ``GatherElements`` input gathers as one last-axis ``Gather`` (int64
+    indices) per reading MatMul, saved to ``dst``; returns how many gathers the file has."""
     import numpy as np
     import onnx_ir as ir
 
@@ -52,24 +50,16 @@ def unshared_gathers(src: Path, dst: Path, form: str = "Gather") -> int:
         if node.op_type != "GatherElements":
             continue
         x, expand = node.inputs[0], node.inputs[1].producer()
-        perm = expand.inputs[0].const_value.numpy()
-        if form == "Gather":
-            perm = perm.astype(np.int64)
+        perm = expand.inputs[0].const_value.numpy().astype(np.int64)
         for k, (reader, i) in enumerate(list(node.outputs[0].uses())):
             name = f"{node.name}_unshared_{k}"
             index = ir.Value(name=name + "_index", shape=ir.Shape(perm.shape),
-                             type=ir.TensorType(ir.DataType.from_numpy(perm.dtype)),
+                             type=ir.TensorType(ir.DataType.INT64),
                              const_value=ir.Tensor(perm, name=name + "_index"))
             graph.register_initializer(index)
-            if form == "Gather":
-                new = [ir.node("Gather", [x, index], {"axis": -1}, name=name)]
-            else:
-                shape = ir.node("Shape", [x], name=name + "_shape")
-                expand_k = ir.node("Expand", [index, shape.outputs[0]], name=name + "_expand")
-                new = [shape, expand_k, ir.node("GatherElements", [x, expand_k.outputs[0]],
-                                                {"axis": -1}, name=name)]
-            graph.insert_before(reader, new)
-            reader.replace_input_with(i, new[-1].outputs[0])
+            gather = ir.node("Gather", [x, index], {"axis": -1}, name=name)
+            graph.insert_before(reader, [gather])
+            reader.replace_input_with(i, gather.outputs[0])
             made += 1
     ir.save(model, str(dst))
     return made

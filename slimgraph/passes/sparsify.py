@@ -409,6 +409,7 @@ class _BlockPruner:
         self.result = result
         self.by_layer = by_layer
         self.gather_plans: dict = {}
+        self._reads: dict[str, str] | None = None  # weight -> activation, for gather plans
 
     def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
         from slimgraph.sparsity.calibration import observe_block
@@ -447,10 +448,12 @@ class _BlockPruner:
         from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
 
         n, m = self.opts.nm()
-        reads = {nd.inputs[1].name: nd.inputs[0].name for nd in self.result.graph.nodes
-                 if nd.kind is OpKind.LINEAR and nd.inputs[1] is not None
-                 and nd.inputs[0] is not None}
-        input_of = {name: reads.get(name + ".weight", name) for name, lin in linears.items()
+        if self._reads is None:
+            self._reads = {nd.inputs[1].name: nd.inputs[0].name for nd in self.result.graph.nodes
+                           if nd.kind is OpKind.LINEAR and nd.inputs[1] is not None
+                           and nd.inputs[0] is not None}
+        input_of = {name: self._reads.get(name + ".weight", name)
+                    for name, lin in linears.items()
                     if lin.in_features % m == 0
                     and free_fold_group(self.result, name + ".weight", m) is None}
         return search_shared(input_sets(input_of, self.opts.gather_share),
