@@ -64,3 +64,18 @@ def test_inspect_diff_after_compile(tiny_dir, tmp_path, capsys):
     assert [(g["units_a"], g["units_b"]) for g in mlp] == [(96, 72), (96, 72)]
     assert main(["inspect", "--diff", str(tiny_dir), str(out / "hf")]) == 0
     assert "groups that changed (2)" in capsys.readouterr().out
+
+
+def test_no_verify_skips_the_verifier(tiny_dir, tmp_path, monkeypatch, capsys):
+    import slimgraph.ir.verifier as verifier
+    from slimgraph.errors import VerificationError
+
+    def refuse(graph):
+        raise VerificationError("verifier ran")
+
+    monkeypatch.setattr(verifier, "verify", refuse)
+    pipeline = "prune-structured{mlp=0.5}"
+    assert main(["compile", str(tiny_dir), "-p", pipeline, "-o", str(tmp_path / "a")]) == 2
+    assert "verifier ran" in capsys.readouterr().err
+    assert main(["compile", str(tiny_dir), "-p", pipeline, "-o", str(tmp_path / "b"),
+                 "--no-verify"]) == 0

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from slimgraph.errors import PipelineError, SlimgraphError
+from slimgraph.errors import PipelineError, SlimgraphError, VerificationError
 from slimgraph.passes import registry
 from slimgraph.passes.base import CompileState, Pass, PassResult
 
@@ -207,7 +207,11 @@ class PassManager:
                 raise type(e)(f"pass '{p.name}': {e}") from e
             seconds = time.perf_counter() - t0
             if self.verify and result.modified and state.graph is not None:
-                verify(state.graph)
+                try:
+                    verify(state.graph)
+                except VerificationError as e:
+                    raise VerificationError(f"IR invalid after pass '{p.name}' "
+                                            f"(--no-verify skips this check): {e}") from e
             self.records.append(PassRecord(p.name, p.describe(), seconds, result.modified,
                                            result.report))
             if p.name in self.print_after and state.graph is not None:

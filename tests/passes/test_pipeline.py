@@ -57,3 +57,71 @@ def test_yaml_and_toml_files(tmp_path):
     bad.write_text("pipeline: [\n")
     with pytest.raises(PipelineError, match="bad.yaml"):
         from_text_or_file(str(bad))
+
+
+# --------------------------------------------------------------------------- PassManager
+
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from slimgraph.errors import VerificationError  # noqa: E402
+from slimgraph.passes.base import CompileState, Pass, PassResult  # noqa: E402
+from slimgraph.passes.pipeline import PassManager  # noqa: E402
+
+
+@dataclass
+class _BreakShape(Pass):
+    """Claims a parameter has a shape its weight does not have (an IR a buggy pass leaves)."""
+
+    name: ClassVar[str] = "test-break-shape"
+    modified: bool = True
+
+    def run(self, state):
+        v = next(iter(state.graph.params.values()))
+        v.shape = tuple(v.shape[:-1]) + (v.shape[-1] + 1,)
+        return PassResult(modified=self.modified, report={"broke": v.name})
+
+
+@dataclass
+class _ReturnsNothing(Pass):
+    name: ClassVar[str] = "test-returns-nothing"
+
+    def run(self, state):
+        return None
+
+
+@pytest.fixture
+def tiny_state():
+    from slimgraph.frontends.build import graph_of
+    from slimgraph.frontends.loading import wrap_module
+    from tests import zoo
+
+    loaded = wrap_module(zoo.build("llama"))
+    return CompileState(loaded=loaded, graph=graph_of(loaded))
+
+
+def test_verifier_runs_after_a_modifying_pass_and_names_it(tiny_state):
+    with pytest.raises(VerificationError, match=r"after pass 'test-break-shape'.*IR shape"):
+        PassManager([_BreakShape()]).run(tiny_state)
+
+
+def test_no_verify_and_unmodified_results_skip_the_verifier(tiny_state):
+    [rec] = PassManager([_BreakShape()], verify=False).run(tiny_state)
+    assert rec.modified and rec.report["broke"]
+    # a pass that says it changed nothing is not verified (its result flag is trusted)
+    [rec] = PassManager([_BreakShape(modified=False)]).run(tiny_state)
+    assert rec.modified is False
+
+
+def test_print_after_prints_the_ir_and_rejects_unknown_passes(tiny_state):
+    out: list[str] = []
+    PassManager([_BreakShape()], verify=False, print_after={"test-break-shape"},
+                printer=out.append).run(tiny_state)
+    assert len(out) == 1 and out[0].startswith("// IR after test-break-shape")
+    with pytest.raises(PipelineError, match="--print-after names passes not in the pipeline"):
+        PassManager([_BreakShape()], print_after={"export-onnx"})
+
+
+def test_a_pass_must_return_a_pass_result(tiny_state):
+    with pytest.raises(TypeError, match="test-returns-nothing returned NoneType"):
+        PassManager([_ReturnsNothing()]).run(tiny_state)
