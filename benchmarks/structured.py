@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,53 +33,23 @@ CONFIGS = {
 }
 
 
-def latency(path: Path, seqlen: int, runs: int, threads: int = 2) -> float:
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    ids = np.random.default_rng(0).integers(0, 1000, (1, seqlen), dtype=np.int64)
-    name = sess.get_inputs()[0].name
-    for _ in range(3):
-        sess.run(None, {name: ids})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: ids})
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
 def interleaved_latency(paths: dict[str, Path], seqlens=(128, 512), runs: int = 20,
                         threads: int = 2) -> dict[str, dict[str, float]]:
-    """Median latency of several ONNX files measured round-robin: every round runs each
-    file once, so slow drift of a shared machine hits all of them alike (one file after
-    another, identical shapes differed by up to 8%). 3 warm-up rounds."""
-    import numpy as np
-    import onnxruntime as ort
+    """Median latency (ms) of several ONNX files measured round-robin with
+    `slimgraph.bench` (what `slimgraph bench` runs): every round runs each file once, so
+    slow drift of a shared machine hits all of them alike. 3 warm-up rounds."""
+    from slimgraph.bench import load, measure
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    out: dict[str, dict[str, float]] = {name: {} for name in paths}
-    for seqlen in seqlens:
-        ids = np.random.default_rng(0).integers(0, 1000, (1, seqlen), dtype=np.int64)
-        sessions = {n: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                    for n, p in paths.items()}
-        times: dict[str, list[float]] = {n: [] for n in paths}
-        for r in range(3 + runs):
-            for n, sess in sessions.items():
-                t0 = time.perf_counter()
-                sess.run(None, {sess.get_inputs()[0].name: ids})
-                if r >= 3:
-                    times[n].append(time.perf_counter() - t0)
-        for n in paths:
-            out[n][str(seqlen)] = round(statistics.median(times[n]) * 1000, 1)
-        del sessions
-    return out
+    names = list(paths)
+    models = [load(str(paths[n]), backend="onnx", threads=threads) for n in names]
+    times = measure(models, list(seqlens), runs=runs, warmup=3)
+    return {n: {s: round(statistics.median(t) * 1000, 1) for s, t in times[str(i)].items()}
+            for i, n in enumerate(names)}
+
+
+def latency(path: Path, seqlen: int, runs: int, threads: int = 2) -> float:
+    """Median latency (ms) of one ONNX file at one prefill length."""
+    return interleaved_latency({"m": path}, (seqlen,), runs, threads)["m"][str(seqlen)]
 
 
 def main() -> None:

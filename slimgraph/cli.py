@@ -90,11 +90,12 @@ def _parser() -> argparse.ArgumentParser:
                            "(an HF safetensors directory; sparsify and save-hf only)")
     comp.set_defaults(func=cmd_compile)
 
-    from slimgraph import evaluation
+    from slimgraph import bench, evaluation
     from slimgraph.passes import help as pass_help
 
     pass_help.add_parser(sub)
     evaluation.add_parser(sub)
+    bench.add_parser(sub)
     from slimgraph.sparsity import check as sparsity_check
 
     sparsity_check.add_parser(sub)
@@ -113,7 +114,7 @@ examples:
   slimgraph compile hf-dir --offload -p 'sparsify{{score=wanda,pattern=2:4}},save-hf' -o out/w --calib-file calib.txt
 
 prune-structured options: heads, mlp, hidden (fraction of units removed per group of that
-kind), ratio (heads and mlp at once), importance (l1|l2), round_to (kept counts rounded to
+kind), ratio (heads and mlp at once), importance (l1|l2|act), round_to (kept counts rounded to
 a multiple), protect (layer indices never pruned, e.g. protect=0 29).
 """
 

@@ -48,6 +48,7 @@ __all__ = [
     "onnx_logits_fn",
     "perplexity",
     "read_text",
+    "locate_model",
     "resolve_model",
     "resolve_tokenizer",
     "tokenize",
@@ -156,7 +157,7 @@ def perplexity(
 
     nlls: list[float] = []
     t0 = time.perf_counter()
-    with _progress_bar(used, enabled=progress) as advance:
+    with progress_bar(used, enabled=progress) as advance:
         for w in range(used):
             window = toks[w * seqlen : (w + 1) * seqlen]
             ids = np.concatenate([prompt, window])[None, :] if p else window[None, :].copy()
@@ -222,11 +223,13 @@ def _exp(x: float) -> float:
         return float("inf")
 
 
-class _progress_bar:  # noqa: N801 - used like a function
-    """A rich progress bar on stderr (windows done, tokens/s); a no-op when disabled."""
+class progress_bar:  # noqa: N801 - used like a function
+    """A rich progress bar on stderr (steps done, tokens/s); a no-op when disabled. Entering
+    it gives ``advance(tokens)``, called once per step."""
 
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, *, enabled: bool, label: str = "perplexity",
+                 unit: str = "windows") -> None:
+        self.total, self.enabled, self.label, self.unit = total, enabled, label, unit
         self._progress: Any = None
         self._tokens = 0
         self._t0 = 0.0
@@ -245,10 +248,10 @@ class _progress_bar:  # noqa: N801 - used like a function
                 )
 
                 self._progress = Progress(
-                    TextColumn("perplexity"),
+                    TextColumn(self.label),
                     BarColumn(),
                     MofNCompleteColumn(),
-                    TextColumn("windows"),
+                    TextColumn(self.unit),
                     TimeElapsedColumn(),
                     TextColumn("eta"),
                     TimeRemainingColumn(),
@@ -446,24 +449,23 @@ def resolve_tokenizer(spec: str) -> Any:
     return loaded.tokenizer
 
 
-def resolve_model(
-    spec: str,
-    *,
-    backend: str = "auto",
-    tokenizer: str | None = None,
-    threads: int | None = None,
-) -> EvalModel:
-    """Resolve ``slimgraph eval MODEL`` into a backend, a ``logits_fn`` and a tokenizer.
+@dataclass
+class ModelLocation:
+    """Where the runnable forms of a model spec are (see :func:`locate_model`)."""
 
-    ``spec`` is anything :func:`~slimgraph.frontends.loading.load_model` accepts, or a
-    compile output directory holding ``hf/`` (an HF checkpoint) and/or ``model.onnx`` with
-    the tokenizer files beside it. ``backend``: ``auto`` runs ``hf/`` (or a PyTorch spec)
-    with PyTorch and ``model.onnx`` (or a ``.onnx`` file) with ONNX Runtime. The tokenizer
-    is ``tokenizer`` (a :func:`resolve_tokenizer` spec) when given, else the model's own,
-    else the one in the model's directory.
-    """
-    from slimgraph.frontends.loading import load_model
+    spec: str
+    backend: str  # "torch" | "onnx": the one chosen
+    torch_spec: str | None  # a load_model spec for the PyTorch form, if any
+    onnx_file: Path | None
+    hf_dir: Path | None
+    tok_dirs: list[Path]  # where tokenizer files may be, in order
 
+
+def locate_model(spec: str, backend: str = "auto", *, prefer: str = "torch") -> ModelLocation:
+    """Find what to run for ``spec``: anything :func:`~slimgraph.frontends.loading.load_model`
+    accepts, a ``.onnx`` file, or a compile output directory holding ``hf/`` and/or
+    ``model.onnx``. ``backend="auto"`` takes ``prefer`` when the spec has that form, else
+    the other; an explicit backend the spec lacks is an error naming the spec."""
     if backend not in BACKENDS:
         raise EvaluationError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     path = Path(spec).expanduser()
@@ -491,7 +493,10 @@ def resolve_model(
         torch_spec = spec  # alias, .gguf, hf-config:..., or a path load_model will reject
 
     if backend == "auto":
-        backend = "torch" if torch_spec is not None else "onnx"
+        if prefer == "onnx":
+            backend = "onnx" if onnx_file is not None else "torch"
+        else:
+            backend = "torch" if torch_spec is not None else "onnx"
     if backend == "torch" and torch_spec is None:
         raise EvaluationError(
             f"--backend torch needs a PyTorch model, but '{spec}' has none "
@@ -502,6 +507,30 @@ def resolve_model(
             f"--backend onnx needs an ONNX model, but '{spec}' is neither a .onnx file nor "
             "a directory with model.onnx"
         )
+    return ModelLocation(spec, backend, torch_spec, onnx_file, hf_dir, tok_dirs)
+
+
+def resolve_model(
+    spec: str,
+    *,
+    backend: str = "auto",
+    tokenizer: str | None = None,
+    threads: int | None = None,
+) -> EvalModel:
+    """Resolve ``slimgraph eval MODEL`` into a backend, a ``logits_fn`` and a tokenizer.
+
+    ``spec`` is anything :func:`~slimgraph.frontends.loading.load_model` accepts, or a
+    compile output directory holding ``hf/`` (an HF checkpoint) and/or ``model.onnx`` with
+    the tokenizer files beside it. ``backend``: ``auto`` runs ``hf/`` (or a PyTorch spec)
+    with PyTorch and ``model.onnx`` (or a ``.onnx`` file) with ONNX Runtime. The tokenizer
+    is ``tokenizer`` (a :func:`resolve_tokenizer` spec) when given, else the model's own,
+    else the one in the model's directory.
+    """
+    from slimgraph.frontends.loading import load_model
+
+    loc = locate_model(spec, backend)
+    backend, torch_spec, onnx_file, hf_dir, tok_dirs = (
+        loc.backend, loc.torch_spec, loc.onnx_file, loc.hf_dir, loc.tok_dirs)
 
     tok = resolve_tokenizer(tokenizer) if tokenizer else None
     max_positions: int | None = None
