@@ -60,6 +60,9 @@ class L0(Pass):
     mask_lr: float = 0.1
     lambda_lr: float = 0.1
     droprate_init: float = 0.5
+    init: str = "uniform"  # uniform | act
+    init_spread: float = 1.0
+    init_samples: int = 32
     lora: str = "q_proj v_proj"
     lora_rank: int = 8
     lora_alpha: int = 8
@@ -96,6 +99,12 @@ class L0(Pass):
                                     f"gates (steps={self.steps})")
         if not 0.0 < self.droprate_init < 1.0:
             raise self.option_error("droprate_init", f"{self.droprate_init} is outside (0, 1)")
+        if self.init not in ("uniform", "act"):
+            raise self.option_error("init", f"{self.init!r} is not 'uniform' or 'act'")
+        if self.init_spread < 0:
+            raise self.option_error("init_spread", f"must be >= 0, got {self.init_spread}")
+        if self.init_samples < 1:
+            raise self.option_error("init_samples", f"must be >= 1, got {self.init_samples}")
         if self.finalize not in ("target", "expected"):
             raise self.option_error("finalize", f"{self.finalize!r} is not 'target' or 'expected'")
         if not _names(self.lora):
@@ -147,9 +156,29 @@ class L0(Pass):
         size = SizeModel.build(state.model, result, families)
         cfg = self.config()
         gates = GateSet(families, self.droprate_init, tuple(cfg.targets))
+        if self.init == "act":
+            from slimgraph.l0.gates import init_from_importance
+
+            init_from_importance(gates, self._importance(state, families, examples),
+                                 self.init_spread)
         peft_model = wrap_lora(state.model, _names(self.lora), self.lora_rank, self.lora_alpha,
                                self.seed)
         return Session(peft_model, state.model, gates, size), examples, prompt, cfg
+
+    def _importance(self, state: CompileState, families, examples) -> list[torch.Tensor]:
+        """Activation-aware importance of every gated unit (as prune-structured's
+        importance=act) on the first ``init_samples`` training examples."""
+        from slimgraph.ir.graph import OpKind
+        from slimgraph.structured.importance import activation_importance, consumer_input_norms
+
+        norms: dict[str, torch.Tensor] = {}
+        for e in examples[: self.init_samples]:
+            ids = torch.tensor([e.ids], dtype=torch.long)
+            for k, v in consumer_input_norms(state.model, state.graph, ids, batch=1).items():
+                norms[k] = norms.get(k, 0) + v
+        inputs = {n.inputs[1].name: n.attrs["w_in"] for n in state.graph.nodes
+                  if n.kind is OpKind.LINEAR}
+        return [activation_importance(state.graph, f.group, norms, inputs) for f in families]
 
     def _checkpoint(self, state: CompileState, suffix: str) -> Path | None:
         if self.checkpoint:

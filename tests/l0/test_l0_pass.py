@@ -172,6 +172,39 @@ def test_cli_pipeline_l0_remove_export_onnx(tiny, tmp_path):
                  "--windows", "2", "--prompt", str(out / "prompt.txt"), "--json"]) == 0
 
 
+def _importance_per_param(p, state, session, examples):
+    scores = p._importance(state, session.gates.families, examples)
+    return [s / f.group.params_per_unit for s, f in zip(scores, session.gates.families)]
+
+
+def test_init_act_starts_the_gates_in_importance_order(tiny):
+    import math
+
+    state = _state(tiny)
+    p = _pass(tiny, init="act", droprate_init=0.05, kinds="heads mlp", init_spread=0.5)
+    session, examples, _, _ = p.start(state)
+    fams = session.gates.families
+    imp = _importance_per_param(p, state, session, examples)
+    values = None
+    for kind in ("heads", "mlp"):
+        idx = [i for i, f in enumerate(fams) if f.group.kind == kind]
+        la = torch.cat([session.gates.log_alpha[i].detach() for i in idx])
+        score = torch.cat([imp[i] for i in idx]).float()
+        # per kind: log alpha rises with importance per parameter, centred on droprate_init's
+        order = torch.argsort(score, stable=True)
+        assert torch.all(la[order].diff() >= 0) and la.std() > 0.1
+        assert abs(float(la.mean()) - math.log(0.95 / 0.05)) < 0.1
+        # untrained, finalize=target removes the least important units of the kind first
+        if values is None:
+            values = p.finish(session, {"heads": 0.25, "mlp": 0.25})
+        removed = torch.cat([values[i] == 0 for i in idx])
+        assert removed.any() and (~removed).any()
+        assert score[removed].max() <= score[~removed].min()
+    # the default keeps the paper's uniform start
+    session, *_ = _pass(tiny).start(_state(tiny))
+    assert all(torch.all(la == 0) for la in session.gates.log_alpha)
+
+
 @pytest.mark.parametrize("text, match", [
     ("l0{target=1.5,data=X}", "target sparsity 1.5 is outside"),
     ("l0{target=0,data=X}", "outside"),
@@ -180,6 +213,9 @@ def test_cli_pipeline_l0_remove_export_onnx(tiny, tmp_path):
     ("l0{prompt=maybe,data=X}", "not 'default' or 'none'"),
     ("l0{steps=4,lora_steps=4,data=X}", "leaves no step"),
     ("l0{finalize=best,data=X}", "not 'target' or 'expected'"),
+    ("l0{init=magnitude,data=X}", "not 'uniform' or 'act'"),
+    ("l0{init=act,init_spread=-1,data=X}", "option 'init_spread': must be >= 0"),
+    ("l0{init=act,init_samples=0,data=X}", "option 'init_samples': must be >= 1"),
 ])
 def test_bad_options_fail_before_any_work(text, match):
     with pytest.raises(PipelineError, match=match):
