@@ -41,19 +41,28 @@ def consumer_input_norms(model: torch.nn.Module, graph: Graph, windows: torch.Te
     """Sum of squares of every linear's input channels over calibration windows."""
     from slimgraph.ir.graph import OpKind
 
-    names = {n.inputs[1].name[: -len(".weight")] for n in graph.nodes
-             if n.kind is OpKind.LINEAR and n.inputs[1].name.endswith(".weight")}
+    weights = {n.inputs[1].name for n in graph.nodes if n.kind is OpKind.LINEAR}
+    # the modules that multiply by each weight: found by the weight tensor, so a tied
+    # lm_head counts under the embedding's name (and the embedding lookup itself is not
+    # mistaken for a linear)
+    readers: dict[int, list[torch.nn.Module]] = {}
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            readers.setdefault(id(mod.weight), []).append(mod)
     sums: dict[str, torch.Tensor] = {}
     hooks = []
-    for name in names:
-        mod = model.get_submodule(name)
+    for name in weights:
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            continue
+        for mod in readers.get(id(param), []):
+            def hook(_m, args, name=name):
+                x = args[0].detach().double()
+                s = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                sums[name] = sums.get(name, 0) + s
 
-        def hook(_m, args, name=name):
-            x = args[0].detach().double()
-            s = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-            sums[name + ".weight"] = sums.get(name + ".weight", 0) + s
-
-        hooks.append(mod.register_forward_pre_hook(hook))
+            hooks.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for i in range(0, len(windows), batch):
