@@ -256,24 +256,19 @@ class GateSet(nn.Module):
 
 def init_from_importance(gates: GateSet, scores: list[torch.Tensor], spread: float) -> None:
     """Start each gate's log α from its unit's importance (``init=act``): log α = the
-    droprate_init value + spread x z, z the standardized log of the unit's importance per
-    parameter it owns, over all units of its kind (heads, MLP, hidden: energies measured
-    at different places are not compared), clipped to +-3 and to log α's range. Within a
-    kind, the ranking ``finalize=target`` uses is the importance ranking until training
-    moves it; across kinds the same quantile starts at the same log α."""
-    pools: dict[str, list[int]] = {}
-    for i, f in enumerate(gates.families):
-        pools.setdefault(f.group.kind, []).append(i)
+    droprate_init value + spread x z, z the normal quantile of the unit's importance rank
+    among the units of its own group (one layer's heads or MLP channels), clipped to log
+    α's range. Ranks are not compared across groups: activation energy grows with depth (a
+    global ranking would strip the first layers). Every group of a size starts with the
+    same log α values, so ``finalize=target``, before training moves anything, removes the
+    same share of each layer, least important first."""
     with torch.no_grad():
-        for fams in pools.values():
-            logs = [torch.log(scores[i].double().clamp_min(1e-30)
-                              / gates.families[i].group.params_per_unit) for i in fams]
-            flat = torch.cat(logs)
-            mean, std = flat.mean(), flat.std().clamp_min(1e-12)
-            for i, v in zip(fams, logs, strict=True):
-                z = ((v - mean) / std).clamp(-3, 3).float()
-                la = gates.log_alpha[i]
-                la.copy_((la + spread * z).clamp(*LOG_ALPHA_RANGE))
+        for la, score in zip(gates.log_alpha, scores, strict=True):
+            n = score.numel()
+            rank = torch.empty(n, dtype=torch.float64)
+            rank[torch.argsort(score, stable=True)] = torch.arange(n, dtype=torch.float64)
+            z = torch.special.ndtri((rank + 0.5) / n).float()
+            la.copy_((la + spread * z).clamp(*LOG_ALPHA_RANGE))
 
 
 def fold_gates(model: nn.Module, gates: GateSet, values: list[torch.Tensor]) -> dict[int, list[int]]:
