@@ -79,16 +79,20 @@ def permutation() -> None:
 
 
 def l0() -> None:
-    d = _load("l0")
-    if not d:
-        return
-    print(f"<!-- {d['command']} ({d['date']}) -->")
-    print("| model | params | ppl | ppl with prompt | safetensors MB | ONNX MB | ORT 128 ms | ORT 512 ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in d["rows"].items():
-        print(f"| {name} | {r['params']:,} | {r['ppl']} | {r.get('ppl_with_prompt', '-')} | "
-              f"{r['safetensors_mb']} | {r['onnx_mb']} | {r['latency_ms']['128']} | "
-              f"{r['latency_ms']['512']} |")
+    """The main run (l0.json) and the init=act runs (l0_act*.json), one table each."""
+    for name in ["l0"] + sorted(p.stem for p in RESULTS.glob("l0_act*.json")):
+        d = _load(name)
+        if not d:
+            continue
+        print(f"<!-- {d['command']} ({d['date']}) -->")
+        print("| model | params | ppl | ppl with prompt | train s | safetensors MB | ONNX MB | "
+              "ORT 128 ms | ORT 512 ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row, r in d["rows"].items():
+            print(f"| {row} | {r['params']:,} | {r['ppl']} | {r.get('ppl_with_prompt', '-')} | "
+                  f"{r.get('train_s', '-')} | {r['safetensors_mb']} | {r['onnx_mb']} | "
+                  f"{r['latency_ms']['128']} | {r['latency_ms']['512']} |")
+        print()
 
 
 def gather() -> None:

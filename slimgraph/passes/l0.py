@@ -17,6 +17,11 @@ trains LoRA with the gates frozen, LoRA is merged, the soft gate values are fold
 the weights they scale, and the units whose gate is 0 are selected: the next pass
 (``remove``) slices them out, so the slim model equals the trained masked model.
 
+Gates start at the paper's log α (``droprate_init``); ``init=act`` adds to it the normal
+quantile of each unit's activation-aware importance rank within its group (times
+``init_spread``; ``init_samples`` training examples scored), so short runs start from a
+sensible ranking (SmolLM2, 60 CPU steps: perplexity 81 vs 1273 with the uniform start).
+
 Checkpoints go to OUTDIR/l0-checkpoint/ every ``save_every`` steps; the same command run
 again resumes from the last one. The prompt used is written to OUTDIR/prompt.txt, for
 ``slimgraph eval --prompt OUTDIR/prompt.txt``.
