@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.memory import release_free_heap
 
 
 class BenchError(SlimgraphError):
@@ -123,6 +124,7 @@ def load(spec: str, *, backend: str = "auto", threads: int | None = None) -> Ben
     if loc.backend == "onnx":
         params, macs, vocab = onnx_counts(loc.onnx_file)
         gc.collect()
+        release_free_heap()  # the parsed file's memory, so the session's is counted anew
         before = _rss_mb()
         run = onnx_logits_fn(loc.onnx_file, threads=threads)
         source = str(loc.onnx_file)
