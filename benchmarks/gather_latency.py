@@ -81,7 +81,7 @@ def main() -> None:
     for name, pipe in CONFIGS.items():
         out = work / name.split()[-1].replace("=", "-").replace(":", "-")
         if not args.latency_only:
-            run([sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m", "-p", pipe,
+            run([sys.executable, "-m", "slimgraph.cli", "compile", "--overwrite", "smollm2-135m", "-p", pipe,
                  "-o", str(out)])
         report = json.loads((out / "report.json").read_text())
         perm = report["passes"][0]["report"].get("permutation", {})

@@ -78,7 +78,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     eval_txt, _ = protocol_split(work)
-    cli = [sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m"]
+    cli = [sys.executable, "-m", "slimgraph.cli", "compile", "--overwrite", "smollm2-135m"]
     rows: dict[str, dict] = {}
 
     l0_out = work / "l0"

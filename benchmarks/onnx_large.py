@@ -104,7 +104,7 @@ def main() -> None:
         pipe = PIPELINES[name]
         out = work / name.replace(" ", "_").replace(":", "of")
         shutil.rmtree(out, ignore_errors=True)
-        _, secs, rss = run_rss(cli + ["compile", str(src / "model.onnx"), "-p", pipe, "-o",
+        _, secs, rss = run_rss(cli + ["compile", "--overwrite", str(src / "model.onnx"), "-p", pipe, "-o",
                                       str(out), "--calib-file", str(calib_txt),
                                       "--calib-samples", "8", "--calib-seqlen", "256"])
         report = json.loads((out / "report.json").read_text())

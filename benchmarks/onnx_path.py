@@ -89,7 +89,7 @@ def main() -> None:
 
     dense = work / "dense"
     if not (dense / "model.onnx").exists():
-        _, secs, rss = run_rss(cli + ["compile", "smollm2-135m", "-p", "export-onnx", "-o", str(dense)])
+        _, secs, rss = run_rss(cli + ["compile", "--overwrite", "smollm2-135m", "-p", "export-onnx", "-o", str(dense)])
         rows["dense export"] = {"compile_s": round(secs, 1), "peak_rss_mb": rss}
     if args.latency_only:  # every file round-robin, the dense input included
         files = {n: _outdir(work, n) / "model.onnx" for n in args.only}
@@ -102,7 +102,7 @@ def main() -> None:
         route, pipe = name.split(" ", 1)
         out = _outdir(work, name)
         model = str(dense / "model.onnx") if route == "onnx" else "smollm2-135m"
-        _, secs, rss = run_rss(cli + ["compile", model, "-p", PIPELINES[pipe], "-o", str(out),
+        _, secs, rss = run_rss(cli + ["compile", "--overwrite", model, "-p", PIPELINES[pipe], "-o", str(out),
                                       "--calib-file", str(calib_txt)])
         report = json.loads((out / "report.json").read_text())
         ev, _ = run(cli + ["eval", str(out / "model.onnx"), "--ppl", str(eval_txt), "--windows",

@@ -120,7 +120,7 @@ def child(name: str, work: Path, samples: int) -> dict:
     out = work / name.replace(" ", "_").replace(":", "-").replace("%", "").replace("=", "-")
     report = compile_model("smollm2-135m", f"{CONFIGS[name]},save-hf", out,
                            calib={"file": str(calib), "samples": samples, "seqlen": 512},
-                           offload=name in OFFLOADED)
+                           offload=name in OFFLOADED, overwrite=True)
     p = report["passes"][0]
     perm = p["report"].get("permutation")
     extra = {"permutation_s": perm["seconds"] + perm.get("space", {}).get("seconds", 0),

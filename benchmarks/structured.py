@@ -83,7 +83,7 @@ def main() -> None:
             print(name, ms, flush=True)
     for name in [] if args.latency_only else args.only:
         out = work / name
-        _, secs = run(cli + ["compile", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out),
+        _, secs = run(cli + ["compile", "--overwrite", "smollm2-135m", "-p", CONFIGS[name], "-o", str(out),
                              "--calib-file", str(calib_txt)])
         report = json.loads((out / "report.json").read_text())
         target = str(out) if (out / "hf").exists() else "smollm2-135m"

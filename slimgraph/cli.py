@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                       help="output directory (created; existing files are replaced)")
     comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier between passes")
+    comp.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier compile in OUTDIR (without it, an OUTDIR holding "
+                      "a report.json is refused; if this compile fails the earlier outputs are "
+                      "put back)")
     comp.add_argument("--print-after", action="append", default=[], metavar="PASS",
                       help="print the IR after PASS (repeatable)")
     comp.add_argument("--time-passes", action="store_true", help="print a timing table")
@@ -133,7 +137,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            printer=print, calib={"file": args.calib_file,
                                                  "samples": args.calib_samples,
                                                  "seqlen": args.calib_seqlen},
-                           offload=args.offload)
+                           offload=args.offload, overwrite=args.overwrite)
     from slimgraph.compile import render_summary
 
     render_summary(report, out)

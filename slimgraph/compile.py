@@ -55,20 +55,46 @@ def _embedding_tables(graph) -> set[str]:
 def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = True,
                   print_after: set[str] | None = None, seq: int = 7, console=None,
                   printer: Callable[[str], None] = print,
-                  calib: dict[str, Any] | None = None, offload: bool = False) -> dict[str, Any]:
+                  calib: dict[str, Any] | None = None, offload: bool = False,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Load ``spec``, run ``pipeline``, write ``out_dir/report.json``.
 
     ``offload``: weights stay on disk but for the block being pruned (an HF safetensors
     directory; sparsify and save-hf only; see :mod:`slimgraph.sparsity.offload`).
+    ``overwrite``: replace an earlier compile in ``out_dir`` (refused otherwise; its
+    outputs come back if this compile fails: :mod:`slimgraph.outdir`).
     """
-    from slimgraph.frontends.build import graph_of
-    from slimgraph.frontends.loading import load_model
-    from slimgraph.ir.verifier import verify as verify_graph
+    from slimgraph.outdir import PreviousOutputs
 
     passes = from_text_or_file(pipeline)  # errors before any work starts
     if offload:
         for p in passes:
             p.check_offload(dict(calib or {}))
+    previous = PreviousOutputs.claim(Path(out_dir), overwrite=overwrite)
+    written: list[str] = []
+    if previous is not None:
+        previous.set_aside()
+    try:
+        report = _compile(spec, passes, Path(out_dir), written, verify=verify,
+                          print_after=print_after, seq=seq, console=console, printer=printer,
+                          calib=calib, offload=offload)
+    except BaseException:
+        if previous is not None:
+            previous.restore(written)
+        raise
+    if previous is not None:
+        previous.discard()
+    return report
+
+
+def _compile(spec: str, passes: list, out_dir: Path, written: list[str], *, verify: bool,
+             print_after: set[str] | None, seq: int, console, printer: Callable[[str], None],
+             calib: dict[str, Any] | None, offload: bool) -> dict[str, Any]:
+    from slimgraph.frontends.build import graph_of
+    from slimgraph.frontends.loading import load_model
+    from slimgraph.ir.verifier import verify as verify_graph
+    from slimgraph.outdir import REPORT, top_level_names
+
     manager = PassManager(passes, verify=verify, print_after=print_after, printer=printer)
     t0 = time.perf_counter()
     what = " (offloaded: config and non-block weights)" if offload else ""
@@ -85,7 +111,8 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
             loaded = load_model(spec)
         if status:
             status.update("tracing ...")
-        state = CompileState(loaded=loaded, out_dir=Path(out_dir), seq=seq, calib=dict(calib or {}))
+        state = CompileState(loaded=loaded, out_dir=out_dir, seq=seq, calib=dict(calib or {}),
+                             files=written)
         state.graph = graph_of(loaded, seq=seq)
         if verify:
             verify_graph(state.graph)
@@ -129,8 +156,9 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
         "before": before,
         "after": after,
         "files": list(state.files),
+        "outputs": top_level_names(state.out_dir, state.files) + [REPORT],
     }
-    path = atomic_write_json(state.out_dir / "report.json", report)
+    path = atomic_write_json(state.out_dir / REPORT, report)
     report["files"].append(str(path))
     report["_records"] = records
     return report

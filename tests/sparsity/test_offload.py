@@ -213,7 +213,7 @@ def test_interrupted_run_leaves_no_half_written_output(tiny, tmp_path, monkeypat
         real = offload_mod._link_or_copy
         monkeypatch.setattr(offload_mod, "_link_or_copy", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        compile_model(str(tiny / "single"), pipeline, out, offload=True)
+        compile_model(str(tiny / "single"), pipeline, out, offload=True, overwrite=True)
     assert len(calls) == 2
     assert _tree_hash(out / "hf") == old  # the older checkpoint, whole; nothing half-written
     assert _leftovers(out) == []
