@@ -26,13 +26,14 @@ class OutdirError(SlimgraphError):
     """An output directory that cannot be written as asked."""
 
 
-def top_level_names(out_dir: Path, files: list[str]) -> list[str]:
+def top_level_names(out_dir: Path, files: list[str], *, by_name: bool = False) -> list[str]:
     """The names directly in ``out_dir`` that hold ``files`` (paths as a compile records
-    them: relative to the working directory of that run, or absolute)."""
+    them: relative to the working directory of that run, or absolute). ``by_name``: also
+    match a file by its name alone (an earlier run's relative paths, another cwd)."""
     root = Path(out_dir).resolve()
     names = set()
     for f in files:
-        for c in (Path(f), root / Path(f).name):
+        for c in (Path(f), root / Path(f).name) if by_name else (Path(f),):
             try:
                 rel = c.resolve().relative_to(root)
             except ValueError:
@@ -48,7 +49,8 @@ def _entries(out_dir: Path, report: dict) -> list[str]:
     ``outputs`` (written since 2026-11-24), else found from its ``files``."""
     outputs = report.get("outputs")
     if not isinstance(outputs, list):
-        outputs = top_level_names(out_dir, [str(f) for f in report.get("files", [])])
+        outputs = top_level_names(out_dir, [str(f) for f in report.get("files", [])],
+                                  by_name=True)
     names = {str(n) for n in outputs if "/" not in str(n) and str(n) not in ("", ".", "..")}
     names.add(REPORT)
     return sorted(n for n in names if n != ASIDE and (Path(out_dir) / n).exists())
