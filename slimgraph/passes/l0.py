@@ -173,17 +173,11 @@ class L0(Pass):
     def _importance(self, state: CompileState, families, examples) -> list[torch.Tensor]:
         """Activation-aware importance of every gated unit (as prune-structured's
         importance=act) on the first ``init_samples`` training examples."""
-        from slimgraph.ir.graph import OpKind
-        from slimgraph.structured.importance import activation_importance, consumer_input_norms
+        from slimgraph.structured.importance import activation_scorer
 
-        norms: dict[str, torch.Tensor] = {}
-        for e in examples[: self.init_samples]:
-            ids = torch.tensor([e.ids], dtype=torch.long)
-            for k, v in consumer_input_norms(state.model, state.graph, ids, batch=1).items():
-                norms[k] = norms.get(k, 0) + v
-        inputs = {n.inputs[1].name: n.attrs["w_in"] for n in state.graph.nodes
-                  if n.kind is OpKind.LINEAR}
-        return [activation_importance(state.graph, f.group, norms, inputs) for f in families]
+        batches = (torch.tensor([e.ids], dtype=torch.long) for e in examples[: self.init_samples])
+        score = activation_scorer(state.model, state.graph, batches)
+        return [score(f.group) for f in families]
 
     def _checkpoint(self, state: CompileState, suffix: str) -> Path | None:
         if self.checkpoint:

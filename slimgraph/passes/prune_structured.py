@@ -142,18 +142,14 @@ class PruneStructured(Pass):
     def _scorer(self, state: CompileState):
         if self.importance in ("l1", "l2"):
             return lambda g: group_importance(state.graph, g, self.importance)
-        from slimgraph.ir.graph import OpKind
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
-        from slimgraph.structured.importance import activation_importance, consumer_input_norms
+        from slimgraph.structured.importance import activation_scorer
 
         source = state.calib.get("file") or "self"
         tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
                                     seqlen=self.seqlen, samples=self.samples)
         windows = sample_windows(tokens, self.samples, self.seqlen, 0)
-        norms = consumer_input_norms(state.model, state.graph, windows)
-        inputs = {n.inputs[1].name: n.attrs["w_in"] for n in state.graph.nodes
-                  if n.kind is OpKind.LINEAR}
-        return lambda g: activation_importance(state.graph, g, norms, inputs)
+        return activation_scorer(state.model, state.graph, windows.split(8))
 
 
 register(PruneStructured)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -93,3 +95,17 @@ def activation_importance(graph: Graph, group: ChannelGroup, sq_norms: dict[str,
     if not used:
         raise ValueError(f"group {group.id} has no linear consuming its channels")
     return score
+
+
+def activation_scorer(model: torch.nn.Module, graph: Graph, batches) -> Callable:
+    """``group -> importance`` by :func:`activation_importance`, with input statistics
+    summed over ``batches`` (token-id tensors ``[b, L]``; lengths may differ between
+    batches)."""
+    from slimgraph.ir.graph import OpKind
+
+    norms: dict[str, torch.Tensor] = {}
+    for ids in batches:
+        for k, v in consumer_input_norms(model, graph, ids, batch=len(ids)).items():
+            norms[k] = norms.get(k, 0) + v
+    inputs = {n.inputs[1].name: n.attrs["w_in"] for n in graph.nodes if n.kind is OpKind.LINEAR}
+    return lambda group: activation_importance(graph, group, norms, inputs)
