@@ -301,8 +301,8 @@ def values_at_target(gates: GateSet, size: SizeModel, targets: dict[str, float])
     Units of the head and MLP families are ranked by log α over all layers (per kind when
     that kind has its own target, else together) and zeroed, lowest first, until the
     parameters they own reach the target share of the attention + MLP weights; every group
-    keeps at least one unit. Kept units take sigmoid(log α / β) as in ``deterministic_gate``;
-    hidden families keep the per-group rule (binary)."""
+    keeps at least one unit. Kept units take sigmoid(log α / β) as in ``deterministic_gate``
+    (1 in a binary family); hidden families keep the per-group rule (binary)."""
     values = [deterministic_gate(la, f.binary) for la, f in zip(gates.log_alpha, gates.families)]
     own = [k for k in ("heads", "mlp") if k in targets]
     pools = [([k], targets[k] * size.prunable(k)) for k in own]
@@ -311,10 +311,11 @@ def values_at_target(gates: GateSet, size: SizeModel, targets: dict[str, float])
         pools.append((rest, max(targets["all"] * size.prunable() - sum(n for _, n in pools), 0.0)))
     for kinds, need in pools:
         fams = [i for i, f in enumerate(gates.families) if f.group.kind in kinds]
-        for i in fams:  # start from all kept, soft values as trained
-            la = gates.log_alpha[i].detach().float().cpu()
-            values[i] = torch.sigmoid(la / BETA)
-        units = sorted((float(values[i][u]), i, u) for i in fams
+        las = {i: gates.log_alpha[i].detach().float().cpu() for i in fams}
+        for i in fams:  # start from all kept: soft values as trained, or 1 for binary gates
+            values[i] = torch.ones_like(las[i]) if gates.families[i].binary \
+                else torch.sigmoid(las[i] / BETA)
+        units = sorted((float(las[i][u]), i, u) for i in fams
                        for u in range(gates.families[i].group.units))
         left = {i: gates.families[i].group.units for i in fams}
         removed = 0

@@ -12,7 +12,9 @@ prepended; the Lagrangian drives the expected sparsity of the attention + MLP we
 
 At the end the gates become deterministic — ``finalize=target`` (default) zeroes the units
 with the lowest log alpha until the target sparsity is reached exactly, ``finalize=expected``
-uses the paper's per-group rule (round(n - sum P(kept)) zeros) —, an optional fine-tune (``finetune_steps``)
+uses the paper's per-group rule (round(n - sum P(kept)) zeros); kept units keep their soft
+value sigmoid(log α / β) (``kept_values=soft``, the paper) or 1 (``kept_values=one``) —, an
+optional fine-tune (``finetune_steps``)
 trains LoRA with the gates frozen, LoRA is merged, the soft gate values are folded into
 the weights they scale, and the units whose gate is 0 are selected: the next pass
 (``remove``) slices them out, so the slim model equals the trained masked model.
@@ -76,6 +78,7 @@ class L0(Pass):
     finetune_steps: int = 0
     finetune_lr: float = 4e-4
     finalize: str = "target"  # target | expected
+    kept_values: str = "soft"  # soft | one
     seed: int = 0
     save_every: int = 50
     checkpoint: str = ""  # default OUTDIR/l0-checkpoint
@@ -112,6 +115,8 @@ class L0(Pass):
             raise self.option_error("init_samples", f"must be >= 1, got {self.init_samples}")
         if self.finalize not in ("target", "expected"):
             raise self.option_error("finalize", f"{self.finalize!r} is not 'target' or 'expected'")
+        if self.kept_values not in ("soft", "one"):
+            raise self.option_error("kept_values", f"{self.kept_values!r} is not 'soft' or 'one'")
         if not _names(self.lora):
             raise self.option_error("lora", "name at least one linear, e.g. lora=q_proj+v_proj")
         from slimgraph.l0.data import prompt_text
@@ -158,6 +163,9 @@ class L0(Pass):
         examples = load_examples(state.loaded.tokenizer, data, prompt, self.seqlen)
         result = state.analysis()
         families = plan_families(state.model, result, set(_names(self.kinds)), self.name)
+        if self.kept_values == "one":
+            for f in families:  # deterministic gates 0 or 1: kept units unscaled
+                f.binary = True
         size = SizeModel.build(state.model, result, families)
         cfg = self.config()
         gates = GateSet(families, self.droprate_init, tuple(cfg.targets))
@@ -187,7 +195,12 @@ class L0(Pass):
         return state.out_dir / "l0-checkpoint" / f"l0{suffix}.pt"
 
     def fingerprint(self, state: CompileState) -> str:
-        desc = f"{self.describe()}|{state.graph.num_parameters()}"
+        """Identifies the training a checkpoint belongs to: every option but those read
+        only when finalizing, so a finished run can be finalized again differently."""
+        import dataclasses
+
+        trained = dataclasses.replace(self, finalize="target", kept_values="soft")
+        desc = f"{trained.describe()}|{state.graph.num_parameters()}"
         return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
     def run(self, state: CompileState) -> PassResult:

@@ -107,6 +107,29 @@ def test_slim_model_equals_trained_masked_model(tiny, kinds, finalize):
     assert rel <= 1e-5, rel
 
 
+def test_kept_values_one_and_refinalizing_a_finished_run(tiny, tmp_path):
+    """kept_values=one: gates end 0 or 1 (the slim model equals that binary-masked model);
+    a finished run finalizes again from its checkpoint with other finalize options."""
+    opts = dict(kinds="heads mlp", steps=8, lora_steps=1, ramp_steps=4, target=0.3)
+    soft = _state(tiny, tmp_path)
+    _pass(tiny, **opts).run(soft)
+    one = _state(tiny, tmp_path)  # same OUTDIR: its checkpoint is at the last step
+    steps_seen = []
+    one.progress = lambda done, total, **_: steps_seen.append(done)
+    _pass(tiny, kept_values="one", **opts).run(one)
+    assert steps_seen == []  # nothing trained again
+    assert one.selection == soft.selection  # same ranking
+    # every kept column as it was (gate 1), where the soft run scaled them
+    w_one = one.model.model.layers[0].mlp.down_proj.weight
+    w_soft = soft.model.model.layers[0].mlp.down_proj.weight
+    ref = _state(tiny).model.model.layers[0].mlp.down_proj.weight
+    removed = set(one.selection.get(next(g.id for g in one.analysis().groups
+                                         if g.kind == "mlp" and g.layer == 0), []))
+    kept = [c for c in range(ref.shape[1]) if c not in removed]
+    assert torch.equal(w_one[:, kept], ref[:, kept])
+    assert not torch.equal(w_soft[:, kept], ref[:, kept])
+
+
 def _final(state):
     return {n: p.detach().clone() for n, p in state.model.named_parameters()}
 
@@ -206,6 +229,7 @@ def test_init_act_starts_the_gates_in_importance_order(tiny):
     ("l0{steps=4,lora_steps=4,data=X}", "leaves no step"),
     ("l0{finalize=best,data=X}", "not 'target' or 'expected'"),
     ("l0{init=magnitude,data=X}", "not 'uniform' or 'act'"),
+    ("l0{kept_values=half,data=X}", "not 'soft' or 'one'"),
     ("l0{init=act,init_spread=-1,data=X}", "option 'init_spread': must be >= 0"),
     ("l0{init=act,init_samples=0,data=X}", "option 'init_samples': must be >= 1"),
 ])
