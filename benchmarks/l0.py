@@ -61,6 +61,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/l0.json")
     ap.add_argument("--skip-train", action="store_true", help="reuse WORK/l0 from an earlier run")
     ap.add_argument("--no-oneshot", action="store_true", help="only the l0 row")
+    ap.add_argument("--no-l0", action="store_true",
+                    help="only the one-shot rows (sized from WORK/l0, which must exist)")
+    ap.add_argument("--oneshot", nargs="+", default=["l2", "act"], choices=["l1", "l2", "act"],
+                    help="importances of the one-shot rows (default l2 act)")
+    ap.add_argument("--oneshot-calib", default=None,
+                    help="calibration file of the one-shot act row (default: the WikiText "
+                         "calibration split, WORK/calib.txt)")
     ap.add_argument("--latency-only", action="store_true",
                     help="re-measure ORT latency of the existing outputs (on a quiet machine)")
     args = ap.parse_args()
@@ -85,7 +92,7 @@ def main() -> None:
     pipe = (f"l0{{target={args.target},steps={args.steps},data={SEED_TASKS},batch={args.batch},"
             f"seqlen={args.seqlen}{',' + args.opts if args.opts else ''}}},remove,save-hf,export-onnx")
     secs = 0.0
-    if not args.skip_train:
+    if not (args.skip_train or args.no_l0):
         _, secs = run(cli + ["-p", pipe, "-o", str(l0_out)])
     report = json.loads((l0_out / "report.json").read_text())
     l0 = report["passes"][0]["report"]
@@ -94,17 +101,20 @@ def main() -> None:
     # third of a layer's attention, too coarse to match per layer), as many as L0 removed
     removed_params = report["parameters"]["before"] - report["parameters"]["after"]
     mlp_ratio = round(removed_params / report["before"]["params"]["mlp"], 4)
-    rows["l0"] = {"pipeline": pipe, "compile_s": round(secs, 1), "train_s": l0["train_seconds"],
-                  "steps": l0["steps"], "examples": l0["examples"],
-                  "expected_sparsity": l0["expected_sparsity"], "removed_units": removed,
-                  "params": report["parameters"]["after"],
-                  **measure(l0_out, eval_txt, args.windows, args.runs, l0_out / "prompt.txt")}
-    print("l0", json.dumps(rows["l0"]), flush=True)
-    for imp in () if args.no_oneshot else ("l2", "act"):
-        name = f"one-shot {imp}"
+    if not args.no_l0:
+        rows["l0"] = {"pipeline": pipe, "compile_s": round(secs, 1), "train_s": l0["train_seconds"],
+                      "steps": l0["steps"], "examples": l0["examples"],
+                      "expected_sparsity": l0["expected_sparsity"], "removed_units": removed,
+                      "params": report["parameters"]["after"],
+                      **measure(l0_out, eval_txt, args.windows, args.runs, l0_out / "prompt.txt")}
+        print("l0", json.dumps(rows["l0"]), flush=True)
+    calib = args.oneshot_calib or str(work / "calib.txt")
+    for imp in () if args.no_oneshot else args.oneshot:
+        name = f"one-shot {imp}" + (f" (calib {Path(calib).name})" if imp == "act" and
+                                    args.oneshot_calib else "")
         out = work / f"oneshot-{imp}"
         pipe = f"prune-structured{{mlp={mlp_ratio},importance={imp}}},save-hf,export-onnx"
-        _, secs = run(cli + ["-p", pipe, "-o", str(out), "--calib-file", str(work / "calib.txt")]
+        _, secs = run(cli + ["-p", pipe, "-o", str(out), "--calib-file", calib]
                       if imp == "act" else cli + ["-p", pipe, "-o", str(out)])
         rep = json.loads((out / "report.json").read_text())
         rows[name] = {"pipeline": pipe, "compile_s": round(secs, 1),

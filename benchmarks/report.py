@@ -79,8 +79,8 @@ def permutation() -> None:
 
 
 def l0() -> None:
-    """The main run (l0.json) and the init=act runs (l0_act*.json), one table each."""
-    for name in ["l0"] + sorted(p.stem for p in RESULTS.glob("l0_act*.json")):
+    """The main run (l0.json) and the later runs (l0_*.json), one table each."""
+    for name in ["l0"] + sorted(p.stem for p in RESULTS.glob("l0_*.json")):
         d = _load(name)
         if not d:
             continue
