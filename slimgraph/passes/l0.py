@@ -42,6 +42,7 @@ from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
 KINDS = ("heads", "mlp", "hidden")
+FINALIZE_ONLY = ("finalize", "kept_values")  # options not in the training checkpoint's identity
 
 
 def _names(text: str) -> list[str]:
@@ -199,7 +200,8 @@ class L0(Pass):
         only when finalizing, so a finished run can be finalized again differently."""
         import dataclasses
 
-        trained = dataclasses.replace(self, finalize="target", kept_values="soft")
+        defaults = {f.name: f.default for f in self.options() if f.name in FINALIZE_ONLY}
+        trained = dataclasses.replace(self, **defaults)
         desc = f"{trained.describe()}|{state.graph.num_parameters()}"
         return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
@@ -223,8 +225,9 @@ class L0(Pass):
             ft = self.config()
             ft.steps, ft.lora_steps, ft.lr = self.finetune_steps, 0, self.finetune_lr
             ft_session = type(session)(session.model, session.base, session.gates, session.size)
+            # the fine-tune trains through the final gate values: kept_values is part of it
             train(ft_session, examples, ft, pad_id=pad, checkpoint=self._checkpoint(state, "-finetune"),
-                  fingerprint=fp, progress=state.progress, finetune=True)
+                  fingerprint=f"{fp}|{self.kept_values}", progress=state.progress, finetune=True)
             report["finetune"] = {"steps": ft.steps, "seconds": round(ft_session.seconds, 1),
                                   "history": ft_session.history}
         values = self.finish(session, self.config().targets if self.finalize == "target" else None)
