@@ -529,37 +529,35 @@ def resolve_model(
     from slimgraph.frontends.loading import load_model
 
     loc = locate_model(spec, backend)
-    backend, torch_spec, onnx_file, hf_dir, tok_dirs = (
-        loc.backend, loc.torch_spec, loc.onnx_file, loc.hf_dir, loc.tok_dirs)
 
     tok = resolve_tokenizer(tokenizer) if tokenizer else None
     max_positions: int | None = None
-    if backend == "torch":
-        loaded = load_model(torch_spec, verbose=False)
+    if loc.backend == "torch":
+        loaded = load_model(loc.torch_spec, verbose=False)
         if loaded.model is None:
             raise EvaluationError(f"'{spec}' is not a PyTorch model (use --backend onnx)")
         if tok is None:
             tok = loaded.tokenizer
         max_positions = _max_positions(loaded.config)
         fn = torch_logits_fn(loaded.model, threads=threads)
-        source = torch_spec
+        source = loc.torch_spec
     else:
-        if hf_dir is not None:
-            max_positions = _max_positions_of_file(hf_dir / "config.json")
-        fn = onnx_logits_fn(onnx_file, threads=threads)
-        source = str(onnx_file)
+        if loc.hf_dir is not None:
+            max_positions = _max_positions_of_file(loc.hf_dir / "config.json")
+        fn = onnx_logits_fn(loc.onnx_file, threads=threads)
+        source = str(loc.onnx_file)
     if tok is None:
-        for d in tok_dirs:
+        for d in loc.tok_dirs:
             if _has_tokenizer_files(d):
                 tok = _tokenizer_from_dir(d)
                 break
     if tok is None:
-        where = f" (none in {tok_dirs[0]})" if tok_dirs else ""
+        where = f" (none in {loc.tok_dirs[0]})" if loc.tok_dirs else ""
         raise EvaluationError(
             f"no tokenizer found for '{spec}'{where}: pass --tokenizer SPEC "
             "(a tokenizer directory or a model spec such as smollm2-135m)"
         )
-    return EvalModel(spec, backend, source, fn, tok, max_positions)
+    return EvalModel(spec, loc.backend, source, fn, tok, max_positions)
 
 
 def _max_positions(config: Any) -> int | None:
