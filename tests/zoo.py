@@ -27,6 +27,18 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
         m = _llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM, max_window_layers=LAYERS)
     elif name == "mistral":
         m = _llama_like(tf.MistralConfig, tf.MistralForCausalLM)
+    elif name == "qwen3":  # q_norm / k_norm over head_dim
+        m = _llama_like(tf.Qwen3Config, tf.Qwen3ForCausalLM)
+    elif name == "gemma3":  # norms times (1 + w), embeddings times sqrt(hidden_size), tied
+        m = _llama_like(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)
+    elif name == "olmo2":  # q_norm / k_norm over all heads of a layer
+        m = _llama_like(tf.Olmo2Config, tf.Olmo2ForCausalLM, pad_token_id=0, bos_token_id=None,
+                        eos_token_id=1)
+    elif name == "phi3":  # fused qkv_proj split by config head counts, fused gate_up_proj
+        m = tf.Phi3ForCausalLM(tf.Phi3Config(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2))
     elif name == "opt":
         m = tf.OPTForCausalLM(tf.OPTConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTER, num_hidden_layers=LAYERS,
@@ -44,7 +56,7 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     return m.eval()
 
 
-ZOO = ["llama", "qwen2", "mistral", "opt", "gpt2", "bert"]
+ZOO = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3", "opt", "gpt2", "bert"]
 
 
 def example(name: str) -> tuple[tuple, dict]:

@@ -38,8 +38,10 @@ def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def _transformers_can_build(config, shapes: dict[str, list[int]]) -> bool:
-    """Would `from_pretrained` build exactly these shapes from this config?"""
+def _transformers_can_build(config, shapes: dict[str, list[int]],
+                            module_attrs: dict[str, dict] | None = None) -> bool:
+    """Would `from_pretrained` build exactly these shapes from this config, with these
+    module attributes (head counts, norm epsilons, embedding scales) already?"""
     from transformers import AutoModel, AutoModelForCausalLM
 
     arch = (getattr(config, "architectures", None) or [None])[0]
@@ -57,7 +59,31 @@ def _transformers_can_build(config, shapes: dict[str, list[int]]) -> bool:
                     probe = AutoModel.from_config(config)
     except Exception:
         return False
-    return _shapes(probe) == shapes
+    return _shapes(probe) == shapes and _has_attrs(probe, module_attrs or {})
+
+
+def _has_attrs(model: torch.nn.Module, module_attrs: dict[str, dict]) -> bool:
+    """Does ``model`` (built on meta) already have every recorded attribute value?
+    Tensors on meta cannot be read; each recorded tensor has a number twin
+    (``embed_scale`` / ``scalar_embed_scale``) that is compared instead."""
+    import math
+
+    for name, attrs in module_attrs.items():
+        try:
+            module = model.get_submodule(name) if name else model
+        except AttributeError:
+            return False
+        for key, want in attrs.items():
+            owner = module.config if key.startswith("config.") else module
+            have = getattr(owner, key.removeprefix("config."), None)
+            if isinstance(have, torch.Tensor):
+                continue
+            if isinstance(want, float) and isinstance(have, (int, float)):
+                if not math.isclose(have, want, rel_tol=1e-9):
+                    return False
+            elif have != want:
+                return False
+    return True
 
 
 def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str, dict],
@@ -69,16 +95,22 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
     """
     config = model.config
     shapes = _shapes(model)
-    loader = "transformers" if _transformers_can_build(config, shapes) else "slimgraph"
+    loader = "transformers" if _transformers_can_build(config, shapes, module_attrs) else "slimgraph"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}-")
     try:
         with quiet_transformers():
-            model.save_pretrained(str(tmp), safe_serialization=True)
             if loader == "slimgraph" and base_config is not None:
+                # written instead of the updated config, which may not even validate
+                # (Gemma 3: hidden_size no multiple of the heads left): buildable, and the
+                # shapes come from the section
                 base_config = copy.deepcopy(base_config)
                 base_config.architectures = [type(model).__name__]
-                base_config.save_pretrained(str(tmp))  # buildable; shapes come from the section
+                model.config = base_config
+            try:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            finally:
+                model.config = config
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         finish_checkpoint(tmp, out, loader, module_attrs, shapes, gathers)
@@ -156,7 +188,7 @@ def _is_tied(model, key: str) -> bool:
 
 
 def _build_resized(cls, config, section) -> torch.nn.Module:
-    from slimgraph.structured.removal import _sync_module_sizes
+    from slimgraph.structured.removal import _sync_module_sizes, set_module_attr
 
     from slimgraph.sparsity.deploy import restore_gathers
 
@@ -179,7 +211,7 @@ def _build_resized(cls, config, section) -> torch.nn.Module:
     for module, attrs in section.get("module_attrs", {}).items():
         m = model.get_submodule(module) if module else model
         for k, v in attrs.items():
-            setattr(m, k, v)
+            set_module_attr(m, k, v)
     _sync_module_sizes(model)
     return model
 
@@ -225,9 +257,17 @@ class SaveHF(Pass):
         report = save_hf(state.model, state.loaded.tokenizer, out, state.module_attrs,
                          state.original_config, state.gathers)
         if self.check:
-            reloaded = load_pruned(out)
             vocab = int(getattr(state.model.config, "vocab_size", 2) or 2)
-            err = max_rel_error(state.model, reloaded, vocab)
+            try:
+                err = max_rel_error(state.model, load_pruned(out), vocab)
+            except SlimgraphError:
+                raise
+            except Exception as exc:  # the reloaded model does not run
+                raise SlimgraphError(
+                    f"the checkpoint written to {out} does not run after reloading "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"'{type(state.model).__name__}' is not yet reloadable after this pruning "
+                    "(save-hf{check=false} skips this check)") from exc
             report["reload_rel_error"] = err
             if err > self.tolerance:
                 raise SlimgraphError(f"reloaded checkpoint differs from the model (relative "

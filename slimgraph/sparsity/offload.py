@@ -283,7 +283,8 @@ def save_hf_offloaded(off: Offload, tokenizer, out: Path, module_attrs: dict, *,
 
     model = off.model
     shapes = _shapes(model)
-    loader = "transformers" if _transformers_can_build(model.config, shapes) else "slimgraph"
+    loader = ("transformers" if _transformers_can_build(model.config, shapes, module_attrs)
+              else "slimgraph")
     n = len(off.blocks) + 1
     shard = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     weight_map: dict[str, str] = {}

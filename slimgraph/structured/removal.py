@@ -4,13 +4,19 @@ Removal slices every member of every selected unit through its parameter handle
 (ties stay tied), then brings the modules in line with their new weights: ``nn.Linear``
 / ``Conv1D`` / ``nn.Embedding`` / ``nn.LayerNorm`` sizes, head counts of attention
 modules (from the graph: a KV-group unit carries its query heads), and the HF config.
-Removing hidden channels applies the RMSNorm correction (ALGORITHMS.md section 4):
+Every RMSNorm whose channels shrink gets the norm correction (ALGORITHMS.md section 4):
 the slim norm averages over D' < D channels, so its gains are multiplied by sqrt(D/D')
-and its epsilon by D/D' — then the slim model equals the masked model exactly.
+and its epsilon by D/D' — then the slim model equals the masked model exactly. That is
+the residual norms when hidden channels go, and norms over all of a layer's heads
+(OLMo-2's q_norm / k_norm) when heads go. Gemma-style norms that multiply by (1 + w)
+get (1 + w) scaled. Attention modules that read head counts from their config at run
+time (Phi-3 splits its fused qkv_proj at ``config.num_attention_heads * head_dim``) get
+a config of their own with the layer's counts.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from typing import Any
@@ -23,6 +29,27 @@ HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size")
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+CONFIG_COUNT_ATTRS = ("num_attention_heads", "num_key_value_heads")
+# embedding output scales derived from hidden_size (Gemma: sqrt(hidden_size)); they keep
+# the original value after hidden channels go, so the slim model equals the masked one
+EMBED_SCALE_ATTRS = ("scalar_embed_scale", "embed_scale")
+
+
+def set_module_attr(module: torch.nn.Module, key: str, value: Any) -> None:
+    """Set one attribute recorded under a report's ``module_attrs`` (removal, and the
+    checkpoint loader replaying it). ``config.X`` gives the module a config of its own
+    (the model's is shared by every layer) with X set; a tensor attribute (a buffer such
+    as Gemma's ``embed_scale``) is filled with the number."""
+    if key.startswith("config."):
+        module.config = copy.copy(module.config)
+        setattr(module.config, key.removeprefix("config."), value)
+        return
+    current = getattr(module, key, None)
+    if isinstance(current, torch.Tensor) and not isinstance(value, torch.Tensor):
+        with torch.no_grad():
+            current.fill_(value)
+    else:
+        setattr(module, key, value)
 
 
 def positions(result: DependencyResult, selection: dict[int, list[int]]
@@ -65,9 +92,8 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
     graph = result.graph
     before = graph.num_parameters()
     report: dict[str, Any] = {"removed_units": {}, "module_attrs": {}, "notes": []}
-    # hidden sizes before slicing, for the norm correction
-    hidden = [(by_id[gid], len(units)) for gid, units in selection.items()
-              if by_id[gid].kind == "hidden" and units]
+    norm_sizes = _norm_sizes(model)  # before slicing, for the norm correction
+    hidden_removed = any(by_id[gid].kind == "hidden" and units for gid, units in selection.items())
     for (param, dim), idx in sorted(positions(result, selection).items()):
         handle = graph.params[param].param
         keep = [i for i in range(handle.shape[dim]) if i not in idx]
@@ -79,8 +105,9 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
         if g.kind == "heads" and units:
             _update_head_counts(model, g, g.units - len(units), report)
     _sync_module_sizes(model)
-    for g, n_removed in hidden:
-        _correct_norms(model, g, g.units, g.units - n_removed, report)
+    _correct_norms(model, norm_sizes, report)
+    if hidden_removed:
+        _keep_embed_scales(model, report)
     _update_config(model, result, selection, report)
     report["params_before"] = before
     report["params_after"] = sum(
@@ -93,25 +120,35 @@ def _update_head_counts(model, g: ChannelGroup, kept_units: int, report) -> None
     prefix = module_prefix([m.param for m in g.members])
     root = model.get_submodule(prefix) if prefix else model
     q_heads = kept_units * g.queries_per_unit
+    kv_heads = kept_units if g.unit == "kv-group" else q_heads
     for sub, module in root.named_modules():
         name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
         changes: dict[str, int] = {}
+        config = getattr(module, "config", None)
+        config_q = getattr(config, "num_attention_heads", None)
         old_q = next((getattr(module, a) for a in HEAD_COUNT_ATTRS
                       if isinstance(getattr(module, a, None), int)), None)
+        if old_q is None and isinstance(config_q, int):
+            old_q = config_q
         if old_q is None:
             continue
+        if isinstance(config_q, int) and config_q != q_heads:
+            # the module may read its config at run time (Phi-3's qkv split)
+            changes["config.num_attention_heads"] = q_heads
+            if isinstance(getattr(config, "num_key_value_heads", None), int):
+                changes["config.num_key_value_heads"] = kv_heads
         for attr in HEAD_COUNT_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 changes[attr] = q_heads
         for attr in KV_COUNT_ATTRS:
             if isinstance(getattr(module, attr, None), int):
-                changes[attr] = kept_units if g.unit == "kv-group" else q_heads
+                changes[attr] = kv_heads
         for attr in HEAD_WIDTH_ATTRS:
             val = getattr(module, attr, None)
             if isinstance(val, int) and old_q > 0 and val % old_q == 0:
                 changes[attr] = val // old_q * q_heads
         for attr, val in changes.items():
-            setattr(module, attr, val)
+            set_module_attr(module, attr, val)
         report["module_attrs"].setdefault(name, {}).update(changes)
 
 
@@ -130,26 +167,99 @@ def _sync_module_sizes(model: torch.nn.Module) -> None:
             module.nf = w.shape[1]
 
 
-def _correct_norms(model, g: ChannelGroup, d: int, d_kept: int, report) -> None:
-    members = {m.param for m in g.members}
-    scale = math.sqrt(d / d_kept)
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor) or f"{name}.weight" not in members:
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    return "RMSNorm" in type(module).__name__ or isinstance(module, torch.nn.RMSNorm)
+
+
+def _is_layer_norm(module: torch.nn.Module) -> bool:
+    return "LayerNorm" in type(module).__name__ or isinstance(module, torch.nn.LayerNorm)
+
+
+def _norm_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """Channel count of every RMSNorm / LayerNorm with a 1-D weight."""
+    return {name: m.weight.shape[0] for name, m in model.named_modules()
+            if (_is_rms_norm(m) or _is_layer_norm(m))
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1}
+
+
+def _eps(module: torch.nn.Module) -> tuple[str, float] | None:
+    """(attribute, value) of a norm's epsilon; torch.nn.RMSNorm's ``eps=None`` means the
+    dtype's machine epsilon."""
+    if isinstance(module, torch.nn.RMSNorm) and module.eps is None:
+        return "eps", torch.finfo(module.weight.dtype).eps
+    attr = next((a for a in EPS_ATTRS if isinstance(getattr(module, a, None), float)), None)
+    return (attr, getattr(module, attr)) if attr else None
+
+
+def rms_gain_form(module: torch.nn.Module) -> str | None:
+    """How an RMSNorm applies its weight ``w`` to ``x / rms(x)``: ``"scale"`` (times w),
+    ``"offset"`` (times 1 + w: Gemma), or None (neither: not corrected). Found by
+    running the module on a random input, so any implementation is classified."""
+    eps = _eps(module)
+    if eps is None:
+        return None
+    w = module.weight.detach().float()
+    x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = module(x.to(module.weight.dtype)).float()
+    x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps[1])
+    for form, gain in (("scale", w), ("offset", 1 + w)):
+        if torch.allclose(y, x_hat * gain, rtol=1e-3, atol=1e-5):
+            return form
+    return None
+
+
+def _correct_norms(model, sizes_before: dict[str, int], report) -> None:
+    """The norm correction for every norm whose channels were sliced (module docstring)."""
+    for name, d in sizes_before.items():
+        module = model.get_submodule(name)
+        d_kept = module.weight.shape[0]
+        if d_kept == d:
             continue
-        cls = type(module).__name__
-        if "RMSNorm" in cls:
+        if _is_rms_norm(module):
+            form = rms_gain_form(module)
+            if form is None:
+                report["notes"].append(
+                    f"{name}: {type(module).__name__} is not x/rms(x) times w or (1 + w); its "
+                    f"statistics now span {d_kept} instead of {d} channels and are not corrected")
+                continue
+            scale = math.sqrt(d / d_kept)
             with torch.no_grad():
-                w.mul_(scale)
-            for attr in EPS_ATTRS:
-                if isinstance(getattr(module, attr, None), float):
-                    setattr(module, attr, getattr(module, attr) * d / d_kept)
-                    report["module_attrs"].setdefault(name, {})[attr] = getattr(module, attr)
-        elif "LayerNorm" in cls or isinstance(module, torch.nn.LayerNorm):
-            note = (f"{name}: LayerNorm statistics now span {d_kept} instead of {d} channels; "
-                    "the slim model approximates the masked model (its mean changes)")
-            if note not in report["notes"]:
-                report["notes"].append(note)
+                if form == "scale":
+                    module.weight.mul_(scale)
+                else:  # (1 + w) * scale = 1 + w'
+                    module.weight.add_(1).mul_(scale).sub_(1)
+            attr, eps = _eps(module)
+            setattr(module, attr, eps * d / d_kept)
+            report["module_attrs"].setdefault(name, {})[attr] = eps * d / d_kept
+        else:
+            report["notes"].append(
+                f"{name}: LayerNorm statistics now span {d_kept} instead of {d} channels; "
+                "the slim model approximates the masked model (its mean changes)")
+
+
+def _keep_embed_scales(model, report) -> None:
+    """Record embedding scales derived from hidden_size (see EMBED_SCALE_ATTRS), so that a
+    checkpoint loader rebuilding from the new config replays the original value."""
+    for name, module in model.named_modules():
+        for attr in EMBED_SCALE_ATTRS:
+            val = getattr(module, attr, None)
+            if isinstance(val, torch.Tensor) and val.numel() == 1:
+                val = float(val)
+            if isinstance(val, float):
+                report["module_attrs"].setdefault(name, {})[attr] = val
+
+
+def _head_dim(model, g: ChannelGroup) -> int:
+    """Channels per head of a heads group: the attention module's ``head_dim`` where it
+    has one, else the narrowest member's share of a unit (k_proj's rows; a fused qkv_proj
+    holds several heads' rows per unit)."""
+    prefix = module_prefix([m.param for m in g.members])
+    root = model.get_submodule(prefix) if prefix else model
+    for module in root.modules():
+        if isinstance(getattr(module, "head_dim", None), int):
+            return module.head_dim
+    return min(len(m.indices(0)) for m in g.members)
 
 
 def _update_config(model, result, selection, report) -> None:
@@ -166,7 +276,7 @@ def _update_config(model, result, selection, report) -> None:
         if g.kind == "heads":
             kept["heads"][g.layer] = n * g.queries_per_unit
             kept["kv"][g.layer] = n
-            head_dim = min(len(m.indices(0)) for m in g.members)
+            head_dim = _head_dim(model, g)
         else:
             kept[g.kind][g.layer] = n
     updates: dict[str, Any] = {}
@@ -183,13 +293,14 @@ def _update_config(model, result, selection, report) -> None:
             report["notes"].append(
                 f"{kind} sizes differ per layer: "
                 f"{dict(sorted(kept[kind].items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))}")
-    if head_dim is not None and hasattr(config, "head_dim") and (
-            "num_attention_heads" in updates or "hidden_size" in updates):
+    if head_dim is not None and ("num_attention_heads" in updates or "hidden_size" in updates):
+        # explicit, also where the architecture would derive it from hidden_size / heads
         updates["head_dim"] = head_dim
-    eps = [v for attrs in report["module_attrs"].values() for k, v in attrs.items()
-           if k in EPS_ATTRS]
-    if eps and getattr(config, "rms_norm_eps", None) is not None:
-        updates["rms_norm_eps"] = eps[-1]
+    # one epsilon for every RMSNorm (all corrected alike): the config can say it; else
+    # the per-module values in module_attrs need the slimgraph loader
+    eps = {e[1] for m in model.modules() if _is_rms_norm(m) for e in [_eps(m)] if e}
+    if len(eps) == 1 and getattr(config, "rms_norm_eps", None) not in (None, *eps):
+        updates["rms_norm_eps"] = eps.pop()
     for attr, val in updates.items():
         setattr(config, attr, val)
     report["config_updates"] = updates

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,6 +56,67 @@ def test_non_uniform_reloads_with_slimgraph_loader(tmp_path, name):
     assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     if name == "llama":
         assert info["loader"] == "slimgraph"  # intermediate sizes differ per layer
+
+
+def _assert_reloads(tmp_path, m, name, base) -> dict:
+    info = save_hf(m, None, tmp_path / "hf", m._report["module_attrs"], base)
+    back = load_model(str(tmp_path / "hf")).model
+    args, kw = zoo.example(name)
+    with torch.no_grad():
+        a, b = m(*args, **kw).logits, back(*args, **kw).logits
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    return info
+
+
+# (name, plan, loader): uniform plans where plain transformers can rebuild the model from
+# the updated config, and where it cannot (a per-module value the config has no field for)
+UNIFORM = [
+    # Phi-3 splits its fused qkv_proj by config head counts; head_dim written explicitly
+    ("phi3", {("heads", 0): [1], ("heads", 1): [0]}, "transformers"),
+    ("qwen3", {("heads", 0): [1], ("heads", 1): [0]}, "transformers"),
+    # Qwen3's q_norm / k_norm keep their epsilon, the residual norms' is corrected
+    ("qwen3", {("hidden", None): [3, 7, 11, 12]}, "slimgraph"),
+    # Gemma's embeddings are scaled by sqrt(the original hidden_size)
+    ("gemma3", {("hidden", None): [3, 7, 11, 12]}, "slimgraph"),
+    ("gemma3", {("heads", 0): [1], ("heads", 1): [0], ("mlp", 0): [2, 5], ("mlp", 1): [2, 5]},
+     "transformers"),
+    # OLMo-2's q_norm / k_norm span all heads: corrected like a residual norm
+    ("olmo2", {("heads", 0): [1], ("heads", 1): [0]}, "slimgraph"),
+]
+
+
+@pytest.mark.parametrize("name,plan,loader", UNIFORM)
+def test_uniform_pruning_reloads(tmp_path, name, plan, loader):
+    m = zoo.build(name)
+    base = copy.deepcopy(m.config)
+    m._report = _prune(m, name, plan)
+    assert _assert_reloads(tmp_path, m, name, base)["loader"] == loader
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2", "phi3"])
+def test_non_uniform_heads_mlp_hidden_reload(tmp_path, name):
+    m = zoo.build(name)
+    base = copy.deepcopy(m.config)
+    m._report = _prune(m, name, {("heads", 0): [1], ("mlp", 1): list(range(0, 60, 3)),
+                                 ("hidden", None): [0, 9]})
+    assert _assert_reloads(tmp_path, m, name, base)["loader"] == "slimgraph"
+
+
+def test_save_hf_names_a_checkpoint_that_does_not_run(tmp_path, monkeypatch):
+    from slimgraph.backends import hf_checkpoint
+    from slimgraph.errors import SlimgraphError
+    from slimgraph.passes.base import CompileState
+
+    class Broken(torch.nn.Module):
+        def forward(self, **kw):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (7x64 and 32x64)")
+
+    m = zoo.build("llama")
+    loaded = SimpleNamespace(model=m, config=m.config, tokenizer=None)
+    state = CompileState(loaded=loaded, out_dir=tmp_path)
+    monkeypatch.setattr(hf_checkpoint, "load_pruned", lambda path: Broken())
+    with pytest.raises(SlimgraphError, match="does not run after reloading.*RuntimeError: mat1"):
+        hf_checkpoint.SaveHF().run(state)
 
 
 def test_load_pruned_rejects_non_checkpoints(tmp_path):

@@ -165,3 +165,34 @@ def test_rope_head_dim_pairs_are_noted():
     q = next(m for m in rope.members if m.param == "model.layers.0.self_attn.q_proj.weight")
     # unit i of the rotary space is channel i and i + D/2 in every query head
     assert q.indices(3) == [h * D + off for h in range(zoo.HEADS) for off in (3, 3 + D // 2)]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2", "phi3"])
+def test_newer_architectures_groups(name):
+    """Per layer one prunable heads group (KV-groups of 2 query heads) and one MLP group,
+    one prunable hidden group; the members that make these architectures differ."""
+    r = analyzed(name)
+    by = {}
+    for g in r.groups:
+        by.setdefault((g.kind, g.layer), []).append(g)
+    a = "model.layers.0.self_attn."
+    for layer in range(zoo.LAYERS):
+        (heads,) = by[("heads", layer)]
+        assert heads.prunable and heads.units == zoo.KV and heads.queries_per_unit == 2
+        (mlp,) = by[("mlp", layer)]
+        assert mlp.prunable and mlp.units == INTER
+    (hidden,) = by[("hidden", None)]
+    assert hidden.prunable and hidden.units == H
+    heads0 = {(m.param, m.dim) for m in by[("heads", 0)][0].members}
+    mlp0 = {(m.param, m.dim) for m in by[("mlp", 0)][0].members}
+    if name == "phi3":  # fused projections: every head's q, k and v rows in one weight
+        assert heads0 == {(a + "qkv_proj.weight", 0), (a + "o_proj.weight", 1)}
+        assert mlp0 == {("model.layers.0.mlp.gate_up_proj.weight", 0),
+                        ("model.layers.0.mlp.down_proj.weight", 1)}
+        unit0 = next(m for m in by[("heads", 0)][0].members if m.param.endswith("qkv_proj.weight"))
+        assert len(unit0.indices(0)) == 4 * D  # 2 query heads, 1 key head, 1 value head
+    elif name == "olmo2":  # q_norm / k_norm over all heads: their channels go with the heads
+        assert {(a + "q_norm.weight", 0), (a + "k_norm.weight", 0)} <= heads0
+    else:  # Qwen3 / Gemma 3: q_norm / k_norm over head_dim, shared by all heads
+        assert not any("norm" in p for p, _ in heads0)
+        assert (a + "q_norm.weight", 0) not in {(m.param, m.dim) for m in hidden.members}

@@ -66,3 +66,23 @@ def test_random_llama_configs_invariant(mult, kv, rep, head_dim, inter, layers, 
     model = tf.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 50, (1, 6))
     assert check_invariant(model, (ids,), {"use_cache": False}, seed) <= 1e-5
+
+
+def test_rms_gain_form_classifies_norms_by_running_them():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from slimgraph.structured.removal import rms_gain_form
+
+    class Shifted(LlamaRMSNorm):  # x/rms(x) * w + 0.1: neither form, left uncorrected
+        def forward(self, x):
+            return super().forward(x) + 0.1
+
+    llama, gemma, shifted = LlamaRMSNorm(8), Gemma3RMSNorm(8), Shifted(8)
+    for norm in (llama, gemma, shifted):
+        torch.nn.init.normal_(norm.weight)
+    assert rms_gain_form(llama) == "scale"
+    assert rms_gain_form(gemma) == "offset"  # x/rms(x) * (1 + w)
+    assert rms_gain_form(shifted) is None
+    assert rms_gain_form(torch.nn.RMSNorm(8, eps=1e-6)) == "scale"
+    assert rms_gain_form(torch.nn.RMSNorm(8)) == "scale"  # eps=None: the dtype's epsilon
