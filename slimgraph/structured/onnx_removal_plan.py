@@ -19,7 +19,10 @@ and these are rewritten (planned by :meth:`_Plan.nodes`, carried out by
   of the Concat made for that use (with a new constant piece); an entry read from a
   value's dim must change with it (it does when that value shrinks too, e.g. the opset-18
   keys reshaped by ``Shape(k)``); dynamic dims of products (``4*batch``) follow at run time;
-- ``Split`` sizes are rewritten; ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` (4-D:
+- ``Split`` sizes are rewritten, and the constant ``starts`` / ``ends`` of a ``Slice`` of
+  a tensor whose sliced axis shrinks (Phi-3 cuts q, k and v out of its fused qkv_proj
+  output at fixed offsets): each bound moves down by the removed positions before it;
+  ``Attention``'s ``q_num_heads`` / ``kv_num_heads`` (4-D:
   the head dim; 3-D ``[B, L, H*E]``: width / head size) and
   ``RotaryEmbedding``'s ``num_heads`` (4-D: the head dim; 3-D: hidden / head size; the
   com.microsoft one too), when present, follow the new head counts;
@@ -141,6 +144,7 @@ class _Plan:
         # a shape input built by Concat at run time: (consumer, input, Concat, {piece: new})
         self.concat_rewrites: list[tuple[Any, int, Any, dict[int, np.ndarray]]] = []
         self.split_rewrites: list[tuple[Any, list[int], list[int]]] = []
+        self.removed_at: dict[tuple[str, int], set[int]] = {}  # (onnx value, dim) -> positions
 
     @staticmethod
     def label(g) -> str:
@@ -174,6 +178,7 @@ class _Plan:
                             self.group_of.setdefault(onnx_name, self.label(g))
                 if removed:
                     dims[d] -= len(removed)
+                    self.removed_at[(onnx_name, d)] = removed
                     changed = True
             if changed:
                 self.new_shape[onnx_name] = tuple(dims)
@@ -190,6 +195,8 @@ class _Plan:
                 self._shape_input(node, SHAPE_INPUT[op], outs[0])
             elif op == "Split" and outs:
                 self._split(node)
+            elif op == "Slice" and node.inputs[0] is not None and node.inputs[0].name in self.new_shape:
+                self._slice(node)
             elif op == "Attention":
                 self._attention(node)
             elif op in ("RotaryEmbedding", "com.microsoft.RotaryEmbedding"):
@@ -375,6 +382,51 @@ class _Plan:
             old.append(int(v.shape[axis]) if v is not None and v.shape else -1)
         if sizes != old:
             self.split_rewrites.append((node, old, sizes))
+
+    def _slice(self, node) -> None:
+        """Move the constant bounds of a Slice along every axis of its input that shrinks."""
+        x = node.inputs[0]
+        rank = len(self.old_shape[x.name])
+        bounds = [_const(b) if b is not None else None for b in list(node.inputs[1:5])]
+        bounds += [None] * (4 - len(bounds))
+        starts, ends, axes, steps = bounds
+        no_axes = len(node.inputs) < 4 or node.inputs[3] is None  # then 0, 1, ... len(starts)-1
+        if no_axes:
+            axes_l = None if starts is None else list(range(starts.size))
+        else:
+            axes_l = None if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+        moved = [(k, a) for k, a in enumerate(axes_l or []) if (x.name, a) in self.removed_at]
+        if axes_l is not None and not moved:
+            return  # no sliced axis shrinks
+        if starts is None or ends is None or axes_l is None:
+            raise PipelineError(f"{self._where(node, x)}: Slice bounds computed at run time "
+                                "along an axis that removal shrinks")
+        if steps is not None and any(int(steps.reshape(-1)[k]) != 1 for k, _ in moved):
+            raise PipelineError(f"{self._where(node, x)}: a strided Slice along an axis that "
+                                "removal shrinks")
+        new_s, new_e = starts.reshape(-1).copy(), ends.reshape(-1).copy()
+        for k, a in moved:
+            old = int(self.old_shape[x.name][a])
+            removed = self.removed_at[(x.name, a)]
+            for arr in (new_s, new_e):
+                b = int(arr[k])
+                if arr is new_e and b >= old:
+                    continue  # "to the end" (often INT64_MAX) stays so
+                b = min(max(b + old if b < 0 else b, 0), old)
+                arr[k] = b - sum(1 for r in removed if r < b)
+        out = node.outputs[0]
+        want = self.new_shape.get(out.name)
+        for k, a in moved:
+            dim = self.new_shape[x.name][a]
+            if want is not None and isinstance(want[a], int) and \
+                    min(int(new_e[k]), dim) - int(new_s[k]) != want[a]:
+                raise PipelineError(
+                    f"{self._where(node, x)}: the slice [{int(starts.reshape(-1)[k])}:"
+                    f"{int(ends.reshape(-1)[k])}] of axis {a} does not cut along the units removed")
+        for i, old_arr, new_arr in ((1, starts, new_s), (2, ends, new_e)):
+            flat = old_arr.reshape(-1)
+            if not np.array_equal(flat, new_arr):
+                self.rewrites.append((node, i, flat, new_arr.astype(old_arr.dtype).reshape(old_arr.shape)))
 
     def _attention(self, node) -> None:
         for attr, i in (("q_num_heads", 0), ("kv_num_heads", 1)):

@@ -272,3 +272,39 @@ def test_the_shape_check_copies_no_weights(files):
     assert not any(isinstance(t, ir.ExternalTensor) for t in tensors.values())
     inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     assert len(inferred.graph.value_info) > 0
+
+
+NEWER = ["qwen3", "gemma3", "olmo2", "phi3"]
+
+
+@pytest.fixture(scope="module")
+def newer_files(tmp_path_factory):
+    """Dynamic-axis exports (export-onnx, opset 23) of the newer zoo architectures."""
+    from slimgraph.backends.onnx_export import export_onnx
+
+    d = tmp_path_factory.mktemp("onnx_rm_newer")
+    return {n: export_onnx(zoo.build(n), d / n / "model.onnx", vocab=zoo.VOCAB) for n in NEWER}
+
+
+@pytest.mark.parametrize("name", NEWER)
+@pytest.mark.parametrize("kind", ["heads", "mlp", "hidden"])
+def test_newer_architectures_slim_equals_the_torch_path(newer_files, tmp_path, name, kind):
+    """Phi-3's fused qkv_proj output is cut by Slices at fixed offsets (rewritten when heads
+    go), OLMo-2's q_norm / k_norm span all heads, Gemma's norms multiply by (1 + w)."""
+    result = analyze(import_onnx(newer_files[name]))
+    sel = _selection(result, 0, (kind,))
+    report = remove_units_onnx(result, sel, "test")
+    assert report["params_after"] < report["params_before"]
+    if name == "phi3" and kind == "heads":
+        assert any(r["op"] == "Slice" for r in report["onnx_rewrites"])
+    ids = _ids(5, batch=2)
+    got = _ort(_save(result, tmp_path / "model.onnx"), ids)
+    model = zoo.build(name)
+    tr = analyze(trace(model, (ids,), {"use_cache": False}))
+    key = {(g.kind, g.layer): g.id for g in tr.groups}
+    by_id = {g.id: g for g in result.groups}
+    remove_units(model, tr, {key[(by_id[gid].kind, by_id[gid].layer)]: u for gid, u in sel.items()})
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits.numpy()
+    assert got.shape == want.shape == (2, SEQ, zoo.VOCAB)
+    assert _rel(got, want) <= 1e-4
