@@ -39,6 +39,8 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
             vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
             num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
             pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    elif name == "glm":  # interleaved rotary on half of head_dim: x[..., ::2], stack, flatten
+        m = _llama_like(tf.GlmConfig, tf.GlmForCausalLM, pad_token_id=0, eos_token_id=1)
     elif name == "opt":
         m = tf.OPTForCausalLM(tf.OPTConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTER, num_hidden_layers=LAYERS,
@@ -56,7 +58,8 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     return m.eval()
 
 
-ZOO = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3", "opt", "gpt2", "bert"]
+ZOO = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3", "glm", "opt", "gpt2",
+       "bert"]
 
 
 def example(name: str) -> tuple[tuple, dict]:

@@ -81,7 +81,13 @@ def lower(ep: torch.export.ExportedProgram, module: torch.nn.Module) -> Graph:
         if node.op == "placeholder":
             spec = kinds.get(node.name)
             target = getattr(spec, "target", None)
-            if spec is not None and target is not None and target in state:
+            if spec is not None and target is not None and target in state and \
+                    id(state[target]) not in aliases and target in ep.constants:
+                # a tensor made inside forward (torch.export lifts it: Falcon's
+                # lifted_tensor_0): no module attribute holds it, so it is an input
+                val = state[target]
+                env[node] = graph.add_input(target, _shape(val), _dtype(val))
+            elif spec is not None and target is not None and target in state:
                 tensor = state[target]
                 if id(tensor) in by_tensor:  # a tied weight seen under another name
                     env[node] = by_tensor[id(tensor)]
@@ -285,6 +291,11 @@ def _cat(node, get, const) -> Converted:
     return OpKind.CONCAT, tensors, {"axis": _arg(node, 1, "dim", 0)}
 
 
+def _stack(node, get, const) -> Converted:
+    tensors = [get(t) for t in node.args[0]]
+    return OpKind.STACK, tensors, {"axis": _arg(node, 1, "dim", 0)}
+
+
 def _split(node, get, const) -> Converted:
     return OpKind.SPLIT, [get(node.args[0])], {"axis": _arg(node, 2, "dim", 0)}
 
@@ -370,6 +381,7 @@ CONVERTERS: dict[str, Callable[..., Converted]] = {
     "aten.addmm.default": _addmm,
     "aten.transpose.int": _transpose,
     "aten.t.default": _t,
+    "aten.numpy_T.default": _t,  # x.T: all dims reversed (Falcon: x @ W.T)
     "aten.permute.default": _permute,
     "aten.mean.dim": _reduction("mean"),
     "aten.sum.dim_IntList": _reduction("sum"),
@@ -384,6 +396,7 @@ CONVERTERS: dict[str, Callable[..., Converted]] = {
     "aten.embedding.default": _embedding,
     "aten.cat.default": _cat,
     "aten.concat.default": _cat,
+    "aten.stack.default": _stack,
     "aten.split.Tensor": _split,
     "aten.split_with_sizes.default": _split,
     "aten.chunk.default": _chunk,
@@ -393,6 +406,7 @@ CONVERTERS: dict[str, Callable[..., Converted]] = {
     "aten.type_as.default": _type_as,
     "aten.expand.default": _first_only(OpKind.EXPAND),
     "aten.expand_as.default": _first_only(OpKind.EXPAND),
+    "aten.broadcast_to.default": _first_only(OpKind.EXPAND),
 }
 for _n in _EW:
     CONVERTERS[f"aten.{_n}"] = _elementwise(OpKind.ELEMENTWISE)

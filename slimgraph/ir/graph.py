@@ -39,6 +39,7 @@ class OpKind(str, enum.Enum):
     - TRANSPOSE: ``perm``.
     - EXPAND: broadcast size-1 dims to the output shape.
     - CONCAT: ``axis``.  SPLIT: ``axis``, ``sizes`` (one output per size).
+    - STACK: ``axis`` (a new dim at ``axis`` of the output, one entry per input).
     - SLICE: ``axis``, ``start``, ``end``, ``step``.  SELECT: ``axis`` (dim removed).
     - ATTENTION: inputs ``[q, k, v, mask?]`` shaped ``[B, H, L, E]``; ``gqa`` flag.
     - SOURCE: creates a tensor from nothing channel-related (arange, full, zeros).
@@ -59,6 +60,7 @@ class OpKind(str, enum.Enum):
     TRANSPOSE = "transpose"
     EXPAND = "expand"
     CONCAT = "concat"
+    STACK = "stack"
     SPLIT = "split"
     SLICE = "slice"
     SELECT = "select"

@@ -309,6 +309,21 @@ def rule_concat(node: Node, ctx) -> None:
     ctx.set(out, res)
 
 
+def rule_stack(node: Node, ctx) -> None:
+    """Inputs of one shape, dim by dim unified; the new dim is a fresh space."""
+    parts = _tensors(node)
+    out = node.outputs[0]
+    ax = _axis(node.attrs["axis"], out.rank)
+    res: list[Layout] = []
+    for d in range(out.rank):
+        if d == ax:
+            res.append(ctx.spaces.fresh_layout(out.shape[d]))
+        else:
+            k = d if d < ax else d - 1
+            res.append(_broadcast_dim(ctx, [ctx.layouts(p)[k] for p in parts], out.shape[d]))
+    ctx.set(out, res)
+
+
 def _broadcast_dim(ctx, layouts: list[Layout], size) -> Layout:
     for other in layouts[1:]:
         ctx.unify(layouts[0], other)
@@ -337,7 +352,15 @@ def rule_slice(node: Node, ctx) -> None:
         if lo == 0 and hi == size and out.shape[ax] == size:
             step = 1
         else:
-            raise LayoutConflict(f"strided slice (step {step}) along dim {ax}")
+            # channels of this dim are not tracked (interleaved rotary's x[..., ::2] on
+            # head_dim); every other dim passes through, so heads stay prunable
+            reason = f"channels cannot be tracked (strided slice (step {step})) at node {node.name}"
+            ctx.spaces.mark(ctx.layouts(x)[ax], reason)
+            res = list(ctx.layouts(x))
+            res[ax] = ctx.spaces.fresh_layout(out.shape[ax])
+            ctx.spaces.mark(res[ax], reason)
+            ctx.set(out, res)
+            return
     ctx.set(out, _slice_out(ctx, x, ax, lo, hi))
 
 
@@ -412,6 +435,7 @@ RULES: dict[OpKind, Rule] = {
     OpKind.TRANSPOSE: rule_transpose,
     OpKind.EXPAND: rule_expand,
     OpKind.CONCAT: rule_concat,
+    OpKind.STACK: rule_stack,
     OpKind.SPLIT: rule_split,
     OpKind.SLICE: rule_slice,
     OpKind.SELECT: rule_select,

@@ -13,6 +13,7 @@ _REQUIRED_ATTRS = {
     OpKind.LINEAR: ("w_in", "w_out"),
     OpKind.TRANSPOSE: ("perm",),
     OpKind.CONCAT: ("axis",),
+    OpKind.STACK: ("axis",),
     OpKind.SPLIT: ("axis",),
     OpKind.SLICE: ("axis",),
     OpKind.SELECT: ("axis",),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from slimgraph.ir.dependency import ChannelGroup, DependencyResult
+from slimgraph.ir.graph import OpKind
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
@@ -108,6 +109,7 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
     _correct_norms(model, norm_sizes, report)
     if hidden_removed:
         _keep_embed_scales(model, report)
+        _resize_weightless_norms(model, result, selection, report)
     _update_config(model, result, selection, report)
     report["params_before"] = before
     report["params_after"] = sum(
@@ -236,6 +238,31 @@ def _correct_norms(model, sizes_before: dict[str, int], report) -> None:
             report["notes"].append(
                 f"{name}: LayerNorm statistics now span {d_kept} instead of {d} channels; "
                 "the slim model approximates the masked model (its mean changes)")
+
+
+def _resize_weightless_norms(model, result: DependencyResult, selection, report) -> None:
+    """Norms without a weight (OLMo's LayerNorm) hold their size in ``normalized_shape``
+    only: the hidden group has no member there, so it is set here, found through the
+    graph's norm nodes and their modules."""
+    by_id = {g.id: g for g in result.groups}
+    new_size = {g.units: g.units - len(units) for gid, units in selection.items()
+                for g in [by_id[gid]] if g.kind == "hidden" and units}
+    for node in result.graph.nodes:
+        if node.kind != OpKind.NORM or (len(node.inputs) > 1 and node.inputs[1] is not None):
+            continue
+        path = node.meta.get("module")
+        try:
+            module = model.get_submodule(path) if path else None
+        except AttributeError:
+            continue
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and len(shape) == 1 and shape[0] in new_size:
+            module.normalized_shape = (new_size[shape[0]],)
+            report["module_attrs"].setdefault(path, {})["normalized_shape"] = [new_size[shape[0]]]
+            note = (f"{path}: LayerNorm statistics now span {new_size[shape[0]]} instead of "
+                    f"{shape[0]} channels; the slim model approximates the masked model")
+            if "LayerNorm" in type(module).__name__ and note not in report["notes"]:
+                report["notes"].append(note)
 
 
 def _keep_embed_scales(model, report) -> None:

@@ -27,3 +27,25 @@ def test_weights_replaced_by_a_pass_are_freed():
         assert model.get_parameter(name) is not old[name]()  # a new tensor was written
         assert old[name]() is None, f"{name}: the original weight is still referenced"
     assert result.graph.params[members[0]].param.read().shape  # the graph still reads weights
+
+
+def test_tensors_made_in_forward_and_numpy_T_trace():
+    """Falcon builds an index tensor inside forward (torch.export lifts it as a constant
+    no module attribute holds) and multiplies by ``W.T``: both trace; the constant is an
+    input of the graph, not a parameter."""
+    import transformers as tf
+
+    from slimgraph.frontends.torch_export import trace as trace_model
+    from slimgraph.ir.dependency import analyze as analyze_graph
+
+    torch.manual_seed(0)
+    model = tf.FalconForCausalLM(tf.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        new_decoder_architecture=True, num_kv_heads=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)).eval()
+    ids = torch.randint(0, 64, (1, 5))
+    graph = trace_model(model, (ids,), {"use_cache": False})
+    assert any("lifted_tensor" in v.name for v in graph.inputs)
+    assert all("lifted_tensor" not in name for name in graph.params)
+    assert any(n.op == "aten.numpy_T.default" and n.kind.value == "transpose" for n in graph.nodes)
+    analyze_graph(graph)

@@ -86,3 +86,35 @@ def test_rms_gain_form_classifies_norms_by_running_them():
     assert rms_gain_form(shifted) is None
     assert rms_gain_form(torch.nn.RMSNorm(8, eps=1e-6)) == "scale"
     assert rms_gain_form(torch.nn.RMSNorm(8)) == "scale"  # eps=None: the dtype's epsilon
+
+
+def test_interleaved_rotary_leaves_heads_prunable():
+    """GPT-J rotates channel pairs (2i, 2i+1): x[..., ::2] and torch.stack. Only head_dim
+    stops being tracked there; heads stay prunable, and removing them is exact."""
+    torch.manual_seed(0)
+    model = tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                             rotary_dim=4, n_positions=32)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    r = analyze(trace(model, (ids,), {"use_cache": False}))
+    heads = [g for g in r.groups if g.kind == "heads"]
+    assert len(heads) == 2 and all(g.prunable and g.units == 4 for g in heads)
+    assert check_invariant(model, (ids,), {"use_cache": False}, 0, ("heads", "mlp")) <= 1e-5
+
+
+def test_weightless_layer_norm_follows_hidden_removal():
+    """OLMo's LayerNorm has no weight: its normalized_shape is set from the hidden group,
+    and the report says the result is approximate (LayerNorm subtracts a mean)."""
+    torch.manual_seed(0)
+    model = tf.OlmoForCausalLM(tf.OlmoConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    r = analyze(trace(model, (ids,), {"use_cache": False}))
+    (hidden,) = [g for g in r.groups if g.kind == "hidden"]
+    report = remove_units(model, r, {hidden.id: [1, 5, 9]})
+    assert model.model.layers[0].input_layernorm.normalized_shape == (29,)
+    assert report["module_attrs"]["model.layers.0.input_layernorm"]["normalized_shape"] == [29]
+    assert any("approximates" in n for n in report["notes"])
+    with torch.no_grad():
+        assert model(ids, use_cache=False).logits.shape == (1, 6, 64)
