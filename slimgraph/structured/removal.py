@@ -30,7 +30,6 @@ HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 HEAD_WIDTH_ATTRS = ("split_size", "all_head_size")
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
-CONFIG_COUNT_ATTRS = ("num_attention_heads", "num_key_value_heads")
 # embedding output scales derived from hidden_size (Gemma: sqrt(hidden_size)); they keep
 # the original value after hidden channels go, so the slim model equals the masked one
 EMBED_SCALE_ATTRS = ("scalar_embed_scale", "embed_scale")
@@ -202,8 +201,9 @@ def rms_gain_form(module: torch.nn.Module) -> str | None:
         return None
     w = module.weight.detach().float()
     x = torch.randn(4, w.shape[0], generator=torch.Generator().manual_seed(0))
+    probe = copy.deepcopy(module).float()  # a bf16 model's rounding would hide the form
     with torch.no_grad():
-        y = module(x.to(module.weight.dtype)).float()
+        y = probe(x).float()
     x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps[1])
     for form, gain in (("scale", w), ("offset", 1 + w)):
         if torch.allclose(y, x_hat * gain, rtol=1e-3, atol=1e-5):

@@ -86,6 +86,7 @@ def test_rms_gain_form_classifies_norms_by_running_them():
     assert rms_gain_form(shifted) is None
     assert rms_gain_form(torch.nn.RMSNorm(8, eps=1e-6)) == "scale"
     assert rms_gain_form(torch.nn.RMSNorm(8)) == "scale"  # eps=None: the dtype's epsilon
+    assert rms_gain_form(gemma.to(torch.bfloat16)) == "offset"
 
 
 def test_interleaved_rotary_leaves_heads_prunable():
