@@ -70,12 +70,22 @@ class Session:
             return float(self.size.expected_sparsity(self.gates.probs(), kind))
 
 
-def wrap_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: int, seed: int):
-    """peft LoRA on the linears whose name ends with one of ``targets``."""
+# the LoRA targets when the default q_proj / v_proj do not exist: fused attention input
+# projections (Phi-3, GPT-NeoX / Falcon, MPT, Baichuan)
+FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv", "W_pack")
+
+
+def wrap_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: int, seed: int,
+              fallback: tuple[str, ...] = ()):
+    """peft LoRA on the linears whose name ends with one of ``targets`` (else, if none
+    does, with one of ``fallback``)."""
     from peft import LoraConfig, get_peft_model
 
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     hit = [n for n in names if n.rsplit(".", 1)[-1] in targets]
+    if not hit and fallback:
+        targets = [t for t in fallback if any(n.rsplit(".", 1)[-1] == t for n in names)]
+        hit = targets
     if not hit:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise PipelineError(f"pass 'l0', option 'lora': no linear named {' or '.join(targets)}; "

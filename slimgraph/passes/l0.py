@@ -5,7 +5,8 @@
 Hard-concrete gates go on the units of the chosen group kinds (``kinds``: heads, mlp,
 hidden), where the dependency analysis says the units' channels are read (heads, MLP) or
 written (hidden) — no per-architecture model files. LoRA (peft; ``lora`` names the
-linears, default q_proj and v_proj, rank 8) and the gates train on ``data`` (Alpaca
+linears, default q_proj and v_proj, or a fused qkv_proj / query_key_value where the
+model has no q_proj; rank 8) and the gates train on ``data`` (Alpaca
 JSON/JSONL, loss on responses only, or plain text) with the collaborative prompt
 prepended; the Lagrangian drives the expected sparsity of the attention + MLP weights to
 ``target`` (and optionally ``heads_target`` / ``mlp_target`` per kind).
@@ -157,7 +158,7 @@ class L0(Pass):
         """Examples, gates and the LoRA-wrapped model: a training session, not yet trained."""
         from slimgraph.l0.data import load_examples, prompt_text
         from slimgraph.l0.gates import GateSet, SizeModel, plan_families
-        from slimgraph.l0.train import Session, wrap_lora
+        from slimgraph.l0.train import FUSED_QKV, Session, wrap_lora
 
         prompt = prompt_text(self.prompt, self.prompt_file, self.name)
         data = self.data or state.calib["file"]
@@ -175,8 +176,9 @@ class L0(Pass):
 
             init_from_importance(gates, self._importance(state, families, examples),
                                  self.init_spread)
+        default = self.lora == type(self).lora  # left at q_proj v_proj: fused qkv too
         peft_model = wrap_lora(state.model, _names(self.lora), self.lora_rank, self.lora_alpha,
-                               self.seed)
+                               self.seed, FUSED_QKV if default else ())
         return Session(peft_model, state.model, gates, size), examples, prompt, cfg
 
     def _importance(self, state: CompileState, families, examples) -> list[torch.Tensor]:

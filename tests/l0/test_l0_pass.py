@@ -255,3 +255,17 @@ def test_missing_data_is_an_error_before_training(tiny, tmp_path):
                "-o", str(tmp_path / "o")])
     assert rc != 0
     assert not (tmp_path / "o" / "l0-checkpoint").exists()
+
+
+def test_default_lora_falls_back_to_a_fused_qkv(tmp_path):
+    """Phi-3 has no q_proj / v_proj: the default LoRA goes on its qkv_proj; a lora= the
+    user names is never replaced."""
+    from slimgraph.l0.train import FUSED_QKV, wrap_lora
+
+    model = zoo.build("phi3")
+    peft_model = wrap_lora(model, ["q_proj", "v_proj"], 4, 4, 0, FUSED_QKV)
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters()
+               if "lora_A" in n}
+    assert wrapped == {"qkv_proj"}
+    with pytest.raises(PipelineError, match="no linear named q_proj or v_proj.*qkv_proj"):
+        wrap_lora(zoo.build("phi3"), ["q_proj", "v_proj"], 4, 4, 0)
