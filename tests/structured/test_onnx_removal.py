@@ -274,7 +274,7 @@ def test_the_shape_check_copies_no_weights(files):
     assert len(inferred.graph.value_info) > 0
 
 
-NEWER = ["qwen3", "gemma3", "olmo2", "phi3"]
+NEWER = ["qwen3", "gemma3", "olmo2", "phi3", "glm"]
 
 
 @pytest.fixture(scope="module")
