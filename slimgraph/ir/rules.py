@@ -82,6 +82,17 @@ def rule_linear(node: Node, ctx) -> None:
     ctx.set(node.outputs[0], list(lx[:-1]) + [lw[w_out]])
 
 
+def _weight_like(v: Value, depth: int = 4) -> bool:
+    """A parameter, or one seen through transposes / reshapes / casts (Falcon's
+    ``x @ W.T``): such a matmul is a linear layer, not attention."""
+    while depth and v is not None and v.param is None:
+        p = v.producer
+        if p is None or p.kind not in (OpKind.TRANSPOSE, OpKind.RESHAPE, OpKind.IDENTITY):
+            return False
+        v, depth = p.inputs[0], depth - 1
+    return v is not None and v.param is not None
+
+
 def rule_matmul(node: Node, ctx) -> None:
     a, b = node.inputs[0], node.inputs[1]
     la, lb = list(ctx.layouts(a)), list(ctx.layouts(b))
@@ -109,7 +120,7 @@ def rule_matmul(node: Node, ctx) -> None:
         else:
             batch.append(ctx.spaces.fresh_layout(1))
     out = batch + ([la[-2]] if a.rank != 1 else []) + ([lb[-1]] if b.rank != 1 else [])
-    if a.param is None and b.param is None and nb >= 1:
+    if not _weight_like(a) and not _weight_like(b) and nb >= 1:
         # activation x activation with batch dims: attention scores or context
         for lay in batch:
             ctx.spaces.tag(lay, "heads")

@@ -32,7 +32,7 @@ def test_weights_replaced_by_a_pass_are_freed():
 def test_tensors_made_in_forward_and_numpy_T_trace():
     """Falcon builds an index tensor inside forward (torch.export lifts it as a constant
     no module attribute holds) and multiplies by ``W.T``: both trace; the constant is an
-    input of the graph, not a parameter."""
+    input of the graph, not a parameter, and ``x @ W.T`` counts as a linear."""
     import transformers as tf
 
     from slimgraph.frontends.torch_export import trace as trace_model
@@ -48,4 +48,8 @@ def test_tensors_made_in_forward_and_numpy_T_trace():
     assert any("lifted_tensor" in v.name for v in graph.inputs)
     assert all("lifted_tensor" not in name for name in graph.params)
     assert any(n.op == "aten.numpy_T.default" and n.kind.value == "transpose" for n in graph.nodes)
-    analyze_graph(graph)
+    # x @ W.T is a linear layer, not attention: the MLP between two of them is an MLP group
+    mlp = [g for g in analyze_graph(graph).groups if g.kind == "mlp"]
+    assert len(mlp) == 1 and mlp[0].prunable and mlp[0].units == 4 * 32
+    assert {m.param for m in mlp[0].members} == {
+        "transformer.h.0.mlp.dense_h_to_4h.weight", "transformer.h.0.mlp.dense_4h_to_h.weight"}
