@@ -328,6 +328,9 @@ def _update_config(model, result, selection, report) -> None:
     eps = {e[1] for m in model.modules() if _is_rms_norm(m) for e in [_eps(m)] if e}
     if len(eps) == 1 and getattr(config, "rms_norm_eps", None) not in (None, *eps):
         updates["rms_norm_eps"] = eps.pop()
-    for attr, val in updates.items():
-        setattr(config, attr, val)
+    for attr, val in list(updates.items()):
+        try:
+            setattr(config, attr, val)
+        except AttributeError:  # a derived property (Falcon's head_dim): left to derive
+            del updates[attr]
     report["config_updates"] = updates
