@@ -73,7 +73,9 @@ def render_tables(graph: Graph, result: DependencyResult, console, *, show_ops: 
         members = ", ".join(sorted({f"{_short(m.param)}[{m.dim}]" for m in g.members}))
         if len(members) > 160:
             members = f"{len(g.members)} members: " + members[:140] + "..."
-        why = "yes" if g.prunable else "no: " + "; ".join(g.reasons)
+        why = "no: " + "; ".join(g.reasons) if not g.prunable else (
+            "yes, approximately (LayerNorm statistics span these channels)" if g.approximate
+            else "yes")
         table.add_row(str(g.id), g.kind, "-" if g.layer is None else str(g.layer),
                       f"{g.units} x {unit}", f"{g.params_per_unit:,}", members, why)
     console.print(table)

@@ -81,3 +81,18 @@ def test_seq_too_long_from_cli(tmp_path, capsys):
 def _write(path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+@pytest.mark.parametrize("name,approximate", [("gpt2", True), ("gemma3", False)])
+def test_hidden_under_layer_norm_is_flagged_approximate(tmp_path, capsys, name, approximate):
+    """LayerNorm's mean moves when hidden channels go, RMSNorm is corrected exactly: the
+    JSON and the table say which."""
+    cfg = tmp_path / "config.json"
+    zoo.build(name).config.to_json_file(cfg)
+    assert main(["inspect", f"hf-config:{cfg}", "--meta", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    (hidden,) = [g for g in groups if g["kind"] == "hidden"]
+    assert hidden["prunable"] and hidden["approximate"] is approximate
+    assert not any(g["approximate"] for g in groups if g["kind"] in ("heads", "mlp"))
+    assert main(["inspect", f"hf-config:{cfg}", "--meta"]) == 0
+    assert ("approximately (LayerNorm" in capsys.readouterr().out) is approximate

@@ -59,6 +59,12 @@ class ChannelGroup:
     queries_per_unit: int = 1  # query heads carried by one kv-group unit
     space: int = -1
 
+    @property
+    def approximate(self) -> bool:
+        """Removal only approximates the masked model: a LayerNorm's statistics span these
+        channels (its mean moves when some go; RMS norms are corrected exactly)."""
+        return any(n.startswith("layer norm statistics") for n in self.notes)
+
     def to_json(self, name_of=None) -> dict[str, Any]:
         name_of = name_of or (lambda s: f"s{s}")
         return {
@@ -72,6 +78,7 @@ class ChannelGroup:
             "prunable": self.prunable,
             "reason": "; ".join(self.reasons) if self.reasons else None,
             "notes": self.notes,
+            "approximate": self.approximate,
             "members": [
                 {"param": m.param, "dim": m.dim, "size": m.size, "layout": m.layout(name_of),
                  "per_unit": len(m.indices(0))}
