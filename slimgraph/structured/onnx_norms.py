@@ -8,7 +8,9 @@ after the weights are sliced):
 
 - ``ReduceMean`` (a decomposed RMSNorm: ``Pow -> ReduceMean -> Add(eps) -> Sqrt``, as in
   torch's opset-18 exports): a ``Mul`` by ``D'/D`` after it, so it computes ``sum / D``
-  as the masked model does -- exact whatever follows (epsilon, gains untouched);
+  as the masked model does -- exact whatever follows (epsilon, gains untouched); but a
+  decomposed LayerNorm's variance (``ReduceMean((x - ReduceMean(x))^2)``) is not: the
+  removed channels were ``-mean`` there, not zero; noted as approximate;
 - fused RMS norms (``RMSNormalization``, ``SimplifiedLayerNormalization``, com.microsoft
   ``SkipSimplifiedLayerNormalization``): ALGORITHMS.md's correction, the gains times
   ``sqrt(D/D')`` and ``epsilon`` times ``D/D'`` -- exact;
@@ -89,6 +91,20 @@ def _epsilon(node) -> float:
                         "default is unknown, so the norm correction cannot be written")
 
 
+def _mean_centered(v, depth: int = 3) -> bool:
+    """Is ``v`` (through Pow / Mul / Cast) ``x - ReduceMean(x)``: a decomposed LayerNorm's
+    variance input? Its removed channels were ``-mean`` in the masked model, not zero."""
+    while depth and v is not None and v.producer() is not None:
+        p = v.producer()
+        if p.op_type == "Sub":
+            return any(i is not None and i.producer() is not None
+                       and i.producer().op_type == "ReduceMean" for i in p.inputs[1:2])
+        if p.op_type not in ("Pow", "Mul", "Cast"):
+            return False
+        v, depth = p.inputs[0], depth - 1
+    return False
+
+
 def plan_statistics(plan) -> Corrections:
     """Every node of ``plan.model`` that reduces over a dim that ``plan`` shrinks, and
     what it needs (see the module docstring); refusals name the node."""
@@ -123,6 +139,11 @@ def plan_statistics(plan) -> Corrections:
             if node.outputs[0] in plan.model.graph.outputs:
                 raise PipelineError(f"{where}: its mean is a model output")
             out.means.append((node, d_kept / d))
+            if _mean_centered(x):
+                out.notes.append(
+                    f"{node.name}: the variance of a decomposed LayerNorm (the mean is "
+                    f"subtracted first) now spans {d_kept} instead of {d} channels; the slim "
+                    "model approximates the masked model")
         elif op in RMS_NORMS:
             out.norms.append((node, RMS_NORMS[op], d / d_kept, _epsilon(node)))
         elif op in LAYER_NORMS:

@@ -186,3 +186,23 @@ def test_plan_statistics_corrects_means_and_refuses_other_reductions():
     with pytest.raises(PipelineError, match="hidden group 9: ONNX node 'stat' \\(ReduceMax\\) "
                        "reduces over removed channels"):
         plan_statistics(_plan(_reduce_model("ReduceMax")))
+
+
+def test_decomposed_layer_norm_variance_is_noted_approximate(tmp_path):
+    """Cohere's LayerNorm is exported as ReduceMean, Sub, Pow, ReduceMean: the first mean
+    is corrected exactly, the variance cannot be (the removed channels were -mean there);
+    the report says so. RMS statistics (Qwen3) are exact and give no such note."""
+    import transformers as tf
+
+    from slimgraph.backends.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    cohere = tf.CohereForCausalLM(tf.CohereConfig(
+        vocab_size=zoo.VOCAB, hidden_size=zoo.HIDDEN, intermediate_size=zoo.INTER,
+        num_hidden_layers=1, num_attention_heads=zoo.HEADS, num_key_value_heads=zoo.KV,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    for name, model, noted in (("cohere", cohere, True), ("qwen3", zoo.build("qwen3"), False)):
+        r = analyze(import_onnx(export_onnx(model, tmp_path / name / "model.onnx", vocab=zoo.VOCAB)))
+        (hidden,) = [g for g in r.prunable() if g.kind == "hidden"]
+        notes = remove_units_onnx(r, {hidden.id: [1, 2, 3]}, "test")["notes"]
+        assert any("decomposed LayerNorm" in n for n in notes) is noted, notes
