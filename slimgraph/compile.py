@@ -18,9 +18,9 @@ def linear_kinds(result: DependencyResult) -> dict[tuple[str, int], str]:
     """(param, dim) -> "attention" | "mlp", from the groups of the unpruned model."""
     kind_of: dict[tuple[str, int], str] = {}
     for g in result.groups:
-        if g.kind in ("heads", "mlp"):
+        if g.kind in ("heads", "qheads", "mlp"):
             for m in g.members:
-                kind_of[(m.param, m.dim)] = "attention" if g.kind == "heads" else "mlp"
+                kind_of[(m.param, m.dim)] = "mlp" if g.kind == "mlp" else "attention"
     return kind_of
 
 

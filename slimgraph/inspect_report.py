@@ -14,7 +14,7 @@ from slimgraph.io import atomic_write_text
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.ir.graph import Graph, OpKind
 
-KIND_COLORS = {"heads": "#f4a261", "mlp": "#2a9d8f", "hidden": "#8ecae6", "channels": "#dddddd"}
+KIND_COLORS = {"heads": "#f4a261", "qheads": "#e76f51", "mlp": "#2a9d8f", "hidden": "#8ecae6", "channels": "#dddddd"}
 
 
 def summary(graph: Graph, result: DependencyResult) -> dict[str, Any]:

@@ -35,8 +35,27 @@ def test_compile_prune_save_and_report(tiny_dir, tmp_path, capsys):
     assert {(g["kind"], g["units"]) for g in obj["groups"] if g["kind"] == "mlp"} == {("mlp", 48)}
 
 
+def test_compile_query_heads_reloads_with_plain_transformers(tiny_dir, tmp_path, capsys):
+    """qheads=0.5: one of the 2 query heads of each KV-group goes; 2 KV heads stay."""
+    import transformers
+
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_dir), "-p", "prune-structured{qheads=0.5},save-hf",
+                 "-o", str(out)]) == 0
+    cfg = json.loads((out / "hf" / "config.json").read_text())
+    assert cfg["num_attention_heads"] == zoo.HEADS // 2 and cfg["num_key_value_heads"] == zoo.KV
+    assert cfg["slimgraph"]["loader"] == "transformers"
+    plain = transformers.LlamaForCausalLM.from_pretrained(out / "hf").eval()
+    assert plain.model.layers[0].self_attn.q_proj.out_features == zoo.KV * zoo.HEAD_DIM
+    capsys.readouterr()
+    assert main(["inspect", str(out / "hf"), "--all", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert not [g for g in groups if g["kind"] == "qheads"]  # one query head per group left
+
+
 @pytest.mark.parametrize("pipeline,needle", [
     ("prune-structured{mlp=1.5}", "option 'mlp': ratio 1.5 is outside [0, 1)"),
+    ("prune-structured{qheads=1}", "option 'qheads': ratio 1.0 is outside [0, 1)"),
     ("frobnicate", "unknown pass 'frobnicate'"),
     ("prune-structured{heads=0.9}", "would remove all 2 units"),
 ])

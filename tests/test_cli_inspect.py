@@ -49,7 +49,7 @@ def test_inspect_meta_config(tmp_path, capsys):
     zoo.build("mistral").config.to_json_file(cfg)
     assert main(["inspect", f"hf-config:{cfg}", "--meta", "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
-    assert obj["summary"]["prunable_by_kind"] == {"heads": 2, "mlp": 2, "hidden": 1}
+    assert obj["summary"]["prunable_by_kind"] == {"heads": 2, "qheads": 2, "mlp": 2, "hidden": 1}
 
 
 @pytest.mark.parametrize("make,needle", [

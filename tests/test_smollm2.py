@@ -30,7 +30,13 @@ def test_groups_of_smollm2(smol):
     heads = [g for g in prunable if g.kind == "heads"]
     mlp = [g for g in prunable if g.kind == "mlp"]
     hidden = [g for g in prunable if g.kind == "hidden"]
-    assert len(prunable) == 2 * LAYERS + 1
+    qheads = [g for g in prunable if g.kind == "qheads"]
+    assert len(prunable) == 3 * LAYERS + 1
+    for g in qheads:  # the j-th query head of each of the 3 KV-groups
+        p = f"model.layers.{g.layer}.self_attn."
+        assert (g.units, g.unit) == (QPK, "q-head")
+        assert {(m.param, m.dim): len(m.indices(0)) for m in g.members} == {
+            (p + "q_proj.weight", 0): KV * HD, (p + "o_proj.weight", 1): KV * HD}
     assert sorted(g.layer for g in heads) == list(range(LAYERS))
     assert sorted(g.layer for g in mlp) == list(range(LAYERS))
     for g in heads:
@@ -69,7 +75,7 @@ def test_invariant_on_smollm2(smol):
     rng = random.Random(0)
     sel = {}
     for g in r.prunable():
-        if g.kind == "heads" and rng.random() < 0.3:
+        if g.kind in ("heads", "qheads") and rng.random() < 0.3:
             sel[g.id] = [rng.randrange(g.units)]
         elif g.kind == "mlp" and rng.random() < 0.5:
             sel[g.id] = sorted(rng.sample(range(g.units), rng.randint(1, g.units - 1)))

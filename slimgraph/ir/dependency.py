@@ -21,7 +21,7 @@ from slimgraph.ir.graph import Graph, Node, Value
 from slimgraph.ir.rules import RULES
 from slimgraph.ir.spaces import ChannelSpaces, Layout, LayoutConflict, Tree
 
-KIND_ORDER = {"heads": 0, "mlp": 1, "channels": 2, "hidden": 3}
+KIND_ORDER = {"heads": 0, "qheads": 1, "mlp": 2, "channels": 3, "hidden": 4}
 HEAD_DIM_REASON = (
     "attention head_dim (channels within a head) is not pruned by default; prune whole heads"
 )
@@ -47,7 +47,7 @@ class Member:
 @dataclass
 class ChannelGroup:
     id: int
-    kind: str  # heads | mlp | hidden | channels
+    kind: str  # heads | qheads | mlp | hidden | channels
     layer: int | None
     units: int
     unit: str  # "channel", "head", "kv-group"
@@ -201,13 +201,13 @@ def analyze(graph: Graph) -> DependencyResult:
     owners = sp.owners()
     groups: list[ChannelGroup] = []
     for s, mems in members.items():
-        if s in sp.replica:
-            continue  # copies of another group's channels (e.g. GQA's repeated kv heads)
         if all(graph.params[m.param].param.kind == "buffer" for m in mems):
             continue  # only buffers (position ids, rotary tables): nothing to prune
         reasons, tags, notes = sp.inherited(s, owners)
         reasons, notes = list(reasons), list(notes)
-        kind = _kind(tags)
+        # a replica space with weights: the query heads of every KV-group (GQA's repeated
+        # kv heads themselves have no weights); unit j = the j-th query head of each group
+        kind = "qheads" if s in sp.replica else _kind(tags)
         if "head_dim" in tags and "heads" not in tags:
             reasons.append(HEAD_DIM_REASON)
         for m in mems:
@@ -253,6 +253,8 @@ def _kind(tags: set[str]) -> str:
 
 
 def _unit(kind: str, mems: list[Member], sp: ChannelSpaces) -> tuple[str, int]:
+    if kind == "qheads":
+        return "q-head", 1  # the same query head slot of every KV-group
     if kind != "heads":
         return "channel", 1
     best = 1

@@ -3,7 +3,9 @@
     prune-structured{heads=0.33,mlp=0.5,importance=l2,round_to=8,protect=0 29}
 
 Ratios are fractions of the units of every group of that kind to remove (heads:
-attention heads or whole GQA KV-groups; mlp: MLP channels; hidden: the residual
+attention heads or whole GQA KV-groups; qheads: query heads within the KV-groups of a
+GQA layer, the same slot in every group, so the query-per-KV ratio stays uniform (the
+only head pruning for models with one KV head); mlp: MLP channels; hidden: the residual
 dimension). ``ratio`` sets heads and mlp at once; explicit kinds override it.
 
 Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit owns) or
@@ -46,6 +48,7 @@ class PruneStructured(Pass):
     name = "prune-structured"
     summary = "remove the least important heads / MLP channels / hidden channels"
     heads: float | None = None
+    qheads: float | None = None
     mlp: float | None = None
     hidden: float | None = None
     ratio: float | None = None
@@ -58,21 +61,21 @@ class PruneStructured(Pass):
 
     def ratios(self) -> dict[str, float]:
         out = {}
-        for kind in ("heads", "mlp", "hidden"):
+        for kind in ("heads", "qheads", "mlp", "hidden"):
             val = getattr(self, kind)
-            if val is None and kind != "hidden":
+            if val is None and kind in ("heads", "mlp"):
                 val = self.ratio
             if val is not None:
                 out[kind] = val
         return out
 
     def check_options(self) -> None:
-        for opt in ("heads", "mlp", "hidden", "ratio"):
+        for opt in ("heads", "qheads", "mlp", "hidden", "ratio"):
             val = getattr(self, opt)
             if val is not None and not 0.0 <= val < 1.0:
                 raise self.option_error(opt, f"ratio {val} is outside [0, 1)")
         if not any(self.ratios().values()):
-            raise self.option_error("heads/mlp/hidden/ratio", "nothing to remove: give a ratio "
+            raise self.option_error("heads/qheads/mlp/hidden/ratio", "nothing to remove: give a ratio "
                                     "> 0, e.g. prune-structured{mlp=0.5}")
         if self.importance not in ("l1", "l2", "act"):
             raise self.option_error("importance", f"{self.importance!r} is not one of l1, l2, act")
@@ -134,7 +137,7 @@ class PruneStructured(Pass):
                                     "data; it is not supported for ONNX input (use l1 or l2)")
         if state.graph is None or state.graph.meta.get("onnx_model") is None:
             raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
-        if self.ratios().get("heads"):
+        if self.ratios().get("heads") or self.ratios().get("qheads"):
             from slimgraph.structured.onnx_removal import check_contrib_attention
 
             check_contrib_attention(state.graph, self.name)

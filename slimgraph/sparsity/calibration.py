@@ -130,7 +130,7 @@ def find_blocks(result: DependencyResult) -> list[Block]:
 
     per_layer: dict[int, set[str]] = {}
     for g in result.groups:
-        if g.layer is None or g.kind not in ("heads", "mlp"):
+        if g.layer is None or g.kind not in ("heads", "qheads", "mlp"):
             continue
         for m in g.members:
             if m.param.endswith(".weight"):

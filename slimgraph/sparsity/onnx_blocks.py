@@ -82,7 +82,7 @@ def target_layers(result, targets: list[Target]) -> dict[str, int]:
     """Each target's layer: its analysis group's, else the block number in its name."""
     layers: dict[str, int] = {}
     for g in result.groups:
-        if g.layer is not None and g.kind in ("heads", "mlp"):
+        if g.layer is not None and g.kind in ("heads", "qheads", "mlp"):
             for m in g.members:
                 layers.setdefault(m.param, g.layer)
     out = {}

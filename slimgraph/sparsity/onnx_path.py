@@ -119,7 +119,7 @@ def find_targets(result) -> tuple[list[Target], list[str]]:
     from slimgraph.sparsity.check import _wrapper_prefix, in_decoder_block
 
     in_groups = {m.param for g in result.groups if g.layer is not None
-                 and g.kind in ("heads", "mlp") for m in g.members}
+                 and g.kind in ("heads", "qheads", "mlp") for m in g.members}
     targets: dict[str, Target] = {}
     skipped: dict[str, str] = {}
     for node in result.graph.nodes:

@@ -84,7 +84,7 @@ def check_selection(result: DependencyResult, selection: dict[int, list[int]],
     by_id = {g.id: g for g in result.groups}
     for gid, units in selection.items():
         g = by_id[gid]
-        if units and g.kind not in ("mlp", "heads", "hidden"):
+        if units and g.kind not in ("mlp", "heads", "qheads", "hidden"):
             raise PipelineError(
                 f"pass '{pass_name}': removing {g.kind} units ({_Plan.label(g)}) is not "
                 "supported for ONNX input (only mlp channels, attention heads / KV-groups and "

@@ -93,6 +93,7 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
     before = graph.num_parameters()
     report: dict[str, Any] = {"removed_units": {}, "module_attrs": {}, "notes": []}
     norm_sizes = _norm_sizes(model)  # before slicing, for the norm correction
+    counts = attention_counts(model, result, selection)
     hidden_removed = any(by_id[gid].kind == "hidden" and units for gid, units in selection.items())
     for (param, dim), idx in sorted(positions(result, selection).items()):
         handle = graph.params[param].param
@@ -102,26 +103,55 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
         g = by_id[gid]
         key = f"{g.kind}" + (f"[{g.layer}]" if g.layer is not None else "")
         report["removed_units"][key] = report["removed_units"].get(key, 0) + len(units)
-        if g.kind == "heads" and units:
-            _update_head_counts(model, g, g.units - len(units), report)
+    for prefix, q_heads, kv_heads, changed in counts.values():
+        if changed:
+            _update_head_counts(model, prefix, q_heads, kv_heads, report)
     _sync_module_sizes(model)
     _correct_norms(model, norm_sizes, report)
     if hidden_removed:
         _keep_embed_scales(model, report)
         _resize_weightless_norms(model, result, selection, report)
-    _update_config(model, result, selection, report)
+    _update_config(model, result, selection, counts, report)
     report["params_before"] = before
     report["params_after"] = sum(
         p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return report
 
 
-def _update_head_counts(model, g: ChannelGroup, kept_units: int, report) -> None:
-    """Set head-count attributes on the attention module(s) owning the group."""
-    prefix = module_prefix([m.param for m in g.members])
+def attention_counts(model, result: DependencyResult, selection: dict[int, list[int]]
+                     ) -> dict[Any, tuple[str, int, int, bool]]:
+    """Per layer with attention groups: (module prefix, query heads kept, KV heads kept,
+    whether anything changes). A layer's heads group removes whole KV-groups (or heads),
+    its qheads group the same query head slot of every KV-group."""
+    by_layer: dict[Any, dict[str, ChannelGroup]] = defaultdict(dict)
+    for g in result.groups:
+        if g.kind in ("heads", "qheads") and g.prunable:
+            by_layer[g.layer][g.kind] = g
+    out = {}
+    for layer, gs in by_layer.items():
+        heads, qheads = gs.get("heads"), gs.get("qheads")
+        removed = {k: len(selection.get(g.id, ())) for k, g in gs.items()}
+        if qheads is None:  # one query head per unit (MHA) or a fixed ratio (GQA)
+            kv = heads.units if heads.unit == "kv-group" else None
+            q_per, q_kept = heads.queries_per_unit, heads.units - removed["heads"]
+            q_heads = q_kept * q_per
+            kv_heads = q_kept if kv is not None else q_heads
+        else:
+            q_per = qheads.units - removed["qheads"]
+            if heads is not None:
+                kv_heads = heads.units - removed.get("heads", 0)
+            else:  # one KV head: no heads group
+                per_slot = len(qheads.members[0].indices(0))
+                kv_heads = max(1, per_slot // _head_dim(model, qheads))
+            q_heads = kv_heads * q_per
+        members = [m.param for g in gs.values() for m in g.members]
+        out[layer] = (module_prefix(members), q_heads, kv_heads, any(removed.values()))
+    return out
+
+
+def _update_head_counts(model, prefix: str, q_heads: int, kv_heads: int, report) -> None:
+    """Set head-count attributes on the attention module(s) under ``prefix``."""
     root = model.get_submodule(prefix) if prefix else model
-    q_heads = kept_units * g.queries_per_unit
-    kv_heads = kept_units if g.unit == "kv-group" else q_heads
     for sub, module in root.named_modules():
         name = f"{prefix}.{sub}" if prefix and sub else (prefix or sub)
         changes: dict[str, int] = {}
@@ -144,13 +174,17 @@ def _update_head_counts(model, g: ChannelGroup, kept_units: int, report) -> None
         for attr in KV_COUNT_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 changes[attr] = kv_heads
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            changes["num_key_value_groups"] = q_heads // kv_heads  # repeat_kv's factor
         for attr in HEAD_WIDTH_ATTRS:
             val = getattr(module, attr, None)
             if isinstance(val, int) and old_q > 0 and val % old_q == 0:
                 changes[attr] = val // old_q * q_heads
+        changes = {k: v for k, v in changes.items() if getattr(module, k, None) != v}
         for attr, val in changes.items():
             set_module_attr(module, attr, val)
-        report["module_attrs"].setdefault(name, {}).update(changes)
+        if changes:
+            report["module_attrs"].setdefault(name, {}).update(changes)
 
 
 def _sync_module_sizes(model: torch.nn.Module) -> None:
@@ -289,7 +323,7 @@ def _head_dim(model, g: ChannelGroup) -> int:
     return min(len(m.indices(0)) for m in g.members)
 
 
-def _update_config(model, result, selection, report) -> None:
+def _update_config(model, result, selection, counts, report) -> None:
     """Write new sizes into the HF config where they are uniform over layers."""
     config = getattr(model, "config", None)
     if config is None:
@@ -297,12 +331,11 @@ def _update_config(model, result, selection, report) -> None:
     kept: dict[str, dict[Any, int]] = defaultdict(dict)
     head_dim = None
     for g in result.groups:
-        if not g.prunable or g.kind not in ("heads", "mlp", "hidden"):
+        if not g.prunable or g.kind not in ("heads", "qheads", "mlp", "hidden"):
             continue
         n = g.units - len(selection.get(g.id, ()))
-        if g.kind == "heads":
-            kept["heads"][g.layer] = n * g.queries_per_unit
-            kept["kv"][g.layer] = n
+        if g.kind in ("heads", "qheads"):
+            _, kept["heads"][g.layer], kept["kv"][g.layer], _ = counts[g.layer]
             head_dim = _head_dim(model, g)
         else:
             kept[g.kind][g.layer] = n

@@ -45,6 +45,13 @@ def _llama_family(prefix: str, bias: bool, tied: bool):
             vdim.add((a + "v_proj.bias", 0))
         per_head = D * H * 2 * 2 + D * H * 2 + (4 * D if bias else 0)
         exp.append(("heads", layer, zoo.KV, "kv-group", 2, True, per_head, frozenset(heads)))
+        # the j-th query head of every KV-group: q rows (and bias), o_proj columns
+        qslot = {(a + "q_proj.weight", 0), (a + "o_proj.weight", 1)}
+        if bias:
+            qslot.add((a + "q_proj.bias", 0))
+        per_slot = zoo.KV * D * H * 2 + (zoo.KV * D if bias else 0)
+        exp.append(("qheads", layer, zoo.HEADS // zoo.KV, "q-head", 1, True, per_slot,
+                    frozenset(qslot)))
         mlp = {(p + "mlp.gate_proj.weight", 0), (p + "mlp.up_proj.weight", 0),
                (p + "mlp.down_proj.weight", 1)}
         exp.append(("mlp", layer, INTER, "channel", 1, True, 3 * H, frozenset(mlp)))

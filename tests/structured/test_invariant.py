@@ -119,3 +119,43 @@ def test_weightless_layer_norm_follows_hidden_removal():
     assert any("approximates" in n for n in report["notes"])
     with torch.no_grad():
         assert model(ids, use_cache=False).logits.shape == (1, 6, 64)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3", "olmo2", "phi3", "glm"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_query_heads_within_kv_groups_invariant(name, seed):
+    """qheads: the same query head slot of every KV-group goes (alone, or with whole
+    KV-groups, MLP and hidden channels in the same selection)."""
+    model = zoo.build(name, seed=seed)
+    args, kwargs = zoo.example(name)
+    r = analyze(trace(model, args, kwargs))
+    qheads = [g for g in r.groups if g.kind == "qheads"]
+    assert len(qheads) == zoo.LAYERS and all(g.prunable and g.unit == "q-head" and
+                                             g.units == zoo.HEADS // zoo.KV for g in qheads)
+    kinds = ("qheads",) if seed == 0 else ("heads", "qheads", "mlp", "hidden")
+    assert check_invariant(model, args, kwargs, seed, kinds) <= 1e-5
+
+
+def test_one_kv_head_model_prunes_query_heads():
+    """Gemma 3 1B has one KV head per layer: no heads group (a single unit), but its
+    query heads are prunable, and the slim model has fewer heads per layer."""
+    torch.manual_seed(0)
+    model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    masked = copy.deepcopy(model)
+    r = analyze(trace(model, (ids,), {"use_cache": False}))
+    assert not [g for g in r.groups if g.kind == "heads"]
+    sel = {g.id: [0, 2] for g in r.groups if g.kind == "qheads"}
+    assert len(sel) == 2
+    mask_units(analyze(trace(masked, (ids,), {"use_cache": False})), sel)
+    report = remove_units(model, r, sel)
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+    assert model.model.layers[0].self_attn.num_key_value_groups == 2
+    assert report["config_updates"]["num_attention_heads"] == 2
+    with torch.no_grad():
+        a = masked(ids, use_cache=False).logits
+        b = model(ids, use_cache=False).logits
+    assert float((a - b).norm() / a.norm()) <= 1e-5

@@ -287,7 +287,7 @@ def newer_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NEWER)
-@pytest.mark.parametrize("kind", ["heads", "mlp", "hidden"])
+@pytest.mark.parametrize("kind", ["heads", "qheads", "mlp", "hidden"])
 def test_newer_architectures_slim_equals_the_torch_path(newer_files, tmp_path, name, kind):
     """Phi-3's fused qkv_proj output is cut by Slices at fixed offsets (rewritten when heads
     go), OLMo-2's q_norm / k_norm span all heads, Gemma's norms multiply by (1 + w)."""
