@@ -30,6 +30,8 @@ CONFIGS = {
     "mlp25-act": "prune-structured{mlp=0.25,importance=act},save-hf,export-onnx",
     "mlp50-act": "prune-structured{mlp=0.5,importance=act},save-hf,export-onnx",
     "kv1of3+mlp50-act": "prune-structured{heads=0.33,mlp=0.5,importance=act},save-hf,export-onnx",
+    "q1of3-act": "prune-structured{qheads=0.34,importance=act},save-hf,export-onnx",
+    "q1of3+mlp50-act": "prune-structured{qheads=0.34,mlp=0.5,importance=act},save-hf,export-onnx",
 }
 
 

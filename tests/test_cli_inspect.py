@@ -26,9 +26,10 @@ def test_inspect_json_has_groups(tiny_llama_dir, capsys):
     kinds = [(g["kind"], g["layer"], g["units"], g["prunable"]) for g in obj["groups"]]
     assert ("heads", 0, zoo.KV, True) in kinds and ("mlp", 1, zoo.INTER, True) in kinds
     assert ("hidden", None, zoo.HIDDEN, True) in kinds
+    assert ("qheads", 0, zoo.HEADS // zoo.KV, True) in kinds
     for g in obj["groups"]:
         assert {"kind", "layer", "units", "prunable", "reason", "members"} <= set(g)
-        assert g["kind"] in {"heads", "mlp", "hidden", "channels"}
+        assert g["kind"] in {"heads", "qheads", "mlp", "hidden", "channels"}
         assert (g["reason"] is None) == g["prunable"]
     assert "aten.cumsum.default" in obj["ops"]["unhandled"]
 
