@@ -2,7 +2,7 @@
 random-weight models of each transformers architecture (2 layers, hidden 64, 4 heads, 2
 KV heads where the architecture has GQA).
 
-For each architecture and group kind (heads, mlp, hidden): a third of the units of every
+For each architecture and group kind (heads, qheads, mlp, hidden): a third of the units of every
 prunable group of that kind (at least one) is removed
 - on the PyTorch path (`remove_units`), compared with the masked model (the same units
   zeroed): the relative error of the logits (exact: <= 1e-5);
@@ -48,6 +48,8 @@ def _build(name: str) -> torch.nn.Module:
         "Gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**LLAMA_LIKE)),
         "Gemma 2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**LLAMA_LIKE)),
         "Gemma 3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**LLAMA_LIKE)),
+        "Gemma 3, 1 KV head": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **{**LLAMA_LIKE, "num_key_value_heads": 1})),
         "Granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**LLAMA_LIKE)),
         "OLMo-2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**LLAMA_LIKE)),
         "SmolLM3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**LLAMA_LIKE)),
@@ -83,11 +85,12 @@ def _build(name: str) -> torch.nn.Module:
         return c().eval()
 
 
-NAMES = ["LLaMA", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma 2", "Gemma 3", "Granite",
+NAMES = ["LLaMA", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma 2", "Gemma 3",
+         "Gemma 3, 1 KV head", "Granite",
          "OLMo-2", "SmolLM3", "Helium", "GLM", "Phi-3", "Cohere", "StableLM", "Starcoder2",
          "OLMo", "Phi-2", "GPT-NeoX", "GPT-J", "GPT-2", "OPT", "BLOOM", "Falcon",
          "Mixtral (MoE)"]
-KINDS = ("heads", "mlp", "hidden")
+KINDS = ("heads", "qheads", "mlp", "hidden")
 
 
 def _quiet():
