@@ -39,29 +39,44 @@ LLAMA_LIKE = dict(vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidd
                   num_attention_heads=NH, num_key_value_heads=KV, head_dim=HD, **IDS)
 
 
+# LLaMA-like architectures: (config class, model class) built from LLAMA_LIKE
+LLAMA_LIKE_CLASSES = {
+    "LLaMA": ("LlamaConfig", "LlamaForCausalLM"),
+    "Mistral": ("MistralConfig", "MistralForCausalLM"),
+    "Qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "Gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "Gemma 2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "Gemma 3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "Granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "OLMo-2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+    "Helium": ("HeliumConfig", "HeliumForCausalLM"),
+    "GLM": ("GlmConfig", "GlmForCausalLM"),
+    "Cohere": ("CohereConfig", "CohereForCausalLM"),
+    "StableLM": ("StableLmConfig", "StableLmForCausalLM"),
+    "Starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
+    "OLMo": ("OlmoConfig", "OlmoForCausalLM"),
+    "Phi-2": ("PhiConfig", "PhiForCausalLM"),
+}
+
+
 def _build(name: str) -> torch.nn.Module:
-    c = {
-        "LLaMA": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA_LIKE)),
-        "Mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**LLAMA_LIKE)),
-        "Qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**LLAMA_LIKE)),
-        "Qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**LLAMA_LIKE)),
-        "Gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**LLAMA_LIKE)),
-        "Gemma 2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**LLAMA_LIKE)),
-        "Gemma 3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**LLAMA_LIKE)),
+    if name in LLAMA_LIKE_CLASSES:
+        config_cls, model_cls = LLAMA_LIKE_CLASSES[name]
+        c = lambda: getattr(tf, model_cls)(getattr(tf, config_cls)(**LLAMA_LIKE))  # noqa: E731
+    else:
+        c = _OTHERS[name]
+    torch.manual_seed(0)
+    with _quiet():
+        return c().eval()
+
+
+_OTHERS = {
         "Gemma 3, 1 KV head": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **{**LLAMA_LIKE, "num_key_value_heads": 1})),
-        "Granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**LLAMA_LIKE)),
-        "OLMo-2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**LLAMA_LIKE)),
-        "SmolLM3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**LLAMA_LIKE)),
-        "Helium": lambda: tf.HeliumForCausalLM(tf.HeliumConfig(**LLAMA_LIKE)),
-        "GLM": lambda: tf.GlmForCausalLM(tf.GlmConfig(**LLAMA_LIKE)),
         "Phi-3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**{
             k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"})),
-        "Cohere": lambda: tf.CohereForCausalLM(tf.CohereConfig(**LLAMA_LIKE)),
-        "StableLM": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**LLAMA_LIKE)),
-        "Starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**LLAMA_LIKE)),
-        "OLMo": lambda: tf.OlmoForCausalLM(tf.OlmoConfig(**LLAMA_LIKE)),
-        "Phi-2": lambda: tf.PhiForCausalLM(tf.PhiConfig(**LLAMA_LIKE)),
         "GPT-NeoX": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
             vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=L,
             num_attention_heads=NH, **IDS)),
@@ -79,10 +94,7 @@ def _build(name: str) -> torch.nn.Module:
             new_decoder_architecture=True, num_kv_heads=KV, **IDS)),
         "Mixtral (MoE)": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
             num_local_experts=4, num_experts_per_tok=2, **LLAMA_LIKE)),
-    }[name]
-    torch.manual_seed(0)
-    with _quiet():
-        return c().eval()
+}
 
 
 NAMES = ["LLaMA", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma 2", "Gemma 3",
