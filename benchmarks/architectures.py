@@ -73,27 +73,27 @@ def _build(name: str) -> torch.nn.Module:
 
 
 _OTHERS = {
-        "Gemma 3, 1 KV head": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-            **{**LLAMA_LIKE, "num_key_value_heads": 1})),
-        "Phi-3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**{
-            k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"})),
-        "GPT-NeoX": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
-            vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=L,
-            num_attention_heads=NH, **IDS)),
-        "GPT-J": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
-            vocab_size=V, n_embd=H, n_layer=L, n_head=NH, rotary_dim=8, n_positions=64, **IDS)),
-        "GPT-2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
-            vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=64, **IDS)),
-        "OPT": lambda: tf.OPTForCausalLM(tf.OPTConfig(
-            vocab_size=V, hidden_size=H, ffn_dim=INTER, num_hidden_layers=L, num_attention_heads=NH,
-            word_embed_proj_dim=H, max_position_embeddings=64, **IDS)),
-        "BLOOM": lambda: tf.BloomForCausalLM(tf.BloomConfig(
-            vocab_size=V, hidden_size=H, n_layer=L, n_head=NH, **IDS)),
-        "Falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(
-            vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH,
-            new_decoder_architecture=True, num_kv_heads=KV, **IDS)),
-        "Mixtral (MoE)": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
-            num_local_experts=4, num_experts_per_tok=2, **LLAMA_LIKE)),
+    "Gemma 3, 1 KV head": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        **{**LLAMA_LIKE, "num_key_value_heads": 1})),
+    "Phi-3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**{
+        k: v for k, v in LLAMA_LIKE.items() if k != "head_dim"})),
+    "GPT-NeoX": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=L,
+        num_attention_heads=NH, **IDS)),
+    "GPT-J": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(
+        vocab_size=V, n_embd=H, n_layer=L, n_head=NH, rotary_dim=8, n_positions=64, **IDS)),
+    "GPT-2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=64, **IDS)),
+    "OPT": lambda: tf.OPTForCausalLM(tf.OPTConfig(
+        vocab_size=V, hidden_size=H, ffn_dim=INTER, num_hidden_layers=L, num_attention_heads=NH,
+        word_embed_proj_dim=H, max_position_embeddings=64, **IDS)),
+    "BLOOM": lambda: tf.BloomForCausalLM(tf.BloomConfig(
+        vocab_size=V, hidden_size=H, n_layer=L, n_head=NH, **IDS)),
+    "Falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+        vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH,
+        new_decoder_architecture=True, num_kv_heads=KV, **IDS)),
+    "Mixtral (MoE)": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+        num_local_experts=4, num_experts_per_tok=2, **LLAMA_LIKE)),
 }
 
 
