@@ -132,10 +132,9 @@ def attention_counts(model, result: DependencyResult, selection: dict[int, list[
         heads, qheads = gs.get("heads"), gs.get("qheads")
         removed = {k: len(selection.get(g.id, ())) for k, g in gs.items()}
         if qheads is None:  # one query head per unit (MHA) or a fixed ratio (GQA)
-            kv = heads.units if heads.unit == "kv-group" else None
-            q_per, q_kept = heads.queries_per_unit, heads.units - removed["heads"]
-            q_heads = q_kept * q_per
-            kv_heads = q_kept if kv is not None else q_heads
+            q_kept = heads.units - removed["heads"]
+            q_heads = q_kept * heads.queries_per_unit
+            kv_heads = q_kept if heads.unit == "kv-group" else q_heads
         else:
             q_per = qheads.units - removed["qheads"]
             if heads is not None:
@@ -269,9 +268,14 @@ def _correct_norms(model, sizes_before: dict[str, int], report) -> None:
             setattr(module, attr, eps * d / d_kept)
             report["module_attrs"].setdefault(name, {})[attr] = eps * d / d_kept
         else:
-            report["notes"].append(
-                f"{name}: LayerNorm statistics now span {d_kept} instead of {d} channels; "
-                "the slim model approximates the masked model (its mean changes)")
+            _note_layer_norm(report, name, d, d_kept)
+
+
+def _note_layer_norm(report, name: str, d: int, d_kept: int) -> None:
+    note = (f"{name}: LayerNorm statistics now span {d_kept} instead of {d} channels; "
+            "the slim model approximates the masked model (its mean changes)")
+    if note not in report["notes"]:
+        report["notes"].append(note)
 
 
 def _resize_weightless_norms(model, result: DependencyResult, selection, report) -> None:
@@ -293,10 +297,8 @@ def _resize_weightless_norms(model, result: DependencyResult, selection, report)
         if isinstance(shape, (tuple, list)) and len(shape) == 1 and shape[0] in new_size:
             module.normalized_shape = (new_size[shape[0]],)
             report["module_attrs"].setdefault(path, {})["normalized_shape"] = [new_size[shape[0]]]
-            note = (f"{path}: LayerNorm statistics now span {new_size[shape[0]]} instead of "
-                    f"{shape[0]} channels; the slim model approximates the masked model")
-            if "LayerNorm" in type(module).__name__ and note not in report["notes"]:
-                report["notes"].append(note)
+            if _is_layer_norm(module):
+                _note_layer_norm(report, path, shape[0], new_size[shape[0]])
 
 
 def _keep_embed_scales(model, report) -> None:
@@ -329,16 +331,11 @@ def _update_config(model, result, selection, counts, report) -> None:
     if config is None:
         return
     kept: dict[str, dict[Any, int]] = defaultdict(dict)
-    head_dim = None
     for g in result.groups:
-        if not g.prunable or g.kind not in ("heads", "qheads", "mlp", "hidden"):
-            continue
-        n = g.units - len(selection.get(g.id, ()))
-        if g.kind in ("heads", "qheads"):
-            _, kept["heads"][g.layer], kept["kv"][g.layer], _ = counts[g.layer]
-            head_dim = _head_dim(model, g)
-        else:
-            kept[g.kind][g.layer] = n
+        if g.prunable and g.kind in ("mlp", "hidden"):
+            kept[g.kind][g.layer] = g.units - len(selection.get(g.id, ()))
+    for layer, (_, q_heads, kv_heads, _) in counts.items():
+        kept["heads"][layer], kept["kv"][layer] = q_heads, kv_heads
     updates: dict[str, Any] = {}
     for kind, attrs in (("hidden", ("hidden_size",)),
                         ("mlp", ("intermediate_size", "ffn_dim", "n_inner")),
@@ -353,9 +350,11 @@ def _update_config(model, result, selection, counts, report) -> None:
             report["notes"].append(
                 f"{kind} sizes differ per layer: "
                 f"{dict(sorted(kept[kind].items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))}")
-    if head_dim is not None and ("num_attention_heads" in updates or "hidden_size" in updates):
+    attention = next((g for g in result.groups if g.prunable and g.kind in ("heads", "qheads")),
+                     None)
+    if attention is not None and ("num_attention_heads" in updates or "hidden_size" in updates):
         # explicit, also where the architecture would derive it from hidden_size / heads
-        updates["head_dim"] = head_dim
+        updates["head_dim"] = _head_dim(model, attention)
     # one epsilon for every RMSNorm (all corrected alike): the config can say it; else
     # the per-module values in module_attrs need the slimgraph loader
     eps = {e[1] for m in model.modules() if _is_rms_norm(m) for e in [_eps(m)] if e}
