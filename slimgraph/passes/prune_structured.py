@@ -8,16 +8,26 @@ GQA layer, the same slot in every group, so the query-per-KV ratio stays uniform
 only head pruning for models with one KV head); mlp: MLP channels; hidden: the residual
 dimension). ``ratio`` sets heads and mlp at once; explicit kinds override it.
 
-Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit owns) or
+Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit owns),
 ``act`` (activation-aware: for each linear reading the unit's channels, the sum over
 its positions j of ||X_j||^2 ||W[:, j]||^2 on calibration data, i.e. the output energy
-the unit carries; calibration as for `sparsify`, ``samples`` windows of ``seqlen``).
+the unit carries; calibration as for `sparsify`, ``samples`` windows of ``seqlen``) or
+``obs`` (the output error left after the optimal update of the kept columns, units
+removed greedily in ``obs_steps`` batches, SlimGPT).
+
+Reconstruction (``reconstruct``; default: on whenever the pass has calibration data, i.e.
+importance act/obs or a --calib-file): block-sequential (``structured/recovery.py``),
+every linear that reads removed channels (o_proj, down_proj) gets its kept input columns
+refitted by least squares on the calibration inputs (``structured/refit.py``); hidden
+channels are not refitted. ``allocation=global`` ranks the units of a kind across layers
+on standardised scores (per layer between ``layer_floor`` and ``layer_ceiling`` of the
+units removed) instead of the same ratio in every layer.
 
 ONNX input (``compile model.onnx -p "prune-structured{mlp=0.5},export-onnx"``): heads,
 mlp and hidden units are removed from the ONNX model in memory
 (``slimgraph.structured.onnx_removal``: initializers sliced through the handles, shape
 constants rewritten, means and norms over hidden channels corrected, shapes re-checked);
-``importance=act`` is refused.
+``importance=act|obs`` and ``reconstruct=true`` are refused (they run the PyTorch model).
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 from slimgraph.structured.importance import group_importance
-from slimgraph.structured.removal import remove_units
-from slimgraph.structured.selection import choose, plan_counts
+from slimgraph.structured.recovery import BLOCK_KINDS, BlockRemover, dense_unit_scores
+from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.selection import choose, global_counts, plan_counts
 
 
 def parse_layers(text: str, pass_name: str) -> set[int]:
@@ -56,8 +67,15 @@ class PruneStructured(Pass):
     round_to: int = 1
     protect: str = ""
     remove: bool = True
-    samples: int = 16
+    samples: int | None = None
     seqlen: int = 512
+    reconstruct: bool | None = None
+    allocation: str = "uniform"
+    layer_floor: float | None = None
+    layer_ceiling: float | None = None
+    damp: float = 0.01
+    obs_steps: int = 8
+    batch: int = 8
 
     def ratios(self) -> dict[str, float]:
         out = {}
@@ -77,11 +95,37 @@ class PruneStructured(Pass):
         if not any(self.ratios().values()):
             raise self.option_error("heads/qheads/mlp/hidden/ratio", "nothing to remove: give a ratio "
                                     "> 0, e.g. prune-structured{mlp=0.5}")
-        if self.importance not in ("l1", "l2", "act"):
-            raise self.option_error("importance", f"{self.importance!r} is not one of l1, l2, act")
-        for opt in ("samples", "seqlen"):
-            if getattr(self, opt) < 1:
+        if self.importance not in ("l1", "l2", "act", "obs"):
+            raise self.option_error("importance", f"{self.importance!r} is not one of l1, l2, "
+                                    "act, obs")
+        for opt in ("samples", "seqlen", "obs_steps", "batch"):
+            if getattr(self, opt) is not None and getattr(self, opt) < 1:
                 raise self.option_error(opt, f"must be >= 1, got {getattr(self, opt)}")
+        if not 0 <= self.damp < 1:
+            raise self.option_error("damp", f"must be in [0, 1), got {self.damp}")
+        if self.allocation not in ("uniform", "global"):
+            raise self.option_error("allocation", f"{self.allocation!r} is not one of uniform, "
+                                    "global")
+        for opt in ("layer_floor", "layer_ceiling"):
+            val = getattr(self, opt)
+            if val is not None and self.allocation != "global":
+                raise self.option_error(opt, "applies to allocation=global only")
+            if val is not None and not 0.0 <= val < 1.0:
+                raise self.option_error(opt, f"{val} is outside [0, 1)")
+        if self.allocation == "global" and self.round_to > 1:
+            raise self.option_error("round_to", "applies to allocation=uniform only (global "
+                                    "allocation gives every layer its own count)")
+        if self.allocation == "global" and self.layer_floor is not None and \
+                self.layer_ceiling is not None and self.layer_floor > self.layer_ceiling:
+            raise self.option_error("layer_floor", f"{self.layer_floor} is above layer_ceiling "
+                                    f"{self.layer_ceiling}")
+        for kind, ratio in self.ratios().items() if self.allocation == "global" else ():
+            if ratio and self.layer_floor is not None and self.layer_floor > ratio:
+                raise self.option_error("layer_floor", f"{self.layer_floor} is above the {kind} "
+                                        f"ratio {ratio} (no layer could remove less)")
+            if ratio and self.layer_ceiling is not None and self.layer_ceiling < ratio:
+                raise self.option_error("layer_ceiling", f"{self.layer_ceiling} is below the "
+                                        f"{kind} ratio {ratio} (no layer could remove more)")
         if self.round_to < 1:
             raise self.option_error("round_to", f"must be >= 1, got {self.round_to}")
         parse_layers(self.protect, self.name)
@@ -91,10 +135,24 @@ class PruneStructured(Pass):
             self._check_onnx(state)
             return
         self.require_torch(state)
-        if self.importance == "act" and state.loaded.tokenizer is None and \
+        if self.uses_data(state) and state.loaded.tokenizer is None and \
                 (state.calib.get("file") or "self") != "self":
-            raise PipelineError(f"pass '{self.name}': importance=act needs calibration data "
+            why = f"importance={self.importance}" if self.importance in ("act", "obs") else \
+                "reconstruct=true"
+            raise PipelineError(f"pass '{self.name}': {why} needs calibration data "
                                 "and the model has no tokenizer")
+
+    def reconstructs(self, state: CompileState) -> bool:
+        """``reconstruct`` as given, else on whenever the pass has calibration data
+        (importance act/obs, or a --calib-file); never on ONNX input."""
+        if self.reconstruct is not None:
+            return self.reconstruct
+        if state.is_onnx:
+            return False
+        return self.importance in ("act", "obs") or bool(state.calib.get("file"))
+
+    def uses_data(self, state: CompileState) -> bool:
+        return self.importance in ("act", "obs") or self.reconstructs(state)
 
     def run(self, state: CompileState) -> PassResult:
         result = state.analysis()
@@ -109,12 +167,25 @@ class PruneStructured(Pass):
                                     "arithmetic; see slimgraph inspect MODEL.onnx --all)"
                                     ) from None
             raise
-        selection: dict[int, list[int]] = {}
         by_id = {g.id: g for g in result.groups}
-        score_of = self._scorer(state) if counts else None
-        for gid, n in counts.items():
+        windows = self._windows(state) if counts and self.uses_data(state) else None
+        if counts and self.allocation == "global":
+            counts = self._global_counts(state, result, counts, windows)
+        walk = self.reconstructs(state) or self.importance == "obs"
+        later = {gid: n for gid, n in counts.items() if walk and by_id[gid].kind in BLOCK_KINDS}
+        walk = bool(later)
+        selection: dict[int, list[int]] = {}
+        now = {gid: n for gid, n in counts.items() if gid not in later}
+        score_of = self._scorer(state, windows) if now else None
+        for gid, n in now.items():
             selection[gid] = choose(score_of(by_id[gid]), n)
-        report = {"skipped": skipped, "selected_units": {str(k): v for k, v in selection.items()}}
+        report = {"skipped": skipped, "importance": self.importance,
+                  "allocation": self.allocation}
+        if walk:
+            report["reconstruct"] = self._walk(state, result, later, selection, windows)
+        else:
+            report["reconstruct"] = {"enabled": False}
+        report["selected_units"] = {str(k): v for k, v in sorted(selection.items())}
         if not selection:
             return PassResult(False, report)
         if not self.remove:
@@ -132,9 +203,18 @@ class PruneStructured(Pass):
 
     def _check_onnx(self, state: CompileState) -> None:
         """ONNX input: what only the PyTorch path supports is refused here, by option."""
-        if self.importance == "act":
-            raise self.option_error("importance", "'act' runs the PyTorch model on calibration "
-                                    "data; it is not supported for ONNX input (use l1 or l2)")
+        if self.importance in ("act", "obs"):
+            raise self.option_error("importance", f"'{self.importance}' runs the PyTorch model "
+                                    "on calibration data; it is not supported for ONNX input "
+                                    "(use l1 or l2)")
+        if self.reconstruct:
+            raise self.option_error("reconstruct", "the refit observes the inputs of o_proj / "
+                                    "down_proj block by block in the PyTorch model; it is not "
+                                    "supported for ONNX input (reconstruct=false, or compile "
+                                    "the PyTorch/HF model)")
+        if self.allocation == "global":
+            raise self.option_error("allocation", "'global' is not supported for ONNX input "
+                                    "(use uniform)")
         if state.graph is None or state.graph.meta.get("onnx_model") is None:
             raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
         if self.ratios().get("heads") or self.ratios().get("qheads"):
@@ -142,17 +222,79 @@ class PruneStructured(Pass):
 
             check_contrib_attention(state.graph, self.name)
 
-    def _scorer(self, state: CompileState):
-        if self.importance in ("l1", "l2"):
-            return lambda g: group_importance(state.graph, g, self.importance)
+    def _windows(self, state: CompileState):
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
-        from slimgraph.structured.importance import activation_scorer
 
+        samples = self.samples_used(state)
         source = state.calib.get("file") or "self"
         tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
-                                    seqlen=self.seqlen, samples=self.samples)
-        windows = sample_windows(tokens, self.samples, self.seqlen, 0)
-        return activation_scorer(state.model, state.graph, windows.split(8))
+                                    seqlen=self.seqlen, samples=samples)
+        return sample_windows(tokens, samples, self.seqlen, 0)
+
+    def samples_used(self, state: CompileState) -> int:
+        """``samples``, else the compile default (64) where the pass walks the blocks
+        (reconstruct, obs, global act), else 16 (importance=act alone, as before)."""
+        if self.samples is not None:
+            return self.samples
+        if self.reconstructs(state) or self.importance == "obs" or self.allocation == "global":
+            return state.calib.get("samples", 64)
+        return 16
+
+    def _scorer(self, state: CompileState, windows):
+        if self.importance in ("l1", "l2"):
+            return lambda g: group_importance(state.graph, g, self.importance)
+        from slimgraph.structured.importance import activation_scorer
+
+        # hidden channels with obs: scored by activation energy (obs is per block)
+        return activation_scorer(state.model, state.graph, windows.split(self.batch))
+
+    def _global_counts(self, state, result, counts: dict[int, int], windows) -> dict[int, int]:
+        by_id = {g.id: g for g in result.groups}
+        groups = [by_id[gid] for gid in counts]
+        scores = {}
+        block_groups = [g for g in groups if g.kind in BLOCK_KINDS]
+        if block_groups:
+            scores.update(dense_unit_scores(state.model, result, block_groups, self.importance,
+                                            windows, batch=self.batch, damp=self.damp,
+                                            progress=state.progress))
+        rest = [g for g in groups if g.kind not in BLOCK_KINDS]
+        if rest:
+            score_of = self._scorer(state, windows)
+            scores.update({g.id: score_of(g) for g in rest})
+        ratios = self.ratios()
+        out = {}
+        for kind in {g.kind for g in groups}:
+            ratio = ratios[kind]
+            floor = self.layer_floor if self.layer_floor is not None else ratio / 2
+            ceiling = self.layer_ceiling if self.layer_ceiling is not None else min(0.9, 2 * ratio)
+            out.update(global_counts(groups, {g.id: counts[g.id] for g in groups
+                                              if g.kind == kind}, scores, floor, ceiling,
+                                     self.name))
+        return out
+
+    def _walk(self, state, result, counts: dict[int, int], selection: dict[int, list[int]],
+              windows) -> dict:
+        """Block-sequential choice (and refit) of the heads / qheads / mlp units; the units
+        chosen before (hidden) are masked first, so the blocks see the masked model."""
+        from slimgraph.sparsity.calibration import block_sequential
+
+        reconstruct = self.reconstructs(state)
+        if selection:
+            mask_units(result, selection)
+        remover = BlockRemover(result, counts, self.importance, reconstruct=reconstruct,
+                               damp=self.damp, obs_steps=self.obs_steps)
+        block_sequential(state.model, result, windows, remover, batch=self.batch,
+                         progress=state.progress)
+        selection.update(remover.selection)
+        by_id = {g.id: g for g in result.groups}
+        hidden = [gid for gid in selection if by_id[gid].kind == "hidden"]
+        not_refitted = ["the readers of the removed hidden channels (q/k/v, gate/up of every "
+                        "layer, lm_head) are not refitted"] if hidden else []
+        return {"enabled": reconstruct, "damp": self.damp, "calibration": {
+                    "source": str(state.calib.get("file") or "self"),
+                    "samples": self.samples_used(state), "seqlen": self.seqlen},
+                "refitted": [r["linear"] for r in remover.refitted],
+                "not_refitted": not_refitted, "linears": remover.refitted}
 
 
 register(PruneStructured)

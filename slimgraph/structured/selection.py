@@ -75,3 +75,37 @@ def choose(scores: torch.Tensor, n: int) -> list[int]:
     """The ``n`` least important units (ties broken by index)."""
     order = sorted(range(len(scores)), key=lambda u: (float(scores[u]), u))
     return sorted(order[:n])
+
+
+def global_counts(groups: list[ChannelGroup], counts: dict[int, int],
+                  scores: dict[int, torch.Tensor], floor: float, ceiling: float,
+                  pass_name: str) -> dict[int, int]:
+    """``allocation=global``: per kind, the same total number of units as ``counts`` (the
+    uniform plan), spread over the groups by one ranking across layers. Each group's
+    scores are standardised (FLAP: ``(s - mean) / std`` within the group), every unit is
+    ranked on that common scale, and the lowest go, with at least ``floor`` and at most
+    ``ceiling`` of each group's units removed (rounded half up; at least one unit kept)."""
+    by_id = {g.id: g for g in groups}
+    out: dict[int, int] = {}
+    for kind in sorted({by_id[gid].kind for gid in counts}):
+        gids = sorted(gid for gid in counts if by_id[gid].kind == kind)
+        total = sum(counts[gid] for gid in gids)
+        lo, hi, pool = {}, {}, []
+        for gid in gids:
+            units = by_id[gid].units
+            lo[gid] = min(units - 1, int(floor * units + 0.5))
+            hi[gid] = max(lo[gid], min(units - 1, int(ceiling * units + 0.5)))
+            s = scores[gid].to(torch.float64)
+            std = float(s.std()) if len(s) > 1 else 0.0
+            z = sorted(((s - s.mean()) / std).tolist() if std > 0 else [0.0] * len(s))
+            pool += [(z[r], gid, r) for r in range(lo[gid], hi[gid])]
+        if not sum(lo.values()) <= total <= sum(hi.values()):
+            raise PipelineError(
+                f"pass '{pass_name}', option 'layer_floor/layer_ceiling': {kind}: the bounds "
+                f"allow {sum(lo.values())}..{sum(hi.values())} units in all, the target is "
+                f"{total}")
+        alloc = dict(lo)
+        for _, gid, _ in sorted(pool)[: total - sum(lo.values())]:
+            alloc[gid] += 1
+        out.update({gid: n for gid, n in alloc.items() if n > 0})
+    return out

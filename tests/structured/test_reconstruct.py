@@ -1,0 +1,132 @@
+"""prune-structured with reconstruction: block-sequential choice and refit of the readers of
+removed channels; the slim model equals the masked model with the same refitted weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from slimgraph.frontends.torch_export import trace
+from slimgraph.ir.dependency import analyze
+from slimgraph.sparsity.calibration import block_sequential
+from slimgraph.structured.recovery import BlockRemover
+from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.selection import plan_counts
+from tests import zoo
+
+
+def _walk(model, ratios, importance="act", reconstruct=True, hidden=None):
+    args, kwargs = zoo.example("llama")
+    r = analyze(trace(model, args, kwargs))
+    counts, _ = plan_counts(r.groups, ratios, 1, set(), "prune-structured")
+    sel = {}
+    if hidden is not None:
+        (g,) = [g for g in r.groups if g.kind == "hidden"]
+        sel[g.id] = hidden
+        mask_units(r, sel)
+    remover = BlockRemover(r, {k: v for k, v in counts.items()
+                               if next(g for g in r.groups if g.id == k).kind != "hidden"},
+                           importance, reconstruct=reconstruct)
+    windows = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
+    block_sequential(model, r, windows, remover, batch=3)
+    sel.update(remover.selection)
+    return r, sel, remover, windows
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name,importance", [("llama", "act"), ("llama", "obs"), ("qwen2", "obs"),
+                                             ("phi3", "act"), ("gpt2", "obs"), ("opt", "act")])
+def test_slim_equals_masked_with_the_refitted_weights(name, importance):
+    model = zoo.build(name)
+    ratios = {"heads": 0.5, "mlp": 0.5}
+    r, sel, remover, windows = _walk(model, ratios, importance)
+    assert remover.refitted, "nothing was refitted"
+    masked = copy.deepcopy(model)  # masked, refitted, full size
+    remove_units(model, r, sel)
+    a, b = _logits(masked, windows), _logits(model, windows)
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+    # exactly the readers of removed channels were refitted, one per layer and kind
+    names = sorted(x["linear"] for x in remover.refitted)
+    assert len(names) == 2 * zoo.LAYERS
+    assert all(x["rel_error_refit"] < x["rel_error_no_update"] for x in remover.refitted)
+
+
+def test_llama_with_qheads_kv_groups_mlp_and_hidden_all_at_once():
+    model = zoo.build("llama", seed=1)
+    r, sel, remover, windows = _walk(model, {"heads": 0.5, "qheads": 0.5, "mlp": 0.25},
+                                     "obs", hidden=[0, 5, 9, 33])
+    masked = copy.deepcopy(model)
+    remove_units(model, r, sel)
+    a, b = _logits(masked, windows), _logits(model, windows)
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+    assert sorted({x["linear"].rsplit(".", 1)[1] for x in remover.refitted}) == \
+        ["down_proj", "o_proj"]
+    assert model.config.hidden_size == zoo.HIDDEN - 4
+
+
+def test_reconstruction_brings_the_block_outputs_closer_to_the_dense_model():
+    dense = zoo.build("llama")
+    ids = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
+    ref = _logits(dense, ids)
+    errs = {}
+    for rec in (False, True):
+        model = copy.deepcopy(dense)
+        _walk(model, {"mlp": 0.5}, "act", reconstruct=rec)
+        errs[rec] = float((_logits(model, ids) - ref).norm())
+    assert errs[True] < errs[False]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    zoo.build("llama").save_pretrained(d / "model")
+    zoo.tiny_tokenizer().save_pretrained(d / "model")
+    (d / "calib.txt").write_text(zoo.tiny_text(400))
+    return d
+
+
+def _compile(d, out, pipeline, calib=True):
+    from slimgraph.cli import main
+
+    extra = ["--calib-file", str(d / "calib.txt")] if calib else []
+    return main(["compile", str(d / "model"), "-p", pipeline, "-o", str(out)] + extra)
+
+
+def test_cli_reconstructs_by_default_with_calibration_and_says_what(tiny_dir, tmp_path):
+    assert _compile(tiny_dir, tmp_path / "a", "prune-structured{heads=0.5,mlp=0.5,"
+                    "importance=obs,allocation=global,samples=4,seqlen=16},save-hf") == 0
+    rep = next(p for p in json.loads((tmp_path / "a" / "report.json").read_text())["passes"]
+               if p["name"] == "prune-structured")["report"]
+    rec = rep["reconstruct"]
+    assert rec["enabled"] is True and rec["calibration"]["samples"] == 4
+    assert sorted(rec["refitted"]) == sorted(
+        [f"model.layers.{i}.{m}" for i in range(zoo.LAYERS)
+         for m in ("self_attn.o_proj", "mlp.down_proj")])
+    # l2 without calibration data: no reconstruction, and the report says so
+    assert _compile(tiny_dir, tmp_path / "b", "prune-structured{mlp=0.5},save-hf",
+                    calib=False) == 0
+    rep = next(p for p in json.loads((tmp_path / "b" / "report.json").read_text())["passes"]
+               if p["name"] == "prune-structured")["report"]
+    assert rep["reconstruct"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("pipeline,needle", [
+    ("prune-structured{mlp=0.5,importance=l3}", "option 'importance'"),
+    ("prune-structured{mlp=0.5,layer_floor=0.1}", "option 'layer_floor': applies to allocation"),
+    ("prune-structured{mlp=0.5,allocation=global,round_to=8}", "option 'round_to'"),
+    ("prune-structured{mlp=0.5,allocation=best}", "option 'allocation'"),
+    ("prune-structured{mlp=0.5,allocation=global,layer_floor=0.6,layer_ceiling=0.9}",
+     "option 'layer_floor': 0.6 is above the mlp ratio 0.5"),
+    ("prune-structured{mlp=0.5,allocation=global,layer_ceiling=0.4}",
+     "option 'layer_ceiling': 0.4 is below the mlp ratio 0.5"),
+])
+def test_bad_options_are_refused_naming_the_option(tiny_dir, tmp_path, capsys, pipeline, needle):
+    assert _compile(tiny_dir, tmp_path / "x", pipeline) == 2
+    assert needle in capsys.readouterr().err
