@@ -72,12 +72,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="passes, e.g. 'prune-structured{mlp=0.5},export-onnx', or a "
                       ".yaml/.toml file")
     comp.add_argument("-o", "--output", required=True, metavar="OUTDIR",
-                      help="output directory (created; existing files are replaced)")
+                      help="output directory (created if needed). Outputs are staged inside it and "
+                      "committed only when every pass and check succeeded; an OUTDIR holding an "
+                      "earlier compile is refused without --overwrite, and files slimgraph did "
+                      "not write are never replaced")
     comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier between passes")
     comp.add_argument("--overwrite", action="store_true",
                       help="replace an earlier compile in OUTDIR (without it, an OUTDIR holding "
-                      "a report.json is refused; if this compile fails the earlier outputs are "
-                      "put back)")
+                      "a report.json is refused); the earlier outputs are replaced only when "
+                      "this compile succeeds")
     comp.add_argument("--print-after", action="append", default=[], metavar="PASS",
                       help="print the IR after PASS (repeatable)")
     comp.add_argument("--time-passes", action="store_true", help="print a timing table")
@@ -124,15 +127,13 @@ a multiple), protect (layer indices never pruned, e.g. protect=0 29).
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
 
     from slimgraph.compile import compile_model
 
     err = Console(stderr=True)
     out = Console(width=None if sys.stdout.isatty() else 200)
-    report = compile_model(args.model, args.pipeline, Path(args.output), verify=not args.no_verify,
+    report = compile_model(args.model, args.pipeline, args.output, verify=not args.no_verify,
                            print_after=set(args.print_after), seq=args.seq, console=err,
                            printer=print, calib={"file": args.calib_file,
                                                  "samples": args.calib_samples,
@@ -216,15 +217,19 @@ def _inspect_diff(args: argparse.Namespace, err) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from slimgraph.outdir import interrupted_exit_code, termination_as_interrupt
+
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
+        with termination_as_interrupt():  # SIGTERM / SIGHUP clean up like Ctrl-C
+            return args.func(args)
     except SlimgraphError as e:
         print(f"slimgraph: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("slimgraph: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"slimgraph: interrupted{f' ({e})' if str(e) else ''}",
+              file=sys.stderr)
+        return interrupted_exit_code(e)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from slimgraph.io import atomic_write_json
+from slimgraph.errors import SlimgraphError
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.ir.graph import OpKind
+from slimgraph.outdir import REPORT, OutdirError, Transaction, check_not_input, top_level_names
 from slimgraph.passes.base import CompileState
 from slimgraph.passes.pipeline import PassManager, from_text_or_file
 
@@ -52,48 +54,89 @@ def _embedding_tables(graph) -> set[str]:
     return {n.inputs[0].name for n in graph.nodes if n.kind is OpKind.EMBEDDING}
 
 
+def input_paths(spec: str) -> list[Path]:
+    """The files or folder a model spec reads (an OUTDIR must stay clear of them)."""
+    ref = spec.strip()
+    if ref.startswith("hf-config:"):
+        ref = ref[len("hf-config:"):]
+    path = Path(ref).expanduser()
+    if not ref or not path.exists():
+        return []
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        return [path, path.with_name(path.name + ".data")]
+    return [path]
+
+
+def check_input_files(passes: list, calib: dict[str, Any]) -> None:
+    """Every file a compile will read exists and is readable, checked before any work."""
+    wanted = [("--calib-file", calib.get("file"))]
+    for p in passes:
+        wanted += [(f"pass '{p.name}', option '{opt}'", value) for opt, value in p.input_files()]
+    for what, value in wanted:
+        if value in (None, "", "self"):
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.exists():
+            raise SlimgraphError(f"{what}: '{value}' does not exist")
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise SlimgraphError(f"{what}: '{value}' is not readable")
+
+
 def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = True,
                   print_after: set[str] | None = None, seq: int = 7, console=None,
                   printer: Callable[[str], None] = print,
                   calib: dict[str, Any] | None = None, offload: bool = False,
                   overwrite: bool = False) -> dict[str, Any]:
-    """Load ``spec``, run ``pipeline``, write ``out_dir/report.json``.
+    """Load ``spec``, run ``pipeline``, write its outputs and ``report.json`` to ``out_dir``.
 
-    ``offload``: weights stay on disk but for the block being pruned (an HF safetensors
-    directory; sparsify and save-hf only; see :mod:`slimgraph.sparsity.offload`).
-    ``overwrite``: replace an earlier compile in ``out_dir`` (refused otherwise; its
-    outputs come back if this compile fails: :mod:`slimgraph.outdir`).
+    The compile is a transaction (:mod:`slimgraph.outdir`): outputs are staged and
+    checked inside OUTDIR, then committed with ``report.json`` last; a failure or an
+    interrupt (Ctrl-C, SIGTERM) leaves OUTDIR as it was. ``offload``: weights stay on disk
+    but for the block being pruned (an HF safetensors directory; sparsify and save-hf
+    only; see :mod:`slimgraph.sparsity.offload`). ``overwrite``: replace an earlier
+    compile in ``out_dir`` (refused otherwise).
     """
-    from slimgraph.outdir import PreviousOutputs
-
+    if not str(out_dir).strip():
+        raise OutdirError("the output directory (-o) is empty: name a directory")
+    out_dir = Path(out_dir)
     passes = from_text_or_file(pipeline)  # errors before any work starts
+    calib = dict(calib or {})
+    for key in ("samples", "seqlen"):
+        if key in calib and (not isinstance(calib[key], int) or calib[key] < 1):
+            raise SlimgraphError(f"--calib-{key} must be a positive whole number, "
+                                 f"got {calib[key]!r}")
     if offload:
         for p in passes:
-            p.check_offload(dict(calib or {}))
-    previous = PreviousOutputs.claim(Path(out_dir), overwrite=overwrite)
-    written: list[str] = []
-    if previous is not None:
-        previous.set_aside()
+            p.check_offload(calib)
+    check_input_files(passes, calib)
+    check_not_input(out_dir, input_paths(spec))
+    tx = Transaction(out_dir, overwrite=overwrite)
+    staging = tx.begin()
     try:
-        report = _compile(spec, passes, Path(out_dir), written, verify=verify,
-                          print_after=print_after, seq=seq, console=console, printer=printer,
-                          calib=calib, offload=offload)
-    except BaseException:
-        if previous is not None:
-            previous.restore(written)
+        report = _compile(spec, passes, tx, staging, verify=verify, print_after=print_after,
+                          seq=seq, console=console, printer=printer, calib=calib,
+                          offload=offload)
+        records = report.pop("_records")
+        tx.commit(report)
+    except SlimgraphError as e:
+        tx.abort()
+        # name paths as the user knows them: the staging folder is gone
+        e.args = (str(e).replace(str(staging), str(out_dir)),)
         raise
-    if previous is not None:
-        previous.discard()
+    except BaseException:
+        tx.abort()
+        raise
+    report["files"].append(str(out_dir / REPORT))
+    report["_records"] = records
     return report
 
 
-def _compile(spec: str, passes: list, out_dir: Path, written: list[str], *, verify: bool,
+def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
              print_after: set[str] | None, seq: int, console, printer: Callable[[str], None],
-             calib: dict[str, Any] | None, offload: bool) -> dict[str, Any]:
+             calib: dict[str, Any], offload: bool) -> dict[str, Any]:
     from slimgraph.frontends.build import graph_of
     from slimgraph.frontends.loading import load_model
     from slimgraph.ir.verifier import verify as verify_graph
-    from slimgraph.outdir import REPORT, top_level_names
 
     manager = PassManager(passes, verify=verify, print_after=print_after, printer=printer)
     t0 = time.perf_counter()
@@ -111,8 +154,8 @@ def _compile(spec: str, passes: list, out_dir: Path, written: list[str], *, veri
             loaded = load_model(spec)
         if status:
             status.update("tracing ...")
-        state = CompileState(loaded=loaded, out_dir=out_dir, seq=seq, calib=dict(calib or {}),
-                             files=written)
+        state = CompileState(loaded=loaded, out_dir=staging, keep_dir=tx.out_dir, seq=seq,
+                             calib=calib)
         state.graph = graph_of(loaded, seq=seq)
         if verify:
             verify_graph(state.graph)
@@ -131,7 +174,6 @@ def _compile(spec: str, passes: list, out_dir: Path, written: list[str], *, veri
                 state.progress = progress
 
         manager.on_start = on_start
-        state.out_dir.mkdir(parents=True, exist_ok=True)
         if offload:
             from slimgraph.sparsity.offload import Offload
 
@@ -145,6 +187,7 @@ def _compile(spec: str, passes: list, out_dir: Path, written: list[str], *, veri
             state.offload.close()
         if status:
             status.stop()
+    files = [tx.final_path(f) for f in state.files]
     report: dict[str, Any] = {
         "model": spec,
         "pipeline": [p.describe() for p in passes],
@@ -155,11 +198,9 @@ def _compile(spec: str, passes: list, out_dir: Path, written: list[str], *, veri
         "parameters": {"before": before["total_params"], "after": after["total_params"]},
         "before": before,
         "after": after,
-        "files": list(state.files),
-        "outputs": top_level_names(state.out_dir, state.files) + [REPORT],
+        "files": files,
+        "outputs": top_level_names(staging, state.files) + [REPORT],
     }
-    path = atomic_write_json(state.out_dir / REPORT, report)
-    report["files"].append(str(path))
     report["_records"] = records
     return report
 
@@ -184,7 +225,11 @@ def render_summary(report: dict[str, Any], console) -> None:
     for p in report["passes"]:
         console.print(f"  {p['options']}: {p['seconds']:.2f} s, "
                       f"{'modified' if p['modified'] else 'unchanged'}")
-        for why in p["report"].get("skipped", [])[:5]:
+        skipped = p["report"].get("skipped", [])
+        if skipped:
+            console.print(f"    {len(skipped)} skipped" + (" (the first 5; all in report.json)"
+                                                        if len(skipped) > 5 else ""))
+        for why in skipped[:5]:
             console.print(f"    skipped {why}")
         sched = p["report"].get("schedule")
         if isinstance(sched, dict) and sched.get("name") != "uniform":

@@ -211,7 +211,9 @@ def compare_with_torch(model: torch.nn.Module, path: Path, *, vocab: int, seq: i
     got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
     err = float(np.abs(got - ref).max())
     rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-    return {"max_abs_diff": err, "rel_error": rel, "providers": sess.get_providers()}
+    finite = bool(np.isfinite(ref).all() and np.isfinite(got).all())
+    return {"max_abs_diff": err, "rel_error": rel, "finite": finite,
+            "providers": sess.get_providers()}
 
 
 @dataclass
@@ -257,7 +259,10 @@ class ExportOnnx(Pass):
         if self.check:
             cmp = compare_with_torch(state.model, path, vocab=vocab)
             report["ort_vs_torch"] = cmp
-            if cmp["rel_error"] > self.tolerance:
+            if not cmp["finite"]:
+                raise SlimgraphError("the model's output has non-finite values (NaN or "
+                                     "infinity): nothing usable to export")
+            if not cmp["rel_error"] <= self.tolerance:  # NaN fails too
                 raise SlimgraphError(f"ONNX Runtime output differs from PyTorch (relative error "
                                      f"{cmp['rel_error']:.2e} > {self.tolerance})")
         state.files.append(str(path))

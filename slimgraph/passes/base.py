@@ -29,7 +29,12 @@ class CompileState:
 
     loaded: Any  # slimgraph.frontends.loading.LoadedModel
     graph: Any = None  # slimgraph.ir.graph.Graph
+    # where passes write their outputs: a compile's staging folder inside OUTDIR,
+    # committed into OUTDIR only after every pass succeeded (slimgraph.outdir)
     out_dir: Path | None = None
+    # OUTDIR itself: for what must outlive a failed compile (training checkpoints to
+    # resume from); None outside a compile (then out_dir serves)
+    keep_dir: Path | None = None
     seq: int = 7
     # units chosen for removal, by group id of the current analysis: {gid: [units]}
     selection: dict[int, list[int]] = field(default_factory=dict)
@@ -98,6 +103,18 @@ class Pass:
     summary: ClassVar[str] = ""
     writes_files: ClassVar[bool] = False
     offload_ok: ClassVar[bool] = False  # can run with compile --offload
+    # options naming files the pass reads: checked to exist before the model loads
+    file_options: ClassVar[tuple[str, ...]] = ()
+
+    def input_files(self) -> list[tuple[str, str]]:
+        """(option, path) of every file this pass will read ('self', '' and 'default'
+        name none)."""
+        out = []
+        for opt in self.file_options:
+            value = getattr(self, opt, None)
+            if value not in (None, "", "self", "default"):
+                out.append((opt, str(value)))
+        return out
 
     def check_offload(self, calib: dict[str, Any]) -> None:
         """Refuse, before any work starts, a pass (or options) that cannot run with the
