@@ -202,6 +202,10 @@ def test_a_half_done_commit_is_undone_by_the_next_compile(tiny_dir, tmp_path, mo
     os.close(tx.lock_fd)  # the process died: its lock goes with it
     assert not (out / "report.json").exists() and unfinished(out)
     # eval / bench see no result in it, and the next compile repairs it first
+    from slimgraph.evaluation import EvaluationError, locate_model
+
+    with pytest.raises(EvaluationError, match="holds an unfinished compile"):
+        locate_model(str(out), prefer="onnx")
     assert compile_(tiny_dir, out, "prune-structured{mlp=0.25},save-hf") == 2
     err = capsys.readouterr().err
     assert "undid the half-done commit" in err and "holds an earlier compile" in err
