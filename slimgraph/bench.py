@@ -47,6 +47,7 @@ class BenchModel:
     vocab: int | None
     load_mb: float | None = None
     run: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
+    max_positions: int | None = None  # the longest input, from the config when known
 
 
 # --------------------------------------------------------------------------- counting
@@ -117,7 +118,13 @@ def _rss_mb() -> float | None:
 def load(spec: str, *, backend: str = "auto", threads: int | None = None) -> BenchModel:
     """Locate ``spec`` (``auto`` prefers ONNX Runtime where there is a model.onnx), count it,
     and build its runner."""
-    from slimgraph.evaluation import locate_model, onnx_logits_fn, torch_logits_fn
+    from slimgraph.evaluation import (
+        locate_model,
+        positions_of_config,
+        positions_of_config_file,
+        onnx_logits_fn,
+        torch_logits_fn,
+    )
 
     loc = locate_model(spec, backend, prefer="onnx")
     gc.collect()
@@ -128,6 +135,7 @@ def load(spec: str, *, backend: str = "auto", threads: int | None = None) -> Ben
         before = _rss_mb()
         run = onnx_logits_fn(loc.onnx_file, threads=threads)
         source = str(loc.onnx_file)
+        limit = positions_of_config_file(loc.hf_dir / "config.json") if loc.hf_dir else None
     else:
         from slimgraph.frontends.loading import load_model
 
@@ -141,9 +149,10 @@ def load(spec: str, *, backend: str = "auto", threads: int | None = None) -> Ben
         vocab = getattr(loaded.config, "vocab_size", None)
         run = torch_logits_fn(loaded.model, threads=threads)
         source = loc.torch_spec
+        limit = positions_of_config(loaded.config)
     after = _rss_mb()
     load_mb = None if before is None or after is None else round(after - before, 1)
-    return BenchModel(spec, loc.backend, source, params, macs, vocab, load_mb, run)
+    return BenchModel(spec, loc.backend, source, params, macs, vocab, load_mb, run, limit)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -271,13 +280,13 @@ cores, and compare only models measured in the same run (they share every round)
 
 
 def _lengths(text: str) -> list[int]:
-    from slimgraph.evaluation import _positive_int
+    from slimgraph.evaluation import positive_int
 
-    return [_positive_int(t.strip()) for t in text.split(",")]
+    return [positive_int(t.strip()) for t in text.split(",")]
 
 
 def add_parser(subparsers: Any):
-    from slimgraph.evaluation import BACKENDS, _positive_int
+    from slimgraph.evaluation import BACKENDS, positive_int
 
     p = subparsers.add_parser(
         "bench",
@@ -290,11 +299,11 @@ def add_parser(subparsers: Any):
                    help="models to time; the first is the baseline of the others")
     p.add_argument("--seqlen", type=_lengths, default=[128, 512], metavar="N[,N...]",
                    help="prefill lengths in tokens, comma-separated (default 128,512)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
-    p.add_argument("--runs", type=_positive_int, default=20,
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--runs", type=positive_int, default=20,
                    help="timed rounds per prefill length (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up rounds, not timed (default 3)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for ONNX Runtime / PyTorch (default: theirs)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): ONNX Runtime where there is a model.onnx, else PyTorch")
@@ -320,6 +329,10 @@ def cmd_bench(args: Any) -> int:
     for spec in args.models:
         with err.status(f"loading {spec} ...") if show else contextlib.nullcontext():
             models.append(load(spec, backend=args.backend, threads=args.threads))
+        limit = models[-1].max_positions
+        if limit is not None and max(args.seqlen) > limit:
+            raise BenchError(f"--seqlen {max(args.seqlen)} exceeds the {limit} positions of "
+                             f"'{spec}' (use a smaller --seqlen)")
     total = len(args.seqlen) * (args.warmup + args.runs) * len(models)
     with progress_bar(total, enabled=show, label="bench", unit="runs") as advance:
         times = measure(models, args.seqlen, batch=args.batch, runs=args.runs,

@@ -38,7 +38,9 @@ import torch
 
 from slimgraph.backends.ort_session import providers as ort_providers
 from slimgraph.frontends.loading import TOKENIZER_FILES
+from slimgraph.frontends.model_folder import refuse_custom_code_in
 from slimgraph.errors import SlimgraphError
+from slimgraph.outdir import unfinished
 
 __all__ = [
     "EvaluationError",
@@ -420,10 +422,12 @@ def _tokenizer_from_dir(d: Path) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    refuse_custom_code_in(d)  # a tokenizer with its own code (auto_map) is never run
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True,
+                                             trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types
         raise EvaluationError(f"cannot load the tokenizer in '{d}': {_one_line(exc)}") from exc
     finally:
@@ -475,6 +479,9 @@ def locate_model(spec: str, backend: str = "auto", *, prefer: str = "torch") -> 
     torch_spec: str | None = None
 
     if path.is_dir():
+        why = unfinished(path)
+        if why:  # an interrupted compile's leftovers are not a model
+            raise EvaluationError(f"{why}: it holds no result to run")
         if (path / "hf" / "config.json").is_file():
             hf_dir = path / "hf"
         elif _has_weights(path):
@@ -538,12 +545,12 @@ def resolve_model(
             raise EvaluationError(f"'{spec}' is not a PyTorch model (use --backend onnx)")
         if tok is None:
             tok = loaded.tokenizer
-        max_positions = _max_positions(loaded.config)
+        max_positions = positions_of_config(loaded.config)
         fn = torch_logits_fn(loaded.model, threads=threads)
         source = loc.torch_spec
     else:
         if loc.hf_dir is not None:
-            max_positions = _max_positions_of_file(loc.hf_dir / "config.json")
+            max_positions = positions_of_config_file(loc.hf_dir / "config.json")
         fn = onnx_logits_fn(loc.onnx_file, threads=threads)
         source = str(loc.onnx_file)
     if tok is None:
@@ -560,7 +567,7 @@ def resolve_model(
     return EvalModel(spec, loc.backend, source, fn, tok, max_positions)
 
 
-def _max_positions(config: Any) -> int | None:
+def positions_of_config(config: Any) -> int | None:
     """The longest input the model takes, from a config object or a config dict."""
     for name in ("max_position_embeddings", "n_positions"):
         if isinstance(config, dict):
@@ -572,12 +579,12 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
-def _max_positions_of_file(path: Path) -> int | None:
+def positions_of_config_file(path: Path) -> int | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return _max_positions(data) if isinstance(data, dict) else None
+    return positions_of_config(data) if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -607,7 +614,7 @@ raw wiki.test.raw, saved as eval.txt with LF line endings; there is no built-in 
 """
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -630,9 +637,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--ppl", metavar="TEXTFILE", required=True,
                     help="UTF-8 text file to measure perplexity on (required: there is no "
                     "built-in text; CRLF is read as LF)")
-    ev.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN,
+    ev.add_argument("--seqlen", type=positive_int, default=DEFAULT_SEQLEN,
                     help=f"tokens per window (default {DEFAULT_SEQLEN})")
-    ev.add_argument("--windows", type=_positive_int, default=DEFAULT_WINDOWS,
+    ev.add_argument("--windows", type=positive_int, default=DEFAULT_WINDOWS,
                     help=f"number of windows from the start of the text (default "
                     f"{DEFAULT_WINDOWS})")
     ev.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -643,7 +650,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "(e.g. smollm2-135m); default: the model's own, or the files beside it")
     ev.add_argument("--prompt", metavar="TEXT_OR_FILE",
                     help="text (or a file of text) prepended to every window and not scored")
-    ev.add_argument("--threads", type=_positive_int, default=None,
+    ev.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for PyTorch / ONNX Runtime (default: leave as is; the "
                     "protocol uses 2)")
     ev.add_argument("--json", action="store_true", help="print a JSON object")

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from slimgraph.frontends.loading import quiet_transformers
+from slimgraph.frontends.hf_build import one_line, quiet_transformers
+from slimgraph.frontends.model_folder import check_folder, check_size, refuse_custom_code_in
 from slimgraph.io import make_temp_dir
 from slimgraph.errors import ModelLoadError, PipelineError, SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
@@ -137,13 +138,15 @@ def finish_checkpoint(tmp: Path, out: Path, loader: str, module_attrs: dict[str,
 def is_pruned_checkpoint(path: Path) -> bool:
     cfg = Path(path) / "config.json"
     try:
-        return SECTION in json.loads(cfg.read_text())
+        data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return isinstance(data, dict) and SECTION in data
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Rebuild a model saved by `save-hf`, whatever its per-layer sizes."""
+    """Rebuild a model saved by `save-hf`, whatever its per-layer sizes. The directory is
+    checked first (files outside it, custom code, sizes: ``frontends/model_folder.py``)."""
     import transformers
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -151,24 +154,33 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.n
     from slimgraph.structured.removal import _sync_module_sizes
 
     path = Path(path)
+    check_folder(path)
+    refuse_custom_code_in(path)
     try:
-        raw = json.loads((path / "config.json").read_text())
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
         section = raw[SECTION]
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"'{path}' is not a slimgraph checkpoint: {e}") from e
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                            trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"'{path}' is not a slimgraph checkpoint: {one_line(e)}") from e
+    check_size(config, dtype=dtype, meta=False, label=str(path / "config.json"))
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         raise ModelLoadError(f"'{path}': unknown architecture {arch!r}")
     if section.get("loader") == "transformers":
         with quiet_transformers():
-            model = cls.from_pretrained(str(path), dtype=dtype)
+            model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                        trust_remote_code=False)
         return model.eval()
     model = _build_resized(cls, config, section)
     state = {}
     for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            raise ModelLoadError(f"weights file '{f}' is not a readable safetensors file "
+                                 f"(truncated or corrupt?): {one_line(e)}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and k in section["param_shapes"]
@@ -238,6 +250,11 @@ class SaveHF(Pass):
     def check_options(self) -> None:
         if not self.subdir or "/" in self.subdir or self.subdir in (".", ".."):
             raise self.option_error("subdir", f"{self.subdir!r} must be a plain directory name")
+        if self.subdir == "report.json" or self.subdir.startswith(".") or any(
+                c in self.subdir for c in "\\\0"):
+            raise self.option_error("subdir", f"{self.subdir!r} is a name slimgraph keeps for "
+                                    "itself in OUTDIR (report.json, .slimgraph-*) or not a "
+                                    "plain directory name")
 
     def requires(self, state: CompileState) -> None:
         self.require_torch(state, out_dir=True)

@@ -16,7 +16,9 @@ With ``meta=True`` every PyTorch form is built from its config on the meta devic
 shapes and structure without any weight data or memory.
 
 Every failure raises :class:`slimgraph.errors.ModelLoadError` with a one-line message
-naming the thing at fault. Input files are never modified.
+naming the thing at fault. Input files are never modified; a model folder is checked
+before loading (:mod:`slimgraph.frontends.model_folder`: files outside it, custom code,
+sizes beyond the machine) and transformers never runs a folder's code.
 """
 
 from __future__ import annotations
@@ -25,13 +27,9 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
-import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,18 +37,37 @@ from typing import Any
 import torch
 
 from slimgraph.errors import ModelLoadError
+from slimgraph.frontends.hf_build import (
+    SEED,
+    build_from_config,
+    is_causal_lm,
+    module_device,
+    model_class,
+    note,
+    one_line,
+    quiet_transformers,
+)
+from slimgraph.frontends.model_folder import (
+    check_folder,
+    check_size,
+    refuse_custom_code,
+    refuse_custom_code_in,
+)
 
 __all__ = [
     "ALIASES",
     "LoadedModel",
     "cache_root",
     "load_model",
+    "model_class",
     "packaged_configs",
+    "quiet_transformers",
+    "read_config",
+    "try_tokenizer",
     "wrap_module",
 ]
 
 HF_CONFIG_PREFIX = "hf-config:"
-SEED = 0  # random weights of hf-config models
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 
 
@@ -90,7 +107,7 @@ class LoadedModel:
     @property
     def is_causal_lm(self) -> bool:
         """True for decoder-only language models (take ``use_cache``)."""
-        return _is_causal_lm(self.model, self.config)
+        return is_causal_lm(self.model, self.config)
 
     def example_inputs(self, batch: int = 1, seq: int = 7) -> tuple[tuple, dict]:
         """``(args, kwargs)`` suitable for ``torch.export.export(model, args, kwargs)``.
@@ -110,7 +127,7 @@ class LoadedModel:
             # stay clear of special ids at the bottom of most vocabularies
             low = min(3, vocab - 1)
             input_ids = torch.randint(low, vocab, (batch, seq), generator=gen, dtype=torch.long)
-            device = _module_device(self.model)
+            device = module_device(self.model)
             if device is not None and device.type != "cpu":
                 input_ids = input_ids.to(device)
         kwargs: dict[str, Any] = {}
@@ -206,7 +223,7 @@ def load_model(
     except ModelLoadError:
         raise
     except Exception as exc:  # anything transformers/torch throws on bad input
-        raise ModelLoadError(f"cannot load model '{spec}': {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model '{spec}': {one_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- hf-config
@@ -239,7 +256,7 @@ def _resolve_config_path(spec: str, ref: str) -> Path:
     )
 
 
-def _read_config(path: Path, *, label: str | None = None) -> Any:
+def read_config(path: Path, *, label: str | None = None) -> Any:
     """Parse a transformers config JSON with clear errors; returns a PretrainedConfig."""
     from transformers import AutoConfig
 
@@ -247,7 +264,7 @@ def _read_config(path: Path, *, label: str | None = None) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ModelLoadError(f"cannot read config '{label}': {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read config '{label}': {one_line(exc)}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -256,17 +273,19 @@ def _read_config(path: Path, *, label: str | None = None) -> Any:
         raise ModelLoadError(f"malformed config JSON '{label}': top level is not an object")
     if "model_type" not in data:
         raise ModelLoadError(f"config JSON '{label}' has no \"model_type\" field")
+    refuse_custom_code(data, label)
     with quiet_transformers():
         try:
-            return AutoConfig.from_pretrained(str(path), local_files_only=True)
+            return AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                              trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"invalid config '{label}': {_one_line(exc)}") from exc
+            raise ModelLoadError(f"invalid config '{label}': {one_line(exc)}") from exc
 
 
 def _load_hf_config(spec: str, ref: str, *, meta: bool, dtype: torch.dtype) -> LoadedModel:
     path = _resolve_config_path(spec, ref)
-    config = _read_config(path, label=ref if ref in packaged_configs() else str(path))
-    model = _build_from_config(config, meta=meta, dtype=dtype)
+    config = read_config(path, label=ref if ref in packaged_configs() else str(path))
+    model = build_from_config(config, meta=meta, dtype=dtype, label=ref)
     return LoadedModel(
         spec=spec,
         kind="hf-config",
@@ -297,13 +316,16 @@ def _load_hf_dir(
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"model directory '{spec}' has no config.json")
-    config = _read_config(cfg_path)
+    check_folder(path, spec)
+    refuse_custom_code_in(path, spec)
+    config = read_config(cfg_path)
     if meta:
-        model = _build_from_config(config, meta=True, dtype=dtype)
+        model = build_from_config(config, meta=True, dtype=dtype, label=spec)
         return LoadedModel(spec, "hf-dir", model, None, model.config, None, True)
-    cls = _model_class(config)
+    check_size(config, dtype=dtype, meta=False, label=str(cfg_path))
+    cls = model_class(config)
     if verbose:
-        _note(f"loading {spec} ...")
+        note(f"loading {spec} ...")
     with quiet_transformers():
         try:
             from slimgraph.backends.hf_checkpoint import is_pruned_checkpoint, load_pruned
@@ -311,13 +333,14 @@ def _load_hf_dir(
             if is_pruned_checkpoint(path):  # per-layer sizes: slimgraph's own loader
                 model = load_pruned(path, dtype=dtype)
             else:
-                model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+                model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                            trust_remote_code=False)
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"cannot load model directory '{spec}': {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load model directory '{spec}': {one_line(exc)}") from exc
     model.eval()
-    tokenizer = _try_tokenizer(path)
+    tokenizer = try_tokenizer(path)
     return LoadedModel(spec, "hf-dir", model, None, model.config, tokenizer, False)
 
 
@@ -325,16 +348,23 @@ def _has_tokenizer_files(path: Path) -> bool:
     return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
-def _try_tokenizer(path: Path) -> Any | None:
+def try_tokenizer(path: Path) -> Any | None:
+    """The tokenizer in a folder, None when it has none or it does not load; a tokenizer
+    that needs its own code (``auto_map``) is refused."""
     if not _has_tokenizer_files(path):
         return None
     from transformers import AutoTokenizer
 
+    refuse_custom_code_in(path)
     with quiet_transformers():
         try:
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                 trust_remote_code=False)
         except Exception:  # noqa: BLE001 - a tokenizer is optional; the model still loads
             return None
+
+
+_try_tokenizer = try_tokenizer  # the former name (sparsity/onnx_path.py)
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -440,47 +470,52 @@ def _load_gguf(
     if meta:
         with quiet_transformers(gguf=True):
             if cached:
-                config = _read_config(cdir / "config.json")
+                config = read_config(cdir / "config.json")
             else:
                 config = AutoConfig.from_pretrained(
-                    str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+                    str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                    trust_remote_code=False,
                 )
                 _drop_quantization_config(config)
-        model = _build_from_config(config, meta=True, dtype=dtype)
+        model = build_from_config(config, meta=True, dtype=dtype, label=spec)
         return LoadedModel(spec, kind, model, None, model.config, None, True)
 
     if cached:
         try:
             with quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(
-                    str(cdir), dtype=dtype, local_files_only=True
+                    str(cdir), dtype=dtype, local_files_only=True, trust_remote_code=False
                 )
                 tokenizer = None
                 if _has_tokenizer_files(cdir):
-                    tokenizer = AutoTokenizer.from_pretrained(str(cdir), local_files_only=True)
+                    tokenizer = AutoTokenizer.from_pretrained(
+                        str(cdir), local_files_only=True, trust_remote_code=False
+                    )
             model.eval()
             return LoadedModel(spec, kind, model, None, model.config, tokenizer, False)
         except Exception as exc:  # noqa: BLE001 - a damaged cache: rebuild it from the GGUF
             if verbose:
-                _note(f"cache {cdir} unreadable ({_one_line(exc)}); rebuilding it")
+                note(f"cache {cdir} unreadable ({one_line(exc)}); rebuilding it")
             shutil.rmtree(cdir, ignore_errors=True)
 
     if verbose:
         extra = " (first load de-quantizes the GGUF; later loads use the cache)" if cdir else ""
-        _note(f"loading {spec}{extra} ...")
+        note(f"loading {spec}{extra} ...")
     with quiet_transformers(gguf=True):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                trust_remote_code=False,
             )
         except Exception:  # noqa: BLE001 - a tokenizer is optional; the model still loads
             tokenizer = None
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                local_files_only=True, trust_remote_code=False,
             )
         except Exception as exc:
-            raise ModelLoadError(f"cannot load GGUF file '{spec}': {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load GGUF file '{spec}': {one_line(exc)}") from exc
     _strip_gguf_quantizer(model)
     model.eval()
     if cdir is not None:
@@ -546,135 +581,7 @@ def _write_cache(
         tmp = None
     except OSError as exc:
         if verbose:
-            _note(f"could not write model cache {cdir}: {_one_line(exc)}")
+            note(f"could not write model cache {cdir}: {one_line(exc)}")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _model_class(config: Any) -> Any:
-    """The transformers class to instantiate: from ``config.architectures`` when it names
-    a class transformers has, else AutoModelForCausalLM for causal LM types, else AutoModel.
-
-    Encoders such as BERT also have a causal-LM class (``BertLMHeadModel``), meant only
-    for ``is_decoder=True`` configs; without ``architectures`` they get AutoModel.
-    """
-    import transformers
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-            return cls
-    model_type = getattr(config, "model_type", None)
-    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
-        config, "is_decoder", False
-    )
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder:
-        return AutoModelForCausalLM
-    return AutoModel
-
-
-def _build_from_config(config: Any, *, meta: bool, dtype: torch.dtype) -> torch.nn.Module:
-    """Instantiate a model from its config: random weights from a fixed seed, or on meta."""
-    cls = _model_class(config)
-    make = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-    with quiet_transformers():
-        try:
-            if meta:
-                with torch.device("meta"):
-                    model = make(config, dtype=dtype)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(SEED)
-                    model = make(config, dtype=dtype)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"cannot build a model from config (model_type "
-                f"'{getattr(config, 'model_type', '?')}'): {_one_line(exc)}"
-            ) from exc
-    model.eval()
-    return model
-
-
-def _is_causal_lm(model: torch.nn.Module | None, config: Any | None) -> bool:
-    if model is None:
-        return False
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names: set[str] = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update([value] if isinstance(value, str) else value)
-    for cls in type(model).__mro__:
-        if cls.__name__ in names:
-            return True
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
-def _module_device(model: torch.nn.Module | None) -> torch.device | None:
-    if model is None:
-        return None
-    for p in model.parameters():
-        return p.device
-    return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    first = text.splitlines()[0].strip()
-    return first if len(first) <= 300 else first[:297] + "..."
-
-
-def _note(message: str) -> None:
-    try:
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]{message}[/dim]")
-    except Exception:  # noqa: BLE001 - never let a status line break a load
-        print(message, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def quiet_transformers(*, gguf: bool = False) -> Iterator[None]:
-    """Silence transformers' progress bars, info/warning logs and Python warnings (with
-    ``gguf``, also the GGUF de-quantization progress bar), and put things back afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    gguf_logger = logging.getLogger("gguf")
-    gguf_level = gguf_logger.level
-    gguf_logger.setLevel(logging.ERROR)
-    # The GGUF de-quantization loop uses a bare tqdm that ignores transformers' switch.
-    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
-    if gguf and gguf_utils is None:
-        with contextlib.suppress(Exception):
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    if gguf_tqdm is not None:
-        gguf_utils.tqdm = _no_progress
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        gguf_logger.setLevel(gguf_level)
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
-
-
-def _no_progress(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
-    """Stand-in for tqdm that only iterates."""
-    return iterable

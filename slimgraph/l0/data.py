@@ -18,6 +18,7 @@ import torch
 
 from slimgraph.errors import PipelineError
 from slimgraph.evaluation import tokenize
+from slimgraph.frontends.text_files import read_utf8
 
 COLLABORATIVE_PROMPT = (
     "You are a language model that is being compressed: some of your attention heads and "
@@ -36,7 +37,7 @@ def prompt_text(prompt: str, prompt_file: str, pass_name: str = "l0") -> str:
         path = Path(prompt_file)
         if not path.is_file():
             raise PipelineError(f"pass '{pass_name}', option 'prompt_file': '{path}' does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path, f"pass '{pass_name}', option 'prompt_file': file", PipelineError)
         if not text.strip():
             raise PipelineError(f"pass '{pass_name}', option 'prompt_file': '{path}' is empty")
         return text
@@ -75,7 +76,7 @@ def instruction_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> lis
 
 
 def text_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> list[Example]:
-    text = open(path, newline="", encoding="utf-8").read().replace("\r\n", "\n")
+    text = read_utf8(path, "pass 'l0', option 'data': file", PipelineError).replace("\r\n", "\n")
     tokens = tokenize(tokenizer, text)
     p_ids = tokenize(tokenizer, prompt) if prompt else []
     body = seqlen - len(p_ids)

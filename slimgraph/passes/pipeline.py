@@ -5,7 +5,9 @@ Syntax: passes separated by commas, options in braces::
     prune-structured{heads=0.33,mlp=0.5,importance=l2},export-onnx
 
 A pipeline can also come from a YAML or TOML file: a list ``pipeline`` of entries,
-each a pass name or a mapping ``{pass: NAME, OPTION: VALUE, ...}``.
+each a pass name or a mapping ``{pass: NAME, OPTION: VALUE, ...}``. The file must be
+UTF-8 and at most 1 MiB; YAML anchors and aliases are refused (an alias "bomb" of a few
+bytes expands to gigabytes).
 
 Cross-cutting concerns are instruments of the manager, not code inside passes:
 verification between passes (on by default), IR dumps after chosen passes, timing.
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slimgraph.errors import PipelineError, SlimgraphError, VerificationError
+from slimgraph.frontends.text_files import read_utf8
 from slimgraph.passes import registry
 from slimgraph.passes.base import CompileState, Pass, PassResult
 
@@ -70,23 +73,44 @@ def parse(text: str) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+MAX_FILE_BYTES = 1 << 20
+
+
+def _safe_yaml(raw: str, path: Path) -> Any:
+    """``yaml.safe_load`` without anchors and aliases."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise PipelineError(f"pipeline file '{path}', line {line}: YAML anchors and "
+                                    "aliases (&name, *name) are not allowed")
+            return super().compose_node(parent, index)
+
+    loader = NoAliasLoader(raw)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
-    try:
-        raw = path.read_text()
-    except OSError as e:
-        raise PipelineError(f"cannot read pipeline file '{path}': {e.strerror}") from e
+    raw = read_utf8(path, "pipeline file", PipelineError, max_bytes=MAX_FILE_BYTES)
     try:
         if path.suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(raw)
         else:
-            import yaml
-
-            data = yaml.safe_load(raw)
+            data = _safe_yaml(raw, path)
+    except PipelineError:
+        raise
     except Exception as e:
-        raise PipelineError(f"pipeline file '{path}' is not valid {path.suffix[1:]}: {e}") from e
+        msg = " ".join(str(e).split())[:300]
+        raise PipelineError(f"pipeline file '{path}' is not valid {path.suffix[1:]}: {msg}") from e
     steps = data.get("pipeline") if isinstance(data, dict) else data
     if not isinstance(steps, list) or not steps:
         raise PipelineError(f"pipeline file '{path}' needs a non-empty list 'pipeline'")

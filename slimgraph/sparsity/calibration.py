@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.frontends.text_files import read_utf8
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.memory import release_free_heap
 from slimgraph.structured.removal import module_prefix
@@ -37,7 +38,7 @@ def read_instructions(path: Path) -> list[dict[str, str]]:
     """Alpaca-format records ``{instruction, input, output}`` from JSON or JSONL (the
     self-instruct seed format with ``instances`` is accepted too). Errors name the file
     and the line or record at fault."""
-    raw = path.read_text(encoding="utf-8")
+    raw = read_utf8(path, "calibration file", CalibrationError)
     records = []
     if path.suffix == ".jsonl":
         for i, line in enumerate(raw.splitlines(), 1):
@@ -85,7 +86,7 @@ def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int
     if path.suffix in (".json", ".jsonl"):
         text = "\n\n".join(_alpaca_texts(path))
     else:
-        text = open(path, newline="", encoding="utf-8").read().replace("\r\n", "\n")
+        text = read_utf8(path, "calibration file", CalibrationError).replace("\r\n", "\n")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -104,6 +105,12 @@ def _self_generated(model, tokenizer, seqlen, samples, seed) -> list[int]:
 
 def sample_windows(tokens: list[int], samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``samples`` windows of ``seqlen`` tokens; starts drawn as BENCHMARK.md says."""
+    if samples < 1:
+        raise CalibrationError(f"calibration needs at least 1 sample (--calib-samples or the "
+                               f"pass's samples option), got {samples}")
+    if seqlen < 2:
+        raise CalibrationError(f"calibration windows need at least 2 tokens (--calib-seqlen or "
+                               f"the pass's seqlen option), got {seqlen}")
     if len(tokens) < seqlen + 2:
         raise CalibrationError(f"calibration text has {len(tokens)} tokens, shorter than one "
                                f"sample of {seqlen}")

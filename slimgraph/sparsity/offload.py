@@ -37,7 +37,9 @@ from typing import Any
 import torch
 
 from slimgraph.errors import ModelLoadError, SlimgraphError
-from slimgraph.frontends.loading import LoadedModel, quiet_transformers
+from slimgraph.frontends.hf_build import model_class, one_line, quiet_transformers
+from slimgraph.frontends.loading import LoadedModel, gguf_cache_dir, read_config, try_tokenizer
+from slimgraph.frontends.model_folder import check_folder, check_size, refuse_custom_code_in
 from slimgraph.io import atomic_write_json, make_temp_dir
 from slimgraph.memory import release_free_heap
 
@@ -49,22 +51,35 @@ _METADATA = {"format": "pt"}
 
 # -- the input checkpoint ---------------------------------------------------------------
 
+def _open(path: Path):
+    """``safe_open`` of one weights file; a truncated or corrupt file is refused by name."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ModelLoadError(f"weights file '{path}' is not a readable safetensors file "
+                             f"(truncated or corrupt?): {one_line(e)}") from None
+
+
 class SafetensorsSource:
-    """Which file of an HF safetensors directory holds each tensor; reads chosen tensors."""
+    """Which file of an HF safetensors directory holds each tensor; reads chosen tensors.
+    Every file the index names must lie inside the directory; each file's header is read
+    (and its tensors checked against the index) before any weight is."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        check_folder(root)
         index, single = root / INDEX, root / SINGLE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise ModelLoadError(f"'{index}' is not a safetensors index: {e}") from None
-            self.file_of = {k: root / f for k, f in weight_map.items()}
+                self.file_of = {k: root / f for k, f in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ModelLoadError(f"'{index}' is not a safetensors index: "
+                                     f"{one_line(e)}") from None
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
+            with _open(single) as f:
                 self.file_of = {k: single for k in f.keys()}
         else:
             raise ModelLoadError(f"'{root}' has no {SINGLE} or {INDEX}: --offload reads "
@@ -73,22 +88,31 @@ class SafetensorsSource:
         missing = sorted({str(f) for f in self.file_of.values() if not f.is_file()})
         if missing:
             raise ModelLoadError(f"'{root}': shard {missing[0]} listed in the index is missing")
+        for path in sorted(set(self.file_of.values())):
+            with _open(path) as f:
+                have = set(f.keys())
+            absent = sorted(k for k, p in self.file_of.items() if p == path and k not in have)
+            if absent:
+                raise ModelLoadError(f"'{path}' has no tensor '{absent[0]}' (the index puts it "
+                                     "there)")
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, each file opened once; nothing else is read."""
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.file_of[k], []).append(k)
         out = {}
         for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+            with _open(path) as f:
                 for k in names:
-                    out[k] = f.get_tensor(k)
+                    try:
+                        out[k] = f.get_tensor(k)
+                    except Exception as e:  # noqa: BLE001 - a file cut short after its header
+                        raise ModelLoadError(f"weights file '{path}': cannot read tensor '{k}' "
+                                             f"(truncated or corrupt?): {one_line(e)}") from None
         return out
 
 
@@ -98,9 +122,6 @@ def load_offloaded(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
     from accelerate import init_empty_weights
 
     from slimgraph.backends.hf_checkpoint import SECTION
-    from slimgraph.frontends.loading import _model_class, _read_config, _try_tokenizer
-
-    from slimgraph.frontends.loading import gguf_cache_dir
 
     cached = gguf_cache_dir(spec)  # a GGUF: its de-quantized safetensors cache
     path = cached if cached is not None else Path(spec).expanduser()
@@ -110,13 +131,15 @@ def load_offloaded(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
             f"alias; '{spec}' is neither")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory '{spec}' has no config.json")
-    SafetensorsSource(path)  # fail early on a directory without safetensors
-    config = _read_config(path / "config.json")
+    refuse_custom_code_in(path, spec)
+    SafetensorsSource(path)  # fail early: no safetensors, files outside, truncated headers
+    config = read_config(path / "config.json")
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if raw.get(SECTION, {}).get("loader") == "slimgraph":
         raise ModelLoadError(f"'{spec}' has per-layer sizes (a slimgraph-pruned checkpoint that "
                              "needs slimgraph's loader); --offload cannot rebuild it from its config")
-    cls = _model_class(config)
+    check_size(config, dtype=dtype, meta=True, label=f"{spec}/config.json")
+    cls = model_class(config)
     make = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     with quiet_transformers(), init_empty_weights(include_buffers=False):
         try:
@@ -127,7 +150,7 @@ def load_offloaded(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
         model.tie_weights()
     model.eval()
     source = str(path) if cached is not None else spec  # Offload reads the weights from it
-    return LoadedModel(source, "hf-dir", model, None, model.config, _try_tokenizer(path), True)
+    return LoadedModel(source, "hf-dir", model, None, model.config, try_tokenizer(path), True)
 
 
 # -- the weights' whereabouts -------------------------------------------------------------
