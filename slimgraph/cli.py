@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--seq", type=int, default=7, help="example sequence length for tracing")
     comp.add_argument("--calib-file", metavar="PATH",
                       help="calibration data for passes that need it: a text file, Alpaca "
-                      "JSON/JSONL, or 'self' (text sampled from the model; the default)")
+                      "JSON/JSONL, 'wikitext2-calib' (the WikiText-2 calibration text shipped "
+                      "with slimgraph), or 'self' (text sampled from the model; the default)")
     comp.add_argument("--calib-samples", type=int, default=64, metavar="N",
                       help="calibration windows (default 64)")
     comp.add_argument("--calib-seqlen", type=int, default=512, metavar="L",
