@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -286,7 +287,10 @@ class SaveHF(Pass):
                     f"'{type(state.model).__name__}' is not yet reloadable after this pruning "
                     "(save-hf{check=false} skips this check)") from exc
             report["reload_rel_error"] = err
-            if err > self.tolerance:
+            if not math.isfinite(err):
+                raise SlimgraphError(f"the model's output (or the reloaded checkpoint's in {out}) "
+                                     "has non-finite values (NaN or infinity)")
+            if not err <= self.tolerance:
                 raise SlimgraphError(f"reloaded checkpoint differs from the model (relative "
                                      f"error {err:.2e})")
         state.files.append(str(out))

@@ -16,6 +16,7 @@ verification between passes (on by default), IR dumps after chosen passes, timin
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import typing
 from pathlib import Path
@@ -152,7 +153,11 @@ def _convert(p: type, field: dataclasses.Field, raw: Any) -> Any:
                 raise ValueError
             return int(raw)
         if typ is float:
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # nan would switch a tolerance check off
+                tname = "finite number"
+                raise PipelineError(f"{name}: {raw!r} is not a {tname}")
+            return value
         if base is list or typ is list:
             if isinstance(raw, list):
                 return [str(x) for x in raw]
