@@ -75,13 +75,15 @@ def instruction_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> lis
     return out
 
 
-def text_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> list[Example]:
-    text = read_utf8(path, "pass 'l0', option 'data': file", PipelineError).replace("\r\n", "\n")
+def text_examples(tokenizer, path: Path, prompt: str, seqlen: int,
+                  pass_name: str = "l0") -> list[Example]:
+    text = read_utf8(path, f"pass '{pass_name}', option 'data': file", PipelineError)
+    text = text.replace("\r\n", "\n")
     tokens = tokenize(tokenizer, text)
     p_ids = tokenize(tokenizer, prompt) if prompt else []
     body = seqlen - len(p_ids)
     if body < 2:
-        raise PipelineError(f"pass 'l0', option 'seqlen': {seqlen} leaves no room after the "
+        raise PipelineError(f"pass '{pass_name}', option 'seqlen': {seqlen} leaves no room after the "
                             f"{len(p_ids)}-token prompt")
     out = []
     for i in range(0, len(tokens) - 1, body):
@@ -92,16 +94,17 @@ def text_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> list[Examp
     return out
 
 
-def load_examples(tokenizer, data: str, prompt: str, seqlen: int) -> list[Example]:
+def load_examples(tokenizer, data: str, prompt: str, seqlen: int,
+                  pass_name: str = "l0") -> list[Example]:
     path = Path(data)
     if not path.is_file():
-        raise PipelineError(f"pass 'l0', option 'data': '{path}' does not exist")
+        raise PipelineError(f"pass '{pass_name}', option 'data': '{path}' does not exist")
     if path.suffix in (".json", ".jsonl"):
         examples = instruction_examples(tokenizer, path, prompt, seqlen)
     else:
-        examples = text_examples(tokenizer, path, prompt, seqlen)
+        examples = text_examples(tokenizer, path, prompt, seqlen, pass_name)
     if not examples:
-        raise PipelineError(f"pass 'l0', option 'data': '{path}' gives no training examples "
+        raise PipelineError(f"pass '{pass_name}', option 'data': '{path}' gives no training examples "
                             f"(empty, or every response falls beyond seqlen={seqlen})")
     return examples
 

@@ -11,6 +11,7 @@ _MODULES = {
     "prune-structured": "slimgraph.passes.prune_structured",
     "remove": "slimgraph.passes.remove",
     "l0": "slimgraph.passes.l0",
+    "distill": "slimgraph.passes.distill",
     "sparsify": "slimgraph.passes.sparsify",
     "check-sparsity": "slimgraph.passes.check_sparsity",
     "export-onnx": "slimgraph.backends.onnx_export",
