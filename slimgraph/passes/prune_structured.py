@@ -15,13 +15,36 @@ the unit carries; calibration as for `sparsify`, ``samples`` windows of ``seqlen
 ``obs`` (the output error left after the optimal update of the kept columns, units
 removed greedily in ``obs_steps`` batches, SlimGPT).
 
-Reconstruction (``reconstruct``; default: on whenever the pass has calibration data, i.e.
-importance act/obs or a --calib-file): block-sequential (``structured/recovery.py``),
-every linear that reads removed channels (o_proj, down_proj) gets its kept input columns
-refitted by least squares on the calibration inputs (``structured/refit.py``); hidden
-channels are not refitted. ``allocation=global`` ranks the units of a kind across layers
-on standardised scores (per layer between ``layer_floor`` and ``layer_ceiling`` of the
-units removed) instead of the same ratio in every layer.
+Reconstruction (``reconstruct``; default: on whenever the pass has calibration data,
+i.e. importance act/obs or a --calib-file; ``reconstruct=false`` turns it off): the
+units of heads / qheads / mlp groups are chosen block by block, each block observed on
+the outputs of the blocks already pruned (the walk `sparsify` uses,
+``structured/recovery.py``); every linear that reads removed channels -- o_proj for
+heads, KV-groups and query-head slots, down_proj for MLP channels -- gets its kept input
+columns refitted on its calibration inputs, ``W_S' = W_S + W_P H_PS H_SS^-1`` with
+``H = sum x x^T`` damped by ``damp`` (0.01) x mean(diag H) (``structured/refit.py``);
+biases are kept as they are. Hidden channels are chosen before the walk (activation
+energy for act/obs) and not refitted: the readers of the residual stream (q/k/v and
+gate/up of every layer, lm_head) keep their weights, so hidden removal stays exactly the
+masked model. The report's ``reconstruct`` lists the refitted linears (``refitted``),
+what is not refitted (``not_refitted``) and per linear the calibration output error of
+zeroing the columns without and with the refit (``rel_error_no_update``,
+``rel_error_refit``, relative to the linear's output energy).
+Calibration: ``samples`` windows of ``seqlen`` tokens (default: --calib-samples, 64, when
+the blocks are walked or scored -- reconstruct, obs, global; 16 for act alone, as before).
+
+``importance=obs``: SlimGPT's selection; each unit's cost is the output error left after
+the optimal update of the other columns (``tr(W_P [H^-1]_PP^-1 W_P^T)`` summed over the
+unit's readers), units removed greedily in ``obs_steps`` (8) batches with the weights and
+``H^-1`` updated after each. It works with ``reconstruct=false`` too (chosen with the
+update in mind, not updated).
+
+``allocation=global`` (default ``uniform``: the same ratio in every layer): per kind, the
+same total number of units as uniform, ranked across layers on one scale -- every
+group's scores standardised (FLAP: ``(s - mean) / std`` within the group, from one dense
+block-sequential pass for act/obs) -- with at least ``layer_floor`` (default ratio / 2)
+and at most ``layer_ceiling`` (default min(2 x ratio, 0.9)) of each layer's units removed.
+The units themselves are then chosen in the walk as above. Not with ``round_to``.
 
 ONNX input (``compile model.onnx -p "prune-structured{mlp=0.5},export-onnx"``): heads,
 mlp and hidden units are removed from the ONNX model in memory

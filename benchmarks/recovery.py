@@ -1,0 +1,77 @@
+"""Recovery after structured removal on SmolLM2: no update / reconstruct / reconstruct +
+obs + global allocation, at three sizes (issue 18).
+
+Sizes: 113.0M parameters (27% of the MLP channels: L0's size), half the MLP channels, one
+KV-group of three plus half the MLP. Rows:
+- ``none``: activation-aware selection, no weight update (today's `importance=act`, 16
+  calibration windows, scores from one dense pass);
+- ``rec``: `importance=act` with reconstruction (the default with calibration data):
+  block-sequential, 64 x 512 calibration tokens, o_proj / down_proj kept columns refitted;
+- ``rec-obs-global``: `importance=obs,allocation=global` (SlimGPT's greedy OBS selection,
+  units ranked across layers on standardised scores), with reconstruction.
+
+Each row: `slimgraph compile` (timed; the prune-structured pass's own time from the
+report), `slimgraph eval` (BENCHMARK.md protocol: 40 x 512 tokens of the WikiText-2 eval
+split). Usage: python benchmarks/recovery.py [--windows 40] [--only NAME ...]
+Writes benchmarks/results/recovery.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import protocol_split, run, write_result  # noqa: E402
+
+SIZES = {"mlp27": "mlp=0.27", "mlp50": "mlp=0.5", "kv1of3+mlp50": "heads=0.33,mlp=0.5"}
+METHODS = {"none": "importance=act,reconstruct=false", "rec": "importance=act",
+           "rec-obs-global": "importance=obs,allocation=global"}
+CONFIGS = {f"{s}-{m}": f"prune-structured{{{sv},{mv}}},save-hf"
+           for s, sv in SIZES.items() for m, mv in METHODS.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--only", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--work", default="benchmarks/out/recovery")
+    ap.add_argument("--out", default="benchmarks/results/recovery.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    eval_txt, calib_txt = protocol_split(work)
+    cli = [sys.executable, "-m", "slimgraph.cli"]
+    path = Path(args.out)
+    rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    for name in args.only:
+        out = work / name
+        _, secs = run(cli + ["compile", "--overwrite", "smollm2-135m", "-p", CONFIGS[name],
+                             "-o", str(out), "--calib-file", str(calib_txt)])
+        report = json.loads((out / "report.json").read_text())
+        prune = next(p for p in report["passes"] if p["name"] == "prune-structured")
+        ev, _ = run(cli + ["eval", str(out), "--ppl", str(eval_txt), "--windows",
+                           str(args.windows), "--seqlen", "512", "--json"])
+        rec = prune["report"].get("reconstruct", {})
+        rows[name] = {
+            "pipeline": CONFIGS[name], "params": report["parameters"]["after"],
+            "ppl": round(json.loads(ev)["ppl"], 3), "compile_s": round(secs, 1),
+            "prune_s": round(prune.get("seconds", float("nan")), 1),
+            "refitted": len(rec.get("refitted", [])),
+            "calib_samples": rec.get("calibration", {}).get("samples", 16),
+        }
+        print(name, json.dumps(rows[name]), flush=True)
+        write_result(path, {n: rows[n] for n in CONFIGS if n in rows})
+    rows = {n: rows[n] for n in CONFIGS if n in rows}
+    print("| size | method | params | ppl | prune s | linears refitted |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        size, method = next((s, m) for s in SIZES for m in METHODS if name == f"{s}-{m}")
+        print(f"| {size} | {method} | {r['params']:,} | {r['ppl']} | {r['prune_s']} | "
+              f"{r['refitted']} |")
+
+
+if __name__ == "__main__":
+    main()
