@@ -1,0 +1,164 @@
+"""`distill` on SmolLM2-135M: training throughput against a plain PyTorch loop, and quality.
+
+1. Throughput (``--part speed``): in one process, round-robin, ``--rounds`` times each:
+   the `distill` pass (its accelerate loop: teacher forward, student forward/backward,
+   KL at T=1, AdamW, masks, warm-up/cosine lr, progress) for ``--steps`` steps, and a plain
+   PyTorch loop doing the same work (teacher forward under no_grad, student forward,
+   ``F.kl_div`` of the log-softmaxes, backward, AdamW step) on the same batches. Tokens/s
+   of each round; the median is reported. The student is the pruned model
+   (prune-structured{mlp=0.27,importance=act}).
+2. Quality (``--part quality``): ``slimgraph compile smollm2-135m -p
+   "prune-structured{mlp=0.27,importance=act},distill{steps=S,...},save-hf"
+   --calib-file data/calib.txt`` (training text: the calibration split), against the same
+   pipeline without distill; perplexity with ``slimgraph eval OUTDIR --ppl data/eval.txt
+   --windows 40 --json`` (the protocol's 40 x 512 evaluation windows).
+
+data/calib.txt and data/eval.txt come from ``.venv/bin/python scripts/split_wikitext data``.
+
+Usage: python benchmarks/distill.py --part speed|quality|all [--steps 3] [--rounds 2]
+       [--train-steps 40] [--batch 4] [--seqlen 128] [--lr 1e-4]
+Writes benchmarks/results/distill.json (the parts run, merged with what is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+PRUNE = "prune-structured{mlp=0.27,importance=act}"
+RESULT = ROOT / "benchmarks" / "results" / "distill.json"
+
+
+def plain_loop(student, teacher, examples, steps: int, batch: int, lr: float, seed: int) -> tuple[int, float]:
+    """The reference: the same teacher/student work without the pass. Returns (tokens, s)."""
+    import torch
+    import torch.nn.functional as F
+
+    from slimgraph.l0.data import batch_indices, collate
+
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0)
+    student.train()
+    tokens, t0 = 0, time.perf_counter()
+    for k in range(steps):
+        b = collate([examples[i] for i in batch_indices(len(examples), batch, k, seed)], 0)
+        kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        with torch.no_grad():
+            t = teacher(**kw).logits[:, :-1]
+        s = student(**kw).logits[:, :-1]
+        v = s.shape[-1]
+        loss = F.kl_div(F.log_softmax(s.float(), -1).reshape(-1, v),
+                        F.log_softmax(t.float(), -1).reshape(-1, v), log_target=True,
+                        reduction="batchmean")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(b["attention_mask"].sum())
+    return tokens, time.perf_counter() - t0
+
+
+def speed(args) -> dict:
+    import torch
+
+    from slimgraph.frontends.build import graph_of
+    from slimgraph.frontends.loading import load_model
+    from slimgraph.passes.base import CompileState
+    from slimgraph.passes.pipeline import from_text_or_file
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(MODEL)
+    state = CompileState(loaded=loaded, calib={"file": str(args.calib), "samples": 16, "seqlen": 512})
+    state.graph = graph_of(loaded)
+    t0 = time.perf_counter()
+    for p in from_text_or_file(PRUNE):
+        p.requires(state)
+        p.run(state)
+    prune_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in state.model.parameters())
+    (d,) = from_text_or_file(f"distill{{steps={args.steps},batch={args.batch},seqlen={args.seqlen},"
+                             f"lr={args.lr},warmup=0}}")
+    d.requires(state)
+    rounds = {"distill_pass": [], "plain_loop": []}
+    for r in range(args.rounds):
+        res = d.run(state).report
+        rounds["distill_pass"].append(round(res["tokens_per_second"], 1))
+        session, examples, _ = d.start(state)  # the same teacher (cached) and batches
+        tok, secs = plain_loop(state.model, session.teacher, examples, args.steps, args.batch,
+                               args.lr, d.seed)
+        state.model.eval()
+        rounds["plain_loop"].append(round(tok / secs, 1))
+        print(f"round {r + 1}: pass {rounds['distill_pass'][-1]} tok/s, plain "
+              f"{rounds['plain_loop'][-1]} tok/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    return {"student": f"{MODEL} {PRUNE}", "parameters": params, "prune_seconds": round(prune_s, 1),
+            "steps_per_round": args.steps, "batch": args.batch, "seqlen": args.seqlen,
+            "threads": args.threads, "rounds": rounds, "median_tokens_per_second": med,
+            "ratio_pass_over_plain": round(med["distill_pass"] / med["plain_loop"], 3)}
+
+
+def evaluate(out: Path, eval_txt: Path, windows: int) -> float:
+    cli = [sys.executable, "-m", "slimgraph.cli", "eval", str(out), "--ppl", str(eval_txt),
+           "--windows", str(windows), "--json", "--no-progress"]
+    return round(json.loads(run(cli)[0])["ppl"], 3)
+
+
+def quality(args) -> dict:
+    rows = {}
+    work = ROOT / "benchmarks" / "out" / "distill"
+    distill = (f"distill{{steps={args.train_steps},batch={args.batch},seqlen={args.seqlen},"
+               f"lr={args.lr},save_every=1000}}")
+    for name, pipe in (("oneshot", f"{PRUNE},save-hf"), ("distill", f"{PRUNE},{distill},save-hf")):
+        out = work / name
+        cli = [sys.executable, "-m", "slimgraph.cli", "compile", MODEL, "-p", pipe, "-o", str(out),
+               "--calib-file", str(args.calib), "--overwrite"]
+        _, secs = run(cli)
+        report = json.loads((out / "report.json").read_text())
+        row = {"pipeline": pipe, "parameters": report["parameters"]["after"],
+               "compile_seconds": round(secs, 1),
+               "prune_seconds": round(report["passes"][0]["seconds"], 1)}
+        if name == "distill":
+            rep = report["passes"][1]["report"]
+            row.update({"train_seconds": rep["train_seconds"], "tokens_seen": rep["tokens_seen"],
+                        "tokens_per_second": rep["tokens_per_second"],
+                        "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]})
+        row["ppl"] = evaluate(out, args.eval, args.windows)
+        print(name, row, flush=True)
+        rows[name] = row
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--part", choices=("speed", "quality", "all"), default="all")
+    ap.add_argument("--steps", type=int, default=3, help="speed: steps per round and method")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=40, help="quality: distill steps")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calib", type=Path, default=ROOT / "data" / "calib.txt")
+    ap.add_argument("--eval", type=Path, default=ROOT / "data" / "eval.txt")
+    args = ap.parse_args()
+    new = {}
+    if args.part in ("speed", "all"):
+        new["speed"] = speed(args)
+    if args.part in ("quality", "all"):
+        new["quality"] = quality(args)
+    print(json.dumps(new), flush=True)
+    rows = json.loads(RESULT.read_text())["rows"] if RESULT.is_file() else {}  # the other part
+    write_result(RESULT, {**rows, **new})
+
+
+if __name__ == "__main__":
+    main()
