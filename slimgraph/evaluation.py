@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from slimgraph.backends.ort_session import providers as ort_providers
+from slimgraph.data import resolve_text
 from slimgraph.frontends.loading import TOKENIZER_FILES
 from slimgraph.frontends.model_folder import refuse_custom_code_in
 from slimgraph.errors import SlimgraphError
@@ -635,8 +636,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ev.add_argument("model", help="model to evaluate (see below)")
     ev.add_argument("--ppl", metavar="TEXTFILE", required=True,
-                    help="UTF-8 text file to measure perplexity on (required: there is no "
-                    "built-in text; CRLF is read as LF)")
+                    help="UTF-8 text file to measure perplexity on (CRLF is read as LF), or "
+                    "'wikitext2': the WikiText-2 evaluation text shipped with slimgraph")
     ev.add_argument("--seqlen", type=positive_int, default=DEFAULT_SEQLEN,
                     help=f"tokens per window (default {DEFAULT_SEQLEN})")
     ev.add_argument("--windows", type=positive_int, default=DEFAULT_WINDOWS,
@@ -677,7 +678,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True)
     progress = not getattr(args, "no_progress", False)
-    text = read_text(args.ppl)  # fail fast, before loading a model
+    text = read_text(resolve_text(args.ppl))  # fail fast, before loading a model
     prompt_arg = getattr(args, "prompt", None)
     prompt_text = _prompt_text(prompt_arg) if prompt_arg else None
 
