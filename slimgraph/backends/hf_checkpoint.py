@@ -252,7 +252,7 @@ class SaveHF(Pass):
         if not self.subdir or "/" in self.subdir or self.subdir in (".", ".."):
             raise self.option_error("subdir", f"{self.subdir!r} must be a plain directory name")
         if self.subdir == "report.json" or self.subdir.startswith(".") or any(
-                c in self.subdir for c in "\\\0"):
+                c == "\\" or ord(c) < 32 for c in self.subdir):
             raise self.option_error("subdir", f"{self.subdir!r} is a name slimgraph keeps for "
                                     "itself in OUTDIR (report.json, .slimgraph-*) or not a "
                                     "plain directory name")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 import typing
 from pathlib import Path
@@ -48,6 +49,15 @@ def _split_top(text: str, sep: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_name(name: Any) -> None:
+    """Pass names are quoted plainly in every later message: refuse any other text."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise PipelineError(f"unknown pass {name!r}; known passes: {', '.join(registry.names())}")
+
+
 def parse(text: str) -> list[tuple[str, dict[str, str]]]:
     """Text -> [(pass name, {option: raw string})]."""
     if not text or not text.strip():
@@ -58,6 +68,7 @@ def parse(text: str) -> list[tuple[str, dict[str, str]]]:
             raise PipelineError(f"empty pass in pipeline {text!r}")
         name, brace, rest = item.partition("{")
         name = name.strip()
+        _check_name(name)
         opts: dict[str, str] = {}
         if brace:
             if not rest.endswith("}"):
@@ -67,6 +78,8 @@ def parse(text: str) -> list[tuple[str, dict[str, str]]]:
                 key, eq, val = kv.partition("=")
                 if not eq or not key.strip():
                     raise PipelineError(f"pass '{name}': option {kv!r} is not KEY=VALUE")
+                if not _NAME.fullmatch(key.strip()):
+                    raise PipelineError(f"pass '{name}': {key.strip()!r} is not an option name")
                 if key.strip() in opts:
                     raise PipelineError(f"pass '{name}': option '{key.strip()}' given twice")
                 opts[key.strip()] = val.strip()
@@ -172,13 +185,14 @@ def _convert(p: type, field: dataclasses.Field, raw: Any) -> Any:
 def build(steps: list[tuple[str, dict[str, Any]]]) -> list[Pass]:
     passes = []
     for name, opts in steps:
+        _check_name(name)
         cls = registry.get(name)
         fields = {f.name: f for f in cls.options()}
         kwargs = {}
         for key, raw in opts.items():
             if key not in fields:
                 known = ", ".join(fields) or "none"
-                raise PipelineError(f"pass '{name}': unknown option '{key}' (options: {known})")
+                raise PipelineError(f"pass '{name}': unknown option {str(key)!r} (options: {known})")
             kwargs[key] = _convert(cls, fields[key], raw)
         p = cls(**kwargs)
         p.check_options()
