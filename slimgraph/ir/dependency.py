@@ -13,10 +13,10 @@ grouped heads), never from user input.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimgraph.ir.blocks import layer_number
 from slimgraph.ir.graph import Graph, Node, Value
 from slimgraph.ir.rules import RULES
 from slimgraph.ir.spaces import ChannelSpaces, Layout, LayoutConflict, Tree
@@ -174,14 +174,10 @@ def propagate(graph: Graph) -> tuple[AnalysisContext, list[tuple[str, str, str]]
     return ctx, barriers
 
 
-_LAYER_RE = re.compile(r"(?:^|[._/])(\d+)(?:[._/]|$)")
-
-
 def layer_of(param_names: list[str]) -> int | None:
-    layers = set()
-    for name in param_names:
-        m = _LAYER_RE.search(name)
-        layers.add(int(m.group(1)) if m else None)
+    """The one block number of all ``param_names`` (:func:`slimgraph.ir.blocks.layer_number`),
+    else None."""
+    layers = {layer_number(name) for name in param_names}
     return layers.pop() if len(layers) == 1 else None
 
 

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 from slimgraph.ir import symdims
+from slimgraph.ir.blocks import weight_param
 from slimgraph.ir.graph import Node, OpKind, Value
 from slimgraph.ir.spaces import Layout, LayoutConflict
 
@@ -85,12 +86,7 @@ def rule_linear(node: Node, ctx) -> None:
 def _weight_like(v: Value, depth: int = 4) -> bool:
     """A parameter, or one seen through transposes / reshapes / casts (Falcon's
     ``x @ W.T``): such a matmul is a linear layer, not attention."""
-    while depth and v is not None and v.param is None:
-        p = v.producer
-        if p is None or p.kind not in (OpKind.TRANSPOSE, OpKind.RESHAPE, OpKind.IDENTITY):
-            return False
-        v, depth = p.inputs[0], depth - 1
-    return v is not None and v.param is not None
+    return weight_param(v, (OpKind.TRANSPOSE, OpKind.RESHAPE, OpKind.IDENTITY), depth) is not None
 
 
 def rule_matmul(node: Node, ctx) -> None:

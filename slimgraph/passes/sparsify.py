@@ -30,6 +30,13 @@ with ``spread``, ``schedule=owl`` (``owl_m``, ``owl_lambda``; one extra dense
 block-sequential pass for the outlier ratios). The parameter-weighted mean over the pruned
 linears equals ``sparsity``; the per-layer values are in the report.
 
+The pruned linears are the decoder-block linears of ``slimgraph/ir/blocks.py`` (named
+inside a numbered block; not found through the channel groups, so k/v of a one-KV-head
+model are pruned too); the block walk is ``sparsity/block_prune.py``. A block linear left
+as it is (input size not divisible by M, not an nn.Linear) is listed in the report's
+``skipped`` with the reason. ``ensures`` checks the claim: every block linear is pruned or
+skipped, and under ``pattern=N:M`` every pruned one holds N:M (else the compile fails).
+
 ONNX input (a model that exists only as an .onnx file) goes through
 ``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
 model (``export-onnx`` saves it), calibration block-sequential through ONNX Runtime (one
@@ -58,6 +65,7 @@ class Sparsify(Pass):
     name = "sparsify"
     offload_ok = True
     summary = "magnitude / Wanda / RI / RIA sparsity (unstructured or N:M), optional reconstruction"
+    file_options = ("calib",)
     score: str = "ria"
     sparsity: float | None = None
     pattern: str | None = None
@@ -232,9 +240,9 @@ class Sparsify(Pass):
             raise PipelineError(f"pass '{self.name}': {why} needs calibration data "
                                 "and the model has no tokenizer")
         if self.schedule_name() == "explicit":
-            from slimgraph.sparsity.calibration import find_blocks
+            from slimgraph.ir.blocks import find_blocks
 
-            self.check_layer_count(len(find_blocks(state.analysis())))
+            self.check_layer_count(len(find_blocks(state.graph)))
 
     def check_layer_count(self, n_blocks: int) -> None:
         """``layer_sparsity`` has one value per decoder block."""
@@ -245,9 +253,11 @@ class Sparsify(Pass):
                                     f"{n_blocks} decoder blocks (give one value per block)")
 
     def run(self, state: CompileState) -> PassResult:
+        from slimgraph.ir.blocks import find_blocks
         from slimgraph.sparsity import onnx_path
+        from slimgraph.sparsity.block_prune import BlockPruner
         from slimgraph.sparsity.calibration import (block_sequential, calibration_tokens,
-                                                    find_blocks, sample_windows)
+                                                    sample_windows)
 
         if state.is_onnx:
             return onnx_path.sparsify_onnx(self, state)
@@ -269,8 +279,8 @@ class Sparsify(Pass):
         plan = None
         if self.pattern is None:
             plan = self.layer_plan(state, find_blocks(result), windows)
-        pruner = _BlockPruner(self, state.model, result,
-                              plan["by_layer"] if plan is not None else None)
+        pruner = BlockPruner(self, state.model, result,
+                             plan["by_layer"] if plan is not None else None)
         reports = block_sequential(state.model, result, prune_windows, pruner, batch=self.batch,
                                    progress=state.progress, lazy=state.offload)
         layers = [r for rep in reports for r in rep["layers"]]
@@ -299,6 +309,23 @@ class Sparsify(Pass):
                                  if r.get("permutation", {}).get("realised") == "gather")
             state.retrace()
         return PassResult(True, report)
+
+    def ensures(self, state: CompileState, result: PassResult) -> None:
+        """Every decoder-block linear is in the report (pruned, or skipped with the reason);
+        under ``pattern=N:M`` each one reported pruned holds N:M in its stored weight
+        (:class:`~slimgraph.sparsity.block_prune.SparsityClaimError` otherwise)."""
+        from slimgraph.sparsity import block_prune, onnx_path
+
+        if state.is_onnx:
+            expected, weight_of = onnx_path.claimed_weights(state)
+        else:
+            expected, weight_of = block_prune.torch_claims(state)
+        layers = result.report["layers"]
+        missing = block_prune.unclaimed(expected, layers)
+        nm = self.nm()
+        failures = block_prune.nm_claim_failures(layers, nm, weight_of) if nm else []
+        if missing or failures:
+            raise block_prune.claim_error(self.name, self.pattern, failures, missing)
 
     def permutation_summary(self, pruned: list[dict]) -> dict:
         """The report's ``permutation`` entry from the per-linear reports."""
@@ -373,157 +400,6 @@ class Sparsify(Pass):
         return out
 
 
-def masked_weight(opts: Sparsify, w: torch.Tensor, s: torch.Tensor, hess: torch.Tensor | None,
-                  sparsity: float | None, fixed_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The pruned ``[out, in]`` weight: the mask from the scores ``s`` (N:M, or
-    unstructured at ``sparsity`` per row or layer), or ``fixed_mask`` (mask-only
-    permutations); with a Hessian (reconstruct / sparsegpt), SparseGPT's update."""
-    from slimgraph.sparsity.masks import nm_mask, unstructured_mask
-    from slimgraph.sparsity.reconstruct import sparsegpt_prune
-
-    nm = opts.nm()
-    if fixed_mask is not None:  # mask-only: the permuted choice, in the original order
-        if hess is not None:
-            return sparsegpt_prune(w, hess, mask=fixed_mask)[0]
-        return w * fixed_mask
-    if opts.score == "sparsegpt":
-        return sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm)[0]
-    if opts.reconstruct:
-        return sparsegpt_prune(w, hess, sparsity=sparsity, pattern=nm, scores=s)[0]
-    if nm is not None:
-        keep = nm_mask(s, *nm)
-    else:
-        keep = unstructured_mask(s, sparsity, opts.scope or ("row" if opts.score == "wanda"
-                                                             else "layer"))
-    return w * keep
-
-
-class _BlockPruner:
-    """Observe a block's linear inputs, then prune every linear of the block (at the
-    block's own sparsity when a per-layer schedule is given)."""
-
-    def __init__(self, opts: Sparsify, model, result, by_layer: dict[int, float] | None = None
-                 ) -> None:
-        self.opts = opts
-        self.model = model
-        self.result = result
-        self.by_layer = by_layer
-        self.gather_plans: dict = {}
-        self._reads: dict[str, str] | None = None  # weight -> activation, for gather plans
-
-    def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
-        from slimgraph.sparsity.calibration import observe_block
-
-        opts = self.opts
-        linears = {name: module.get_submodule(name[len(block.module_name) + 1:])
-                   for name in block.linears}
-        stats: dict = {}
-        if opts.needs_stats():
-            stats, _ = observe_block(module, linears, inputs,
-                                     hessian=opts.needs_hessian())
-        sparsity = self.by_layer[block.layer] if self.by_layer is not None else opts.sparsity
-        if opts.permute == "gather":
-            self.gather_plans = self.plan_gathers(linears, stats)
-        return {"layer": block.layer,
-                "layers": [self.prune_linear(name, linears[name], stats.get(name), sparsity)
-                           for name in linears]}
-
-    def scores(self, lin: torch.nn.Linear, acc) -> torch.Tensor:
-        """The pruning scores of ``lin``'s ``[out, in]`` weight (SparseGPT ranks by
-        magnitude)."""
-        from slimgraph.sparsity.scores import score
-
-        opts = self.opts
-        return score(lin.weight.detach().float(),
-                     "magnitude" if opts.score == "sparsegpt" else opts.score,
-                     act_norm=acc.act_norm() if acc is not None else None, a=opts.a)
-
-    def plan_gathers(self, linears: dict, stats: dict) -> dict:
-        """``permute=gather``: the permutation of each of this block's linears, or with
-        ``gather_share`` one per set of linears that read the same activation
-        (:func:`~slimgraph.sparsity.deploy.search_shared`); linears folded for free
-        (:func:`~slimgraph.sparsity.deploy.free_fold_group`) and those the pattern cannot
-        divide are left out."""
-        from slimgraph.ir.graph import OpKind
-        from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
-
-        n, m = self.opts.nm()
-        if self._reads is None:
-            self._reads = {nd.inputs[1].name: nd.inputs[0].name for nd in self.result.graph.nodes
-                           if nd.kind is OpKind.LINEAR and nd.inputs[1] is not None
-                           and nd.inputs[0] is not None}
-        input_of = {name: self._reads.get(name + ".weight", name)
-                    for name, lin in linears.items()
-                    if lin.in_features % m == 0
-                    and free_fold_group(self.result, name + ".weight", m) is None}
-        return search_shared(input_sets(input_of, self.opts.gather_share),
-                             lambda name: self.scores(linears[name], stats.get(name)),
-                             n, m, self.opts.search)
-
-    def prune_linear(self, name: str, lin: torch.nn.Linear, acc, sparsity: float | None) -> dict:
-        opts = self.opts
-        w = lin.weight.detach().float()
-        nm = opts.nm()
-        if nm is not None and w.shape[1] % nm[1]:
-            return {"name": name, "skipped": f"input size {w.shape[1]} is not divisible by "
-                    f"{nm[1]}", "numel": w.numel(), "zeros": 0}
-        act = acc.act_norm() if acc is not None else None
-        hess = acc.hessian() if acc is not None and opts.needs_hessian() else None
-        s = self.scores(lin, acc)
-        fixed_mask, perm_info = None, None
-        if opts.permute != "none":
-            lin, w, s, act, hess, fixed_mask, perm_info = self.permute(name, lin, w, s, act, hess, nm)
-        new = masked_weight(opts, w, s, hess, sparsity, fixed_mask)
-        with torch.no_grad():
-            lin.weight.copy_(new.to(lin.weight.dtype))
-        zeros = int((lin.weight == 0).sum())
-        out = {"name": name, "shape": list(w.shape), "numel": w.numel(), "zeros": zeros,
-               "sparsity": round(zeros / w.numel(), 6)}
-        if perm_info is not None:
-            out["permutation"] = perm_info
-        return out
-
-    def permute(self, name, lin, w, s, act, hess, nm):
-        """Search a permutation for this linear and realise it as the mode says."""
-        from slimgraph.sparsity.deploy import (fold_group, install_gather, permute_group,
-                                               stacked_scores, unit_positions)
-        from slimgraph.sparsity.permutation import permuted_nm_mask, search_permutation
-
-        opts = self.opts
-        n, m = nm
-        info = {"realised": "none"}
-        if opts.permute == "mask-only":
-            res = search_permutation(s, n, m, mode=opts.search)
-            info.update(realised="mask-only", kept_before=res.kept_before, kept_after=res.kept_after,
-                        seconds=round(res.seconds, 3))
-            return lin, w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
-        plan = self.gather_plans.get(name) if opts.permute == "gather" else None
-        if plan is None:  # fold / space, or gather folded at no cost
-            group, why = fold_group(self.result, name + ".weight", m)
-            if group is None:
-                if opts.permute == "space" and "shared by every layer" in why:
-                    info.update(realised="space")  # its input space was permuted up front
-                else:
-                    info["why"] = why
-                return lin, w, s, act, hess, None, info
-            pos = unit_positions(group, name + ".weight", 1)
-            res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
-            idx = permute_group(self.result, group, res.perm)[(name + ".weight", 1)]
-            info.update(realised="fold", group=group.id, group_kind=group.kind,
-                        perm=res.perm.tolist())
-            info.update(kept_before=res.kept_before, kept_after=res.kept_after,
-                        seconds=round(res.seconds, 3))
-        else:  # gather, with the permutation searched for the linears sharing the input
-            idx, shared = plan
-            lin = install_gather(self.model, name, idx)
-            info.update(realised="gather", **shared)
-        w = lin.weight.detach().float()
-        s = s[:, idx]
-        act = act[idx] if act is not None else None
-        hess = hess[idx][:, idx] if hess is not None else None
-        return lin, w, s, act, hess, None, info
-
-
 def permute_residual_space(opts: Sparsify, state: CompileState, result, windows) -> dict:
     """One permutation of the residual stream, chosen for all its decoder-block readers.
 
@@ -532,16 +408,13 @@ def permute_residual_space(opts: Sparsify, state: CompileState, result, windows)
     applied to the whole hidden group (embedding, norms, readers' columns, writers' rows,
     tied lm_head): an exact reordering, before block 0 is calibrated.
     """
-    from slimgraph.ir.dependency import layer_of
-    from slimgraph.ir.graph import OpKind
+    from slimgraph.ir.blocks import block_linears
     from slimgraph.sparsity.deploy import permute_hidden_space, unit_positions
     from slimgraph.structured.importance import consumer_input_norms
 
     def readers_of(group):
-        names = list(dict.fromkeys(
-            nd.inputs[1].name for nd in result.graph.nodes if nd.kind is OpKind.LINEAR
-            and layer_of([nd.inputs[1].name]) is not None and nd.attrs["w_in"] == 1
-            and unit_positions(group, nd.inputs[1].name, 1) is not None))
+        names = [lin.weight for lin in block_linears(result.graph)
+                 if lin.w_in == 1 and unit_positions(group, lin.weight, 1) is not None]
         norms = consumer_input_norms(state.model, result.graph,
                                      windows[: min(len(windows), 16)]) \
             if opts.score in ("wanda", "ria") and names else {}

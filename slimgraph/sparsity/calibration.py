@@ -1,8 +1,9 @@
 """Block-sequential calibration for post-training sparsity (Wanda, RIA, SparseGPT).
 
-Blocks come from the channel analysis: the linears of each layer's groups (attention
-heads, MLP channels) and the module that holds all of them is that layer's block; the
-order of the layers is the order of the residual stream. The procedure (ALGORITHMS.md
+Blocks are :func:`slimgraph.ir.blocks.find_blocks`'s: the decoder-block linears of the
+graph by their block number (not by their channel groups: a projection with no prunable
+heads is in its block too), the block's module holding them; the order of the layers is
+the order of the residual stream. The procedure (ALGORITHMS.md
 section 1): capture the inputs of block 0, then for each block run it with observers
 on the inputs of its linears, prune them, re-run the pruned block to produce the next
 block's inputs. Memory: one block plus the calibration activations.
@@ -16,16 +17,15 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontends.text_files import read_utf8
+from slimgraph.ir.blocks import Block, find_blocks
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.memory import release_free_heap
-from slimgraph.structured.removal import module_prefix
 
 
 class CalibrationError(SlimgraphError):
@@ -122,35 +122,7 @@ def sample_windows(tokens: list[int], samples: int, seqlen: int, seed: int = 0) 
     return torch.tensor(rows, dtype=torch.long)
 
 
-# -- blocks -----------------------------------------------------------------------------
-
-@dataclass
-class Block:
-    layer: int
-    module_name: str
-    linears: list[str] = field(default_factory=list)  # module names of its linears
-
-
-def find_blocks(result: DependencyResult) -> list[Block]:
-    """Decoder blocks from the groups: the linears of each layer and their common module."""
-    from slimgraph.ir.graph import OpKind
-
-    per_layer: dict[int, set[str]] = {}
-    for g in result.groups:
-        if g.layer is None or g.kind not in ("heads", "qheads", "mlp"):
-            continue
-        for m in g.members:
-            if m.param.endswith(".weight"):
-                per_layer.setdefault(g.layer, set()).add(m.param[: -len(".weight")])
-    linear_modules = {n.inputs[1].name[: -len(".weight")] for n in result.graph.nodes
-                      if n.kind is OpKind.LINEAR and n.inputs[1].name.endswith(".weight")}
-    blocks = []
-    for layer in sorted(per_layer):
-        mods = sorted(per_layer[layer] & linear_modules)
-        if not mods:
-            continue
-        blocks.append(Block(layer, module_prefix([m + ".weight" for m in mods]), mods))
-    return blocks
+# -- blocks: slimgraph/ir/blocks.py (Block, find_blocks) ------------------------------
 
 
 class _Stop(Exception):

@@ -26,7 +26,8 @@ sections 1 and 6) and the ``slimgraph check-sparsity`` command.
 
 Targeted layers (``targets``): ``"blocks"`` (default) -- the decoder-block linears, i.e.
 weights whose name has a numbered component (``layers.3.``) and is not an embedding or
-``lm_head``; in an ONNX file without PyTorch provenance (hand-built, other exporters) every
+``lm_head`` (:func:`slimgraph.ir.blocks.in_decoder_block`, the rule ``sparsify`` prunes
+by); in an ONNX file without PyTorch provenance (hand-built, other exporters) every
 constant weight is checked since blocks cannot be told apart. ``"all-linear"`` -- every
 linear (2-D ``nn.Linear``/``Conv1D`` weight; every ONNX ``MatMul``/``Gemm``/``Conv``
 constant weight), ``lm_head`` included; embedding tables are never linears. A callable
@@ -51,21 +52,26 @@ user errors (bad pattern, missing or corrupt file).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from slimgraph.errors import OnnxImportError, SlimgraphError
+from slimgraph.ir.blocks import in_decoder_block, is_embedding_name
+from slimgraph.sparsity.check_onnx import check_onnx, wrapper_prefix
+from slimgraph.sparsity.check_report import (TARGETS, TRT_DIM_MULTIPLE, TRT_MIN_DIM, TRT_PATTERN,
+                                             LayerCheck, SparsityCheckError, SparsityReport,
+                                             evaluate, format_pattern, parse_pattern, target_fn)
 
 __all__ = [
+    "TARGETS",
+    "TRT_DIM_MULTIPLE",
+    "TRT_MIN_DIM",
+    "TRT_PATTERN",
     "LayerCheck",
     "SparsityCheckError",
     "SparsityReport",
@@ -77,228 +83,8 @@ __all__ = [
     "format_pattern",
     "in_decoder_block",
     "parse_pattern",
+    "wrapper_prefix",
 ]
-
-TRT_PATTERN = (2, 4)
-TRT_MIN_DIM = 256
-TRT_DIM_MULTIPLE = 64
-TARGETS = ("blocks", "all-linear")
-
-# ONNX metadata written by torch.onnx.export(dynamo=True) (see frontends/onnx/provenance.py)
-_SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
-_INPUT_KIND_KEY = "pkg.torch.export.graph_signature.InputSpec.kind"
-_FOLDED_KEY = "pkg.onnxscript.optimizer.folded_from"
-_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-_SIG_RE = re.compile(r"^\s*(\w+): (PARAMETER|BUFFER|CONSTANT_TENSOR)\b.*?target='([^']+)'", re.M)
-
-# ops a weight may pass through and stay visible to TensorRT (axis unchanged), and Transpose
-_AXIS_PRESERVING = {"Cast", "CastLike", "Identity", "QuantizeLinear", "DequantizeLinear",
-                    "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"}
-_TRT_FLOAT = {"FLOAT", "FLOAT16", "BFLOAT16"}
-_TRT_QUANT = {"INT8", "FLOAT8E4M3FN", "INT4"}  # stored quantized behind a DequantizeLinear
-_BLOCK_RE = re.compile(r"\.\d+\.")
-_NOT_LINEAR = ("embed", "lm_head", "wte", "wpe")
-
-
-class SparsityCheckError(SlimgraphError):
-    """A sparsity check cannot run: bad pattern, bad targets, no weights..."""
-
-
-# --------------------------------------------------------------------------- pattern, targets
-
-
-def parse_pattern(pattern: Any) -> tuple[int, int] | None:
-    """``"N:M"`` or ``(N, M)`` -> ``(N, M)`` with ``0 < N < M``; ``None``/``"none"`` -> None.
-
-    Same rules as :func:`slimgraph.sparsity.masks.parse_pattern` (which it calls); raises
-    :class:`SparsityCheckError` instead of ValueError.
-    """
-    from slimgraph.sparsity.masks import parse_pattern as _parse
-
-    if pattern is None or (isinstance(pattern, str) and pattern.strip().lower() in ("", "none")):
-        return None
-    try:
-        return _parse(pattern)
-    except ValueError as e:
-        raise SparsityCheckError(str(e)) from None
-
-
-def format_pattern(pattern: tuple[int, int] | None) -> str | None:
-    return None if pattern is None else f"{pattern[0]}:{pattern[1]}"
-
-
-def in_decoder_block(name: str) -> bool:
-    """True for a weight inside a numbered block (``...layers.3.mlp.up_proj.weight``) that
-    is not an embedding or ``lm_head``."""
-    if not _BLOCK_RE.search("." + name):
-        return False
-    return not any(x in part.lower() for part in name.split(".") for x in _NOT_LINEAR)
-
-
-def _is_embedding_name(name: str) -> bool:
-    return any(x in part.lower() for part in name.split(".") for x in ("embed", "wte", "wpe")) \
-        and "embed_out" not in name
-
-
-def _target_fn(targets: str | Callable[[str], bool]) -> Callable[[str], bool] | None:
-    """None means "all-linear"."""
-    if callable(targets):
-        return targets
-    if targets == "blocks":
-        return in_decoder_block
-    if targets == "all-linear":
-        return None
-    raise SparsityCheckError(f"unknown targets {targets!r} (choose from {', '.join(TARGETS)}, "
-                             "or give a callable name -> bool)")
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class LayerCheck:
-    """One targeted weight and what was found."""
-
-    name: str  # readable name (PyTorch parameter name, or recovered from ONNX provenance)
-    op: str  # Linear | Conv1D | MatMul | Gemm | Conv | state-dict
-    shape: list[int]  # stored shape
-    dtype: str
-    axis: int | None  # reduction axis in the stored layout (None: not determined)
-    reduction_size: int | None  # K (Conv: C)
-    output_size: int | None  # N (Conv: K)
-    zero_fraction: float
-    status: str  # holds | violates | skipped | not-visible | unchecked (no pattern)
-    groups_total: int | None = None
-    groups_violating: int | None = None
-    trt_sparse: bool = False
-    trt_reason: str | None = None  # why TensorRT would not use sparse kernels
-    reason: str | None = None  # why skipped / not visible
-    initializer: str | None = None  # ONNX: the stored tensor's name
-    nodes: list[str] = field(default_factory=list)  # ONNX: consumer node(s)
-    through: list[str] = field(default_factory=list)  # ONNX: ops traced through, consumer first
-
-    @property
-    def holds(self) -> bool | None:
-        return {"holds": True, "violates": False}.get(self.status)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["holds"] = self.holds
-        return d
-
-
-@dataclass
-class SparsityReport:
-    source: str  # "torch" | "onnx"
-    model: str  # what was checked (a path or a label)
-    pattern: tuple[int, int] | None
-    targets: str
-    layers: list[LayerCheck]
-    notes: list[str] = field(default_factory=list)
-
-    def count(self, status: str) -> int:
-        return sum(1 for lyr in self.layers if lyr.status == status)
-
-    @property
-    def ok(self) -> bool:
-        if not self.layers:
-            return False
-        if self.pattern is None:
-            return True
-        return (self.count("holds") > 0 and self.count("violates") == 0
-                and self.count("not-visible") == 0)
-
-    def failures(self) -> list[LayerCheck]:
-        if self.pattern is None:
-            return []
-        return [lyr for lyr in self.layers if lyr.status in ("violates", "not-visible")]
-
-    def summary(self) -> dict[str, Any]:
-        numel = sum(int(np.prod(lyr.shape)) for lyr in self.layers)
-        zeros = sum(lyr.zero_fraction * int(np.prod(lyr.shape)) for lyr in self.layers)
-        return {
-            "layers": len(self.layers),
-            "holds": self.count("holds"),
-            "violates": self.count("violates"),
-            "skipped": self.count("skipped"),
-            "not_visible": self.count("not-visible"),
-            "trt_sparse": sum(1 for lyr in self.layers if lyr.trt_sparse),
-            "zero_fraction": zeros / numel if numel else 0.0,
-        }
-
-    def headline(self) -> str:
-        """One line: what holds where."""
-        s = self.summary()
-        what = f"{self.source} {self.model}"
-        if not self.layers:
-            return f"{what}: no targeted layers ({self.targets})"
-        zeros = f"zeros {100 * s['zero_fraction']:.1f}%"
-        if self.pattern is None:
-            return f"{what}: {s['layers']} layers, {zeros}"
-        pat = format_pattern(self.pattern)
-        extra = "".join(f", {s[k]} {label}" for k, label in
-                        (("skipped", "skipped"), ("not_visible", "not TensorRT-visible"))
-                        if s[k])
-        return (f"{what}: {pat} holds on {s['holds']} of {s['layers']} layers{extra}; "
-                f"{zeros}; TensorRT sparse kernels: {s['trt_sparse']}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "model": self.model,
-                "pattern": format_pattern(self.pattern), "targets": self.targets,
-                "ok": self.ok, "summary": self.summary(), "notes": list(self.notes),
-                "layers": [lyr.to_dict() for lyr in self.layers]}
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def _nonzeros(weight) -> int:
-    if isinstance(weight, torch.Tensor):
-        return int(torch.count_nonzero(weight.detach()))
-    return int(np.count_nonzero(np.asarray(weight) != 0))
-
-
-def _violations(weight, n: int, m: int, axis: int) -> tuple[int, int]:
-    from slimgraph.sparsity.masks import nm_violations
-
-    return nm_violations(weight, n, m, axis)
-
-
-def _evaluate(layer: LayerCheck, weight, pattern: tuple[int, int] | None, *,
-              trt_dtype_ok: bool) -> LayerCheck:
-    """Fill zero fraction, N:M status and the TensorRT verdict of a visible weight."""
-    numel = int(np.prod(layer.shape)) if layer.shape else 1
-    layer.zero_fraction = 1.0 - _nonzeros(weight) / numel if numel else 0.0
-    k, axis = layer.reduction_size, layer.axis
-    assert k is not None and axis is not None
-    results: dict[tuple[int, int], tuple[int, int]] = {}
-    if pattern is not None:
-        n, m = pattern
-        if k % m:
-            layer.status = "skipped"
-            layer.reason = f"reduction size {k} (axis {axis}) is not a multiple of M = {m}"
-        else:
-            bad, total = results[pattern] = _violations(weight, n, m, axis)
-            layer.groups_violating, layer.groups_total = bad, total
-            layer.status = "violates" if bad else "holds"
-    else:
-        layer.status = "unchecked"
-    why = []
-    if not trt_dtype_ok:
-        why.append(f"dtype {layer.dtype} (needs FP32/FP16/BF16, or INT8/FP8 through Q/DQ)")
-    if k % 4:
-        why.append(f"K = {k} is not a multiple of 4")
-    else:
-        bad, total = results.get(TRT_PATTERN) or _violations(weight, *TRT_PATTERN, axis)
-        if bad:
-            why.append(f"not 2:4 ({bad} of {total} groups)")
-    small = [f"{label} = {v}" for label, v in (("K", k), ("N", layer.output_size))
-             if v is not None and (v < TRT_MIN_DIM or v % TRT_DIM_MULTIPLE)]
-    if small:
-        why.append(", ".join(small) + f" (needs multiples of {TRT_DIM_MULTIPLE}, >= {TRT_MIN_DIM})")
-    layer.trt_sparse = not why
-    layer.trt_reason = "; ".join(why) or None
-    return layer
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -331,7 +117,7 @@ def _torch_weights(obj: Any, select: Callable[[str], bool] | None, notes: list[s
                 w = torch.from_numpy(w)
             if not isinstance(w, torch.Tensor) or w.dim() != 2 or not str(name).endswith("weight"):
                 continue
-            if _is_embedding_name(str(name)):
+            if is_embedding_name(str(name)):
                 continue
             if select is None or select(str(name)):
                 out.append((str(name), "state-dict", w, 1))
@@ -347,7 +133,7 @@ def check_torch(model_or_state_dict: Any, pattern: Any = None, *,
     :class:`~slimgraph.frontends.loading.LoadedModel`) for an N:M ``pattern`` ("2:4",
     ``(2, 4)``, or None for zero fractions only)."""
     pat = parse_pattern(pattern)
-    select = _target_fn(targets)
+    select = target_fn(targets)
     obj = model_or_state_dict
     if not isinstance(obj, (torch.nn.Module, Mapping)) and isinstance(
             getattr(obj, "model", None), torch.nn.Module):
@@ -367,294 +153,7 @@ def check_torch(model_or_state_dict: Any, pattern: Any = None, *,
                                axis=axis, reduction_size=shape[axis], output_size=shape[1 - axis],
                                zero_fraction=0.0, status="unchecked")
             dtype_ok = w.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            report.layers.append(_evaluate(layer, w, pat, trt_dtype_ok=dtype_ok))
-    return report
-
-
-# --------------------------------------------------------------------------- ONNX
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _meta(obj: Any) -> dict[str, str]:
-    try:
-        return dict(obj.metadata_props)
-    except Exception:  # noqa: BLE001 - metadata is optional
-        return {}
-
-
-def _literal_list(text: str | None) -> list:
-    if not text:
-        return []
-    try:
-        out = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return []
-    return list(out) if isinstance(out, (list, tuple)) else []
-
-
-def _wrapper_prefix(fqns: set[str]) -> str:
-    """``"model."`` when every parameter lives under one child of the exported root module
-    (an export wrapper such as ``LogitsOnly``) and the rest does not start with a number."""
-    if len(fqns) < 2 or not all("." in f for f in fqns):
-        return ""
-    firsts = {f.split(".", 1)[0] for f in fqns}
-    if len(firsts) != 1:
-        return ""
-    if any(f.split(".", 1)[1].split(".", 1)[0].isdigit() for f in fqns):
-        return ""
-    return firsts.pop() + "."
-
-
-class _Names:
-    """Readable names of ONNX weights from the exporter's provenance metadata."""
-
-    def __init__(self, model) -> None:
-        text = _meta(model.graph).get(_SIGNATURE_KEY) or _meta(model).get(_SIGNATURE_KEY) or ""
-        self.fqns = {m.group(3) for m in _SIG_RE.finditer(text)}
-        for v in model.graph.initializers.values():
-            if _meta(v).get(_INPUT_KIND_KEY):
-                self.fqns.add(v.name)
-        self.prefix = _wrapper_prefix(self.fqns)
-        self.torch_provenance = bool(self.fqns)
-
-    def strip(self, name: str) -> str:
-        return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
-
-    def of(self, value) -> tuple[str, bool]:
-        """(readable name, whether it comes from provenance)."""
-        name = value.name or ""
-        if name in self.fqns:
-            return self.strip(name), True
-        md = {**_meta(getattr(value, "const_value", None)), **_meta(value)}
-        folded = [str(x) for x in _literal_list(md.get(_FOLDED_KEY))]
-        if len(folded) == 1 and (folded[0] in self.fqns or (not self.fqns and "." in folded[0])):
-            return self.strip(folded[0]), True
-        return name, False
-
-    def module_of(self, node) -> str | None:
-        scopes = _literal_list(_meta(node).get(_SCOPES_KEY))
-        return self.strip(str(scopes[-2])) if len(scopes) >= 2 and scopes[-2] else None
-
-
-@dataclass
-class _Found:
-    value: Any  # the stored value (initializer, or a Constant's output)
-    tensor: Any  # its ir tensor
-    perms: list[list[int] | None]  # Transpose perms, consumer first (None: reversed)
-    through: list[str]
-
-    def stored_axis(self, axis: int) -> int:
-        rank = len(self.tensor.shape)
-        axis %= rank
-        for perm in self.perms:  # output axis i of a Transpose is its input axis perm[i]
-            axis = perm[axis] if perm is not None else rank - 1 - axis
-        return axis
-
-
-@dataclass
-class _Hidden:
-    blocker: Any  # the node TensorRT stops at
-    value: Any  # the value it produces
-    through: list[str]
-
-
-def _const_tensor(value):
-    """The ir tensor of an initializer or of a Constant node's output, else None."""
-    if value.const_value is not None:
-        return value.const_value
-    prod = value.producer()
-    if prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx"):
-        attr = prod.attributes.get("value")
-        if attr is not None and hasattr(attr.value, "numpy"):
-            return attr.value
-    return None
-
-
-def _constant_values(graph) -> set[int]:
-    """ids of the values computed from constants only (no graph input reaches them)."""
-    const = {id(v) for v in graph.initializers.values()}
-    for node in graph:
-        ins = [v for v in node.inputs if v is not None]
-        has_subgraph = any(getattr(a, "type", None) is not None and "GRAPH" in str(a.type)
-                           for a in node.attributes.values())
-        if node.op_type == "Constant" or (ins and not has_subgraph and all(id(v) in const for v in ins)):
-            const.update(id(o) for o in node.outputs)
-    return const
-
-
-def _trace(value, const: set[int]) -> _Found | _Hidden | None:
-    """Follow a weight input back through the ops TensorRT looks through."""
-    perms: list[list[int] | None] = []
-    through: list[str] = []
-    v = value
-    for _ in range(64):
-        if v is None:
-            return None
-        tensor = _const_tensor(v)
-        if tensor is not None:
-            return _Found(v, tensor, perms, through)
-        prod = v.producer()
-        if prod is None or id(v) not in const:
-            return None  # an activation, not a weight
-        if prod.op_type == "Transpose":
-            attr = prod.attributes.get("perm")
-            perms.append([int(i) for i in attr.value] if attr is not None else None)
-        elif prod.op_type not in _AXIS_PRESERVING:
-            return _Hidden(prod, v, through)
-        through.append(prod.op_type)
-        v = prod.inputs[0]
-    return None
-
-
-def _largest_source(value, const: set[int]):
-    """The biggest float constant a hidden weight is computed from (for its name and zeros)."""
-    best, seen, stack = None, set(), [value]
-    while stack:
-        v = stack.pop()
-        if v is None or id(v) in seen or id(v) not in const:
-            continue
-        seen.add(id(v))
-        t = _const_tensor(v)
-        if t is not None:
-            if t.dtype.is_floating_point() and (best is None or t.size > best[1].size):
-                best = (v, t)
-            continue
-        prod = v.producer()
-        if prod is not None:
-            stack.extend(prod.inputs)
-    return best
-
-
-def _weight_inputs(node) -> list[tuple[int, int, int]]:
-    """``[(input index, reduction axis, output axis)]`` in the consumer's (logical) layout;
-    negative axes count from the end."""
-    if node.domain not in ("", "ai.onnx"):
-        return []
-    if node.op_type == "MatMul":
-        return [(1, -2, -1)]
-    if node.op_type == "Gemm":
-        attr = node.attributes.get("transB")
-        trans_b = bool(attr.value) if attr is not None else False
-        return [(1, 1, 0) if trans_b else (1, 0, 1)]
-    if node.op_type == "Conv":
-        return [(1, 1, 0)]
-    return []
-
-
-def _load_onnx(path: str | Path):
-    import onnx_ir as ir
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise OnnxImportError(f"ONNX file '{path}' does not exist")
-    if p.is_dir():
-        raise OnnxImportError(f"ONNX file '{path}' is a directory")
-    try:
-        model = ir.load(str(p))
-    except Exception as e:
-        raise OnnxImportError(f"cannot read ONNX file '{path}': {_one_line(e)}") from e
-    if len(model.graph) == 0 and not model.opset_imports:
-        raise OnnxImportError(f"'{path}' is not an ONNX model (no graph, no opset)")
-    return model
-
-
-def check_onnx(path: str | Path, pattern: Any = None, *,
-               targets: str | Callable[[str], bool] = "blocks") -> SparsityReport:
-    """Check the constant weights of an ONNX file the way TensorRT sees them."""
-    pat = parse_pattern(pattern)
-    select = _target_fn(targets)
-    model = _load_onnx(path)
-    graph = model.graph
-    try:
-        graph.sort()
-    except Exception:  # noqa: BLE001 - an unsortable graph is walked in file order
-        pass
-    names = _Names(model)
-    const = _constant_values(graph)
-    report = SparsityReport("onnx", str(path), pat,
-                            targets if isinstance(targets, str) else "custom", [])
-    if not names.torch_provenance and targets == "blocks":
-        report.notes.append("no PyTorch provenance in the file: every constant weight is checked "
-                            "(decoder blocks cannot be told apart)")
-    seen: dict[tuple[int, int], LayerCheck] = {}
-    unknown = 0
-    for node in graph:
-        for index, logical_axis, out_axis in _weight_inputs(node):
-            if index >= len(node.inputs) or node.inputs[index] is None:
-                continue
-            found = _trace(node.inputs[index], const)
-            if found is None:
-                continue
-            node_label = node.name or f"{node.op_type}#{id(node)}"
-            if isinstance(found, _Found):
-                name, known = names.of(found.value)
-                shape = [int(d) for d in found.tensor.shape]
-                if len(shape) < 2:
-                    continue  # a vector, not a weight matrix
-            else:
-                src = _largest_source(found.value, const)
-                name, known = names.of(src[0]) if src else (found.value.name or node_label, False)
-            module = names.module_of(node)
-            if select is not None:
-                if targets != "blocks" or known:
-                    chosen = select(name)
-                elif module is not None:
-                    chosen = select(module + ".weight")
-                else:
-                    chosen = True
-                    unknown += names.torch_provenance
-                if not chosen:
-                    continue
-            if isinstance(found, _Hidden):
-                key = (id(found.value), -1)
-                if key in seen:
-                    seen[key].nodes.append(node_label)
-                    continue
-                tensor = src[1] if src else None
-                arr = tensor.numpy() if tensor is not None else None
-                zero = 1.0 - np.count_nonzero(arr) / arr.size if arr is not None and arr.size else 0.0
-                blocker = found.blocker
-                layer = LayerCheck(
-                    name=name, op=node.op_type,
-                    shape=[int(d) for d in tensor.shape] if tensor is not None else [],
-                    dtype=tensor.dtype.name if tensor is not None else "?", axis=None,
-                    reduction_size=None, output_size=None, zero_fraction=float(zero),
-                    status="not-visible", trt_sparse=False,
-                    reason=f"not a TensorRT-visible constant: reached through {blocker.op_type}"
-                    + (f" '{blocker.name}'" if blocker.name else ""),
-                    trt_reason="not a TensorRT-visible constant",
-                    initializer=src[0].name if src else None, nodes=[node_label],
-                    through=found.through + [blocker.op_type])
-                seen[key] = layer
-                report.layers.append(layer)
-                continue
-            axis = found.stored_axis(logical_axis)
-            key = (id(found.value), axis)
-            if key in seen:
-                seen[key].nodes.append(node_label)
-                continue
-            try:
-                arr = found.tensor.numpy()
-            except Exception as e:
-                raise OnnxImportError(f"cannot read weight '{found.value.name}' of '{path}': "
-                                      f"{_one_line(e)}") from e
-            dtype = found.tensor.dtype.name
-            dq = "DequantizeLinear" in found.through or "TRT_FP8DequantizeLinear" in found.through
-            layer = LayerCheck(
-                name=name, op=node.op_type, shape=shape, dtype=dtype, axis=axis,
-                reduction_size=shape[axis], output_size=shape[found.stored_axis(out_axis)],
-                zero_fraction=0.0, status="unchecked", initializer=found.value.name,
-                nodes=[node_label], through=found.through)
-            dtype_ok = dtype in _TRT_FLOAT or (dq and dtype in _TRT_QUANT)
-            seen[key] = layer
-            report.layers.append(_evaluate(layer, arr, pat, trt_dtype_ok=dtype_ok))
-    if unknown:
-        report.notes.append(f"{unknown} weight(s) without provenance were checked (block "
-                            "membership unknown)")
+            report.layers.append(evaluate(layer, w, pat, trt_dtype_ok=dtype_ok))
     return report
 
 
@@ -669,7 +168,7 @@ def check_model(spec: str, pattern: Any = None, *, targets: str = "blocks"
     from slimgraph.frontends.loading import load_model
 
     pat = parse_pattern(pattern)  # fail fast, before loading anything
-    _target_fn(targets)
+    target_fn(targets)
     path = Path(spec).expanduser()
     reports: list[SparsityReport] = []
     if path.is_dir():

@@ -6,7 +6,7 @@ only as an ONNX file, without module boundaries to hook: the graph is cut into o
 segment per decoder layer, and each segment becomes a small ONNX model of its own.
 
 Segments come from the graph, not from node names. Every target weight (a decoder-block
-linear) has a layer (its analysis group's, else the number in its name). For every node:
+linear, ``slimgraph/ir/blocks.py``) has a layer (its block number). For every node:
 
 * ``depth`` -- the highest layer of a target weight among its ancestors (itself
   included); ``-1`` for *side* nodes that no target feeds (the embedding lookup,
@@ -39,7 +39,6 @@ says so in its report.
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from slimgraph.errors import SlimgraphError
+from slimgraph.errors import PipelineError, SlimgraphError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
     from slimgraph.sparsity.reconstruct import GramAccumulator
 
 NOT_NEEDED = 1 << 30
-_LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
 class SegmentError(SlimgraphError):
@@ -79,22 +77,17 @@ class Segment:
 
 
 def target_layers(result, targets: list[Target]) -> dict[str, int]:
-    """Each target's layer: its analysis group's, else the block number in its name."""
-    layers: dict[str, int] = {}
-    for g in result.groups:
-        if g.layer is not None and g.kind in ("heads", "qheads", "mlp"):
-            for m in g.members:
-                layers.setdefault(m.param, g.layer)
+    """Each target's layer: its block number (:func:`slimgraph.ir.blocks.block_linears`
+    of the analysed graph)."""
+    from slimgraph.ir.blocks import block_linears
+
+    layers = {lin.weight: lin.layer for lin in block_linears(result.graph)}
     out = {}
     for t in targets:
-        if t.name in layers:
-            out[t.name] = layers[t.name]
-            continue
-        m = _LAYER_RE.search("." + t.name)
-        if m is None:
-            raise SegmentError(f"{t.name}: no layer (not in a per-layer group, no block number "
-                               "in its name)")
-        out[t.name] = int(m.group(1))
+        if t.name not in layers:
+            raise SegmentError(f"{t.name}: not a decoder-block linear (no block number in its "
+                               "name)")
+        out[t.name] = layers[t.name]
     return out
 
 
@@ -242,12 +235,11 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
     propagate, one segment after the other (see the module docstring). The statistics
     are :class:`~slimgraph.sparsity.reconstruct.GramAccumulator` s (channel norms; the Gram
     matrix too with ``hessian``), shared by targets that read the same activations."""
-    from slimgraph.sparsity.onnx_path import _batches, observe
     from slimgraph.sparsity.reconstruct import GramAccumulator
 
     runner = _Runner(model, tmp_parent)
     try:
-        chunks = list(_batches(_GraphInputs(model.graph), windows, batch))
+        chunks = list(batches(_GraphInputs(model.graph), windows, batch))
         last_use = {n: k for s in segments for n, k in s.last_use.items()}
         stored: list[dict[str, np.ndarray]] = [{} for _ in chunks]
         for i, s in enumerate(segments):
@@ -280,6 +272,36 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
         runner.close()
 
 
+def observe(acc: GramAccumulator, name: str, arr: np.ndarray) -> None:
+    """Add the activation ``name`` of one batch to ``acc``; a width that does not match
+    the weight reading it is a PipelineError naming the value."""
+    if arr.shape[-1] != acc.in_features:
+        raise PipelineError(f"calibration: the activation '{name}' has {arr.shape[-1]} "
+                            f"channels, the weight reading it expects {acc.in_features}")
+    acc.add(torch.from_numpy(arr))
+
+
+def batches(sess, windows: torch.Tensor, batch: int):
+    """Windows in batches the model's token input accepts (fixed axes are respected)."""
+    ids_in = next((i for i in sess.get_inputs() if "input_ids" in i.name), sess.get_inputs()[0])
+    shape = list(ids_in.shape) if ids_in.shape is not None else []
+    n, seqlen = windows.shape
+    if len(shape) != 2:
+        raise PipelineError(f"calibration: the ONNX input '{ids_in.name}' has shape {shape}, "
+                            "not [batch, sequence] token ids")
+    if isinstance(shape[1], int) and shape[1] != seqlen:
+        raise PipelineError(f"calibration: the ONNX input '{ids_in.name}' has a fixed length of "
+                            f"{shape[1]} tokens; set seqlen={shape[1]} (or --calib-seqlen)")
+    if isinstance(shape[0], int):
+        if n % shape[0]:
+            raise PipelineError(f"calibration: the ONNX input '{ids_in.name}' has a fixed batch "
+                                f"of {shape[0]}; use a multiple of it as samples ({n} given)")
+        batch = shape[0]
+    ids = windows.numpy()
+    for i in range(0, n, batch):
+        yield ids[i : i + batch]
+
+
 def _feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[str]
            ) -> dict[str, np.ndarray]:
     """The token feeds (ids, mask, positions) of the segment model plus its crossing
@@ -293,7 +315,7 @@ def _feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[st
 
 class _GraphInputs:
     """The model's inputs in the shape of ``InferenceSession.get_inputs()`` (name, shape)
-    for ``onnx_path._batches``, without building a session."""
+    for :func:`batches`, without building a session."""
 
     def __init__(self, graph):
         self._inputs = [_Arg(v.name, None if v.shape is None else

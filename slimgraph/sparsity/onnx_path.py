@@ -9,14 +9,14 @@ its module layout (``[out, in]`` for a linear whose provenance was recovered; th
 into the ``onnx_ir`` model (``Graph.meta["onnx_model"]``), transposed storage included.
 ``export-onnx`` then saves that model as ``OUTDIR/model.onnx``.
 
-Targets: the decoder-block linears -- ``LINEAR`` nodes whose weight is a stored constant
-that is a member of a per-layer ``heads``/``mlp`` group of the analysis (what the
-PyTorch path prunes) or whose name places it in a numbered block (the rule of
-``check-sparsity``; a dynamic-axis export can hide a projection's heads from the analysis
-when shape inference loses a dim, so the group test alone would miss it). Embeddings and
-``lm_head`` are never targets. Scores and masks are those of the PyTorch path
-(:func:`slimgraph.sparsity.scores.score`, ``nm_mask``, ``unstructured_mask``), N:M along
-the input (reduction) dim.
+Targets: the decoder-block linears (:func:`slimgraph.ir.blocks.block_linears`: ``LINEAR``
+nodes whose weight is named inside a numbered block -- the rule of ``check-sparsity`` and
+of the PyTorch path -- whatever the channel groups say, so a one-KV-head model's k/v and
+a dynamic-axis export whose shape inference lost a projection's heads are targets too);
+one that is not a stored 2-D constant is in the report's ``skipped`` with the reason.
+Embeddings and ``lm_head`` are never targets. Scores and masks are those of the PyTorch
+path (:func:`slimgraph.sparsity.scores.score`, ``nm_mask``, ``unstructured_mask``), N:M
+along the input (reduction) dim.
 
 Calibration (wanda, ria) is block-sequential as in the PyTorch path
 (``sparsity/onnx_blocks.py``): the graph is cut into one segment per decoder layer, and
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from slimgraph.errors import PipelineError
-
+from slimgraph.sparsity.onnx_blocks import batches, observe
 from slimgraph.sparsity.reconstruct import GramAccumulator
 
 if TYPE_CHECKING:
@@ -109,26 +110,27 @@ class Target:
     inputs: list[str] = field(default_factory=list)
     in_features: int = 0
     label: str = ""  # for reports: the module name, without an export wrapper's prefix
+    layer: int = -1  # its decoder block
 
 
-def find_targets(result) -> tuple[list[Target], list[str]]:
-    """The decoder-block linears of an imported ONNX graph (see the module docstring),
-    in graph order, and ``"name: why"`` for block weights that cannot be targeted."""
+def find_targets(result) -> tuple[list[Target], list[dict]]:
+    """The decoder-block linears of an imported ONNX graph
+    (:func:`slimgraph.ir.blocks.block_linears`), in graph order, and the report entries
+    (``skipped``: why) of block linears that cannot be targeted."""
     from slimgraph.frontends.onnx_import import OnnxParamHandle
+    from slimgraph.ir.blocks import block_linears
     from slimgraph.ir.graph import OpKind
-    from slimgraph.sparsity.check import _wrapper_prefix, in_decoder_block
+    from slimgraph.sparsity.block_prune import skipped as skip_entry
+    from slimgraph.sparsity.check_onnx import wrapper_prefix
 
-    in_groups = {m.param for g in result.groups if g.layer is not None
-                 and g.kind in ("heads", "qheads", "mlp") for m in g.members}
+    layer = {lin.weight: lin.layer for lin in block_linears(result.graph)}
     targets: dict[str, Target] = {}
     skipped: dict[str, str] = {}
     for node in result.graph.nodes:
         if node.kind is not OpKind.LINEAR:
             continue
         w = node.inputs[1]
-        if w is None or w.param is None:
-            continue
-        if w.name not in in_groups and not in_decoder_block(w.name):
+        if w is None or w.name not in layer:
             continue
         handle = w.param
         if not isinstance(handle, OnnxParamHandle) or not handle.targets or w.rank != 2:
@@ -136,7 +138,8 @@ def find_targets(result) -> tuple[list[Target], list[str]]:
             continue
         w_in = int(node.attrs["w_in"])
         t = targets.setdefault(w.name, Target(w.name, handle, w_in,
-                                              in_features=int(handle.shape[w_in])))
+                                              in_features=int(handle.shape[w_in]),
+                                              layer=layer[w.name]))
         if t.w_in != w_in:
             skipped[w.name] = "used with different input dims by different nodes"
             continue
@@ -145,11 +148,33 @@ def find_targets(result) -> tuple[list[Target], list[str]]:
             t.inputs.append(x.name)
     for name in skipped:
         targets.pop(name, None)
-    prefix = _wrapper_prefix({n for n in result.graph.params if "." in n})
+    prefix = wrapper_prefix({n for n in result.graph.params if "." in n})
+
+    def label(name: str) -> str:
+        return name.removeprefix(prefix).removesuffix(".weight")
+
     for t in targets.values():
-        label = t.name.removeprefix(prefix)
-        t.label = label.removesuffix(".weight")
-    return list(targets.values()), [f"{n}: {why}" for n, why in skipped.items()]
+        t.label = label(t.name)
+    def numel(name: str) -> int:
+        shape = getattr(result.graph.params.get(name), "shape", None) or ()
+        return int(np.prod(shape)) if all(isinstance(d, int) for d in shape) else 0
+
+    return list(targets.values()), [skip_entry(label(n), why, numel(n))
+                                    for n, why in skipped.items()]
+
+
+def claimed_weights(state: CompileState) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """The ONNX path's block linears (report labels) and a reader of a target's stored
+    weight as ``[out, in]`` (``sparsify``'s ``ensures``)."""
+    targets, skipped = find_targets(state.analysis())
+    by_label = {t.label or t.name: t for t in targets}
+
+    def weight_of(label: str) -> torch.Tensor:
+        t = by_label[label]
+        raw = t.handle.read()
+        return raw if t.w_in == 1 else raw.T
+
+    return [*by_label, *(r["name"] for r in skipped)], weight_of
 
 
 # --------------------------------------------------------------------------- calibration
@@ -207,7 +232,7 @@ def input_stats(model, targets: list[Target], windows: torch.Tensor, *, batch: i
         # the extra outputs of one run stay under RUN_BYTES (when the batch axis is free)
         per_window = 4 * windows.shape[1] * sum(_width(wanted[n], targets, n) for n in names)
         batch = max(1, min(batch, RUN_BYTES // max(per_window, 1)))
-        for chunk in _batches(sess, windows, batch):
+        for chunk in batches(sess, windows, batch):
             feeds = token_feeds(sess, chunk)
             outs = dict(zip(names, sess.run(names, feeds), strict=True)) if names else {}
             for name, acc in accs.items():
@@ -226,42 +251,12 @@ def input_stats(model, targets: list[Target], windows: torch.Tensor, *, batch: i
     return out
 
 
-def observe(acc: GramAccumulator, name: str, arr: np.ndarray) -> None:
-    """Add the activation ``name`` of one batch to ``acc``; a width that does not match
-    the weight reading it is a PipelineError naming the value."""
-    if arr.shape[-1] != acc.in_features:
-        raise PipelineError(f"calibration: the activation '{name}' has {arr.shape[-1]} "
-                            f"channels, the weight reading it expects {acc.in_features}")
-    acc.add(torch.from_numpy(arr))
-
-
 def _width(value, targets: list[Target], name: str) -> int:
     """Channels of an activation (its last dim, else the in-features of its weight)."""
     last = value.shape[-1] if value.shape is not None and len(value.shape) else None
     if isinstance(last, int):
         return last
     return next(t.in_features for t in targets if name in t.inputs)
-
-
-def _batches(sess, windows: torch.Tensor, batch: int):
-    """Windows in batches the model's token input accepts (fixed axes are respected)."""
-    ids_in = next((i for i in sess.get_inputs() if "input_ids" in i.name), sess.get_inputs()[0])
-    shape = list(ids_in.shape) if ids_in.shape is not None else []
-    n, seqlen = windows.shape
-    if len(shape) != 2:
-        raise PipelineError(f"calibration: the ONNX input '{ids_in.name}' has shape {shape}, "
-                            "not [batch, sequence] token ids")
-    if isinstance(shape[1], int) and shape[1] != seqlen:
-        raise PipelineError(f"calibration: the ONNX input '{ids_in.name}' has a fixed length of "
-                            f"{shape[1]} tokens; set seqlen={shape[1]} (or --calib-seqlen)")
-    if isinstance(shape[0], int):
-        if n % shape[0]:
-            raise PipelineError(f"calibration: the ONNX input '{ids_in.name}' has a fixed batch "
-                                f"of {shape[0]}; use a multiple of it as samples ({n} given)")
-        batch = shape[0]
-    ids = windows.numpy()
-    for i in range(0, n, batch):
-        yield ids[i : i + batch]
 
 
 # --------------------------------------------------------------------------- pruning
@@ -296,21 +291,21 @@ def prune_target(opts: Sparsify, t: Target, acc=None, result=None,
                  sparsity: float | None = None, plan: tuple | None = None) -> dict:
     """Score ``t``'s weight (``[out, in]``), permute its input channels when
     ``opts.permute`` says so (``onnx_permute``; ``result``: the analysis, for ``fold``),
-    prune it (:func:`~slimgraph.passes.sparsify.masked_weight`: masks, or SparseGPT's
+    prune it (:func:`~slimgraph.sparsity.block_prune.masked_weight`: masks, or SparseGPT's
     update with the Hessian of ``acc``, a
     :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`), write it back through its
     handle. ``sparsity``: this layer's (a per-layer schedule), else ``opts.sparsity``;
     ``plan``: its shared permutation under ``gather`` (:func:`gather_plans`)."""
-    from slimgraph.passes.sparsify import masked_weight
+    from slimgraph.sparsity.block_prune import masked_weight, skip_reason, skipped
     from slimgraph.sparsity.onnx_permute import permute_target
 
     raw = t.handle.read().float()
     w = raw if t.w_in == 1 else raw.T  # [out, in]
     label = t.label or t.name
     nm = opts.nm()
-    if nm is not None and w.shape[1] % nm[1]:
-        return {"name": label, "skipped": f"input size {w.shape[1]} is not divisible by {nm[1]}",
-                "numel": w.numel(), "zeros": 0}
+    why = skip_reason(opts, w.shape[1])
+    if why is not None:
+        return skipped(label, why, w.numel())
     act = acc.act_norm() if acc is not None else None
     hess = acc.hessian() if acc is not None and opts.needs_hessian() else None
     s = target_scores(opts, t, acc, w)
@@ -333,11 +328,12 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
     from slimgraph.passes.base import PassResult
     from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 
-    targets, skipped_names = find_targets(state.analysis())
+    targets, untargeted = find_targets(state.analysis())
     if not targets:
         raise PipelineError(f"pass '{opts.name}': no decoder-block linear with a stored weight "
                             "was found in the ONNX model"
-                            + (f" ({skipped_names[0]})" if skipped_names else ""))
+                            + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
+                               if untargeted else ""))
     samples = opts.samples or state.calib.get("samples", 64)
     seqlen = opts.seqlen or state.calib.get("seqlen", 512)
     source = calib_source(opts, state)
@@ -370,7 +366,7 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
                                         plans.get(t.name))
             if state.progress:
                 state.progress(i + 1, len(targets), "linears")
-    layers = [done[t.name] for t in targets]
+    layers = [done[t.name] for t in targets] + untargeted
     skipped = [r for r in layers if r.get("skipped")]
     pruned = [r for r in layers if not r.get("skipped")]
     if not pruned:
@@ -386,7 +382,7 @@ def sparsify_onnx(opts: Sparsify, state: CompileState):
                               "source": source if data else None,
                               "samples": samples if data else 0, "seqlen": seqlen},
               "layers": layers,
-              "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped] + skipped_names,
+              "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped],
               "sparsity": zeros / total, "notes": notes}
     if opts.permute != "none":
         report["permutation"] = opts.permutation_summary(pruned)

@@ -71,7 +71,8 @@ def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.
     if opts.permute == "mask-only":
         res = search_permutation(s, n, m, mode=opts.search)
         info.update(realised="mask-only", kept_before=res.kept_before,
-                    kept_after=res.kept_after, seconds=round(res.seconds, 3))
+                    kept_after=res.kept_after, seconds=round(res.seconds, 3),
+                    perm=res.perm.tolist())  # the order in which the stored weight is N:M
         return w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
     if opts.permute == "gather" and plan is not None:
         idx, shared = plan
