@@ -41,8 +41,8 @@ from slimgraph.frontends.hf_build import (
     SEED,
     build_from_config,
     is_causal_lm,
-    module_device,
     model_class,
+    module_device,
     note,
     one_line,
     quiet_transformers,
@@ -53,6 +53,7 @@ from slimgraph.frontends.model_folder import (
     refuse_custom_code,
     refuse_custom_code_in,
 )
+from slimgraph.frontends.pruned_checkpoint import is_pruned_checkpoint, load_pruned
 
 __all__ = [
     "ALIASES",
@@ -328,8 +329,6 @@ def _load_hf_dir(
         note(f"loading {spec} ...")
     with quiet_transformers():
         try:
-            from slimgraph.backends.hf_checkpoint import is_pruned_checkpoint, load_pruned
-
             if is_pruned_checkpoint(path):  # per-layer sizes: slimgraph's own loader
                 model = load_pruned(path, dtype=dtype)
             else:

@@ -40,6 +40,7 @@ from slimgraph.errors import ModelLoadError, SlimgraphError
 from slimgraph.frontends.hf_build import model_class, one_line, quiet_transformers
 from slimgraph.frontends.loading import LoadedModel, gguf_cache_dir, read_config, try_tokenizer
 from slimgraph.frontends.model_folder import check_folder, check_size, refuse_custom_code_in
+from slimgraph.frontends.pruned_checkpoint import SECTION
 from slimgraph.io import atomic_write_json, make_temp_dir
 from slimgraph.memory import release_free_heap
 
@@ -120,8 +121,6 @@ def load_offloaded(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedMo
     """An HF safetensors directory as a model on the meta device (real buffers), its
     config and tokenizer; weights are read later by :class:`Offload`."""
     from accelerate import init_empty_weights
-
-    from slimgraph.backends.hf_checkpoint import SECTION
 
     cached = gguf_cache_dir(spec)  # a GGUF: its de-quantized safetensors cache
     path = cached if cached is not None else Path(spec).expanduser()
