@@ -29,6 +29,8 @@ hf-config:llama-2-7b and hf-config:llama-2-70b are built in).
 
 
 def _parser() -> argparse.ArgumentParser:
+    from slimgraph import bench, evaluation
+
     p = argparse.ArgumentParser(
         prog="slimgraph",
         description="slimgraph: a pruning compiler for neural networks, LLMs first.",
@@ -54,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="show the op-kind histogram and ops without a channel rule")
     ins.add_argument("--all", action="store_true", help="also list unprunable groups")
     ins.add_argument("--print-ir", action="store_true", help="print the IR as text")
-    ins.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
+    ins.add_argument("--seq", type=evaluation.positive_int, default=7,
+                     help="tokens in the example input used to trace the model (default 7)")
     ins.set_defaults(func=cmd_inspect)
 
     from slimgraph.passes import registry
@@ -84,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--print-after", action="append", default=[], metavar="PASS",
                       help="print the IR after PASS (repeatable)")
     comp.add_argument("--time-passes", action="store_true", help="print a timing table")
-    comp.add_argument("--seq", type=int, default=7, help="example sequence length for tracing")
+    comp.add_argument("--seq", type=evaluation.positive_int, default=7,
+                      help="tokens in the example input used to trace the model (default 7)")
     comp.add_argument("--calib-file", metavar="PATH",
                       help="calibration data for passes that need it: a text file, Alpaca "
                       "JSON/JSONL, 'wikitext2-calib' (the WikiText-2 calibration text shipped "
@@ -98,7 +102,6 @@ def _parser() -> argparse.ArgumentParser:
                            "(an HF safetensors directory; sparsify and save-hf only)")
     comp.set_defaults(func=cmd_compile)
 
-    from slimgraph import bench, evaluation
     from slimgraph.passes import help as pass_help
 
     pass_help.add_parser(sub)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         with termination_as_interrupt():  # SIGTERM / SIGHUP clean up like Ctrl-C
             return args.func(args)
     except SlimgraphError as e:
-        print(f"slimgraph: error: {e}", file=sys.stderr)
+        print("slimgraph: error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt as e:
         print(f"slimgraph: interrupted{f' ({e})' if str(e) else ''}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections import defaultdict
@@ -12,7 +13,9 @@ from slimgraph.data import resolve_text
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.ir.graph import OpKind
-from slimgraph.outdir import REPORT, OutdirError, Transaction, check_not_input, top_level_names
+from slimgraph.outdir import (REPORT, HelperProcessOutputs, OutdirError, Transaction,
+                              check_not_input, helper_process, relocate,
+                              top_level_names)
 from slimgraph.passes.base import CompileState
 from slimgraph.passes.pipeline import PassManager, from_text_or_file
 
@@ -115,13 +118,15 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
             p.check_offload(calib)
     check_input_files(passes, calib)
     check_not_input(out_dir, input_paths(spec))
-    tx = Transaction(out_dir, overwrite=overwrite)
+    tx = HelperProcessOutputs(out_dir) if helper_process() else \
+        Transaction(out_dir, overwrite=overwrite)
     staging = tx.begin()
     try:
         report = _compile(spec, passes, tx, staging, verify=verify, print_after=print_after,
                           seq=seq, console=console, printer=printer, calib=calib,
                           offload=offload)
         records = report.pop("_records")
+        report = relocate(report, str(staging), str(out_dir))
         tx.commit(report)
     except SlimgraphError as e:
         tx.abort()
@@ -159,8 +164,11 @@ def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
             loaded = load_model(spec)
         if status:
             status.update("tracing ...")
-        state = CompileState(loaded=loaded, out_dir=staging, keep_dir=tx.out_dir, seq=seq,
+        state = CompileState(loaded=loaded, out_dir=staging, keep_dir=tx.keep_dir, seq=seq,
                              calib=calib)
+        if loaded.model is not None and any(p.uses_input_model() for p in passes):
+            # the model before any pass changed it (a distillation teacher), frozen
+            state.input_model = copy.deepcopy(loaded.model).eval().requires_grad_(False)
         state.graph = graph_of(loaded, seq=seq)
         if verify:
             verify_graph(state.graph)
@@ -192,7 +200,7 @@ def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
             state.offload.close()
         if status:
             status.stop()
-    files = [tx.final_path(f) for f in state.files]
+    files = list(state.files)
     report: dict[str, Any] = {
         "model": spec,
         "pipeline": [p.describe() for p in passes],

@@ -116,6 +116,7 @@ class Transaction:
         self.created: list[Path] = []  # directories this compile made (removed on abort)
         self.lock_fd: int | None = None
         self.id = uuid.uuid4().hex
+        self.keep_dir = self.out_dir  # what must outlive a failed compile goes here
 
     # ------------------------------------------------------------------ begin
 
@@ -221,14 +222,6 @@ class Transaction:
 
     # ------------------------------------------------------------------ end
 
-    def final_path(self, path: str | Path) -> str:
-        """Where a path inside the staging folder lives once committed."""
-        p = Path(path)
-        try:
-            return str(self.out_dir / p.relative_to(self.staging))
-        except ValueError:
-            return str(p)
-
     def commit(self, report: dict[str, Any]) -> Path:
         """Move the staged outputs into OUTDIR (the earlier ones aside), then write
         ``report.json`` (with this compile's id) last."""
@@ -284,6 +277,36 @@ class Transaction:
         self.lock_fd = None
 
 
+class HelperProcessOutputs:
+    """What a helper process of a multi-process run (``RANK`` > 0 under ``accelerate
+    launch`` / ``torchrun``) writes to: a private temp folder, removed at the end. The
+    main process alone locks, stages and commits OUTDIR."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.keep_dir = None
+        self.staging: Path | None = None
+
+    def begin(self) -> Path:
+        import tempfile
+
+        self.staging = Path(tempfile.mkdtemp(prefix="slimgraph-helper-process-"))
+        return self.staging
+
+    def commit(self, report: dict[str, Any]) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+
+def helper_process() -> bool:
+    """True in a non-main process of a multi-process (distributed) launch."""
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
 # ---------------------------------------------------------------------- signals
 
 
@@ -332,6 +355,18 @@ def signals_held() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def relocate(obj: Any, old: str, new: str) -> Any:
+    """``obj`` (a report) with every string naming a path under ``old`` renamed to
+    ``new``: staged files as they are called once committed."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj.startswith(old) else obj.replace(old + os.sep, new + os.sep)
+    if isinstance(obj, dict):
+        return {k: relocate(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [relocate(v, old, new) for v in obj]
+    return obj
 
 
 def _names(value: Any) -> list[str]:

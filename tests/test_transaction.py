@@ -78,7 +78,9 @@ def test_a_planted_l0_checkpoint_is_not_unpickled(tiny_dir, tmp_path, capsys):
     pipe = f"l0{{target=0.3,steps=2,data={tmp_path / 'train.txt'},seqlen=32,prompt=none}},remove"
     assert compile_(tiny_dir, tmp_path / "o", pipe) == 2
     err = capsys.readouterr().err
-    assert "l0.pt" in err and "cannot be read" in err and len(err.strip().splitlines()) == 1
+    errors = [line for line in err.splitlines() if line.startswith("slimgraph: error:")]
+    assert len(errors) == 1 and "l0.pt" in errors[0] and "never unpickled" in errors[0]
+    assert "Traceback" not in err
     assert not marker.exists()
 
 

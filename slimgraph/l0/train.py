@@ -171,8 +171,10 @@ def _read_checkpoint(path: Path, fingerprint: str, label: str) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ck, dict):
             raise ValueError("not a checkpoint dictionary")
-    except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: say which file
-        raise PipelineError(f"pass '{label}': checkpoint '{path}' cannot be read ({e}); delete "
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign checkpoint: say which file
+        why = "it holds more than tensors and plain data, which are never unpickled" \
+            if "weights_only" in str(e) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"pass '{label}': checkpoint '{path}' cannot be read ({why}); delete "
                             "it to start over") from None
     if ck.get("fingerprint") != fingerprint:
         raise PipelineError(f"pass '{label}': checkpoint '{path}' was written by a different "

@@ -46,6 +46,9 @@ class CompileState:
     calib: dict[str, Any] = field(default_factory=dict)  # file, samples, seqlen defaults
     progress: Any = None  # callable(done, total) for long passes, set by the driver
     original_config: Any = None  # the HF config before any pass changed it
+    # a frozen copy of the model as loaded, kept when a pass asks for it
+    # (Pass.uses_input_model: a distillation teacher)
+    input_model: Any = None
     # compile --offload: the weights' whereabouts (slimgraph.sparsity.offload.Offload);
     # blocks not being worked on stay on the meta device
     offload: Any = None
@@ -123,6 +126,10 @@ class Pass:
             raise PipelineError(f"pass '{self.name}' needs the whole model in memory and cannot "
                                 "run with --offload (offloaded pipelines take sparsify and "
                                 "save-hf; run other passes on the saved OUTDIR/hf)")
+
+    def uses_input_model(self) -> bool:
+        """Does this pass read the model as loaded (``state.input_model``)?"""
+        return False
 
     def check_options(self) -> None:
         """Validate options; raise ``self.option_error`` naming the option."""

@@ -134,6 +134,9 @@ class Distill(Pass):
     save_every: int = 50
     checkpoint: str = ""  # default OUTDIR/distill-checkpoint
 
+    def uses_input_model(self) -> bool:
+        return bool(not self.teacher)  # the teacher: the model as loaded
+
     def check_options(self) -> None:
         for opt in ("steps", "batch", "accum", "seqlen", "samples", "save_every", "lora_rank",
                     "lora_alpha"):

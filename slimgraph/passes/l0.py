@@ -93,6 +93,9 @@ class L0(Pass):
     teacher: str = ""  # distill=true: default the pipeline's input model
     temperature: float = 1.0
 
+    def uses_input_model(self) -> bool:
+        return bool(self.distill and not self.teacher)  # the teacher: the model as loaded
+
     def check_options(self) -> None:
         for opt in ("target", "heads_target", "mlp_target"):
             val = getattr(self, opt)
