@@ -144,7 +144,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                                  "seqlen": args.calib_seqlen},
                            offload=args.offload, overwrite=args.overwrite)
     from slimgraph.compile import render_summary
+    from slimgraph.outdir import helper_process
 
+    if helper_process():  # a multi-process launch: the main process reports
+        return 0
     render_summary(report, out)
     if args.time_passes:
         from slimgraph.passes.pipeline import timing_table

@@ -148,6 +148,9 @@ def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
     from slimgraph.frontends.loading import load_model
     from slimgraph.ir.verifier import verify as verify_graph
 
+    if isinstance(tx, HelperProcessOutputs):  # the main process alone writes the outputs
+        passes = [p for p in passes if not p.writes_files]
+        print_after = {n for n in (print_after or set()) if n in {p.name for p in passes}}
     manager = PassManager(passes, verify=verify, print_after=print_after, printer=printer)
     t0 = time.perf_counter()
     what = " (offloaded: config and non-block weights)" if offload else ""

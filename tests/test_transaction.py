@@ -368,3 +368,21 @@ def test_bad_file_arguments_fail_before_loading(tmp_path, capsys, monkeypatch, a
     err = capsys.readouterr().err
     assert rc == 2 and needle.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_two_process_launch_writes_one_outdir(tiny_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): the helper process
+    trains along but neither locks nor writes OUTDIR; the main process commits it."""
+    (tmp_path / "train.txt").write_text(zoo.tiny_text(2000, seed=3))
+    out = tmp_path / "o"
+    launcher = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimgraph.cli", "compile",
+         str(tiny_dir), "-p", f"prune-structured{{mlp=0.5}},distill{{steps=4,batch=2,seqlen=32,"
+         f"data={tmp_path / 'train.txt'}}},save-hf", "-o", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = assert_complete(out)
+    assert [p["name"] for p in report["passes"]] == ["prune-structured", "distill", "save-hf"]
