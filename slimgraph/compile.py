@@ -17,6 +17,7 @@ from slimgraph.outdir import (REPORT, HelperProcessOutputs, OutdirError, Transac
                               check_not_input, helper_process, relocate,
                               top_level_names)
 from slimgraph.passes.base import CompileState
+from slimgraph.progress import Progress
 from slimgraph.passes.pipeline import PassManager, from_text_or_file
 
 
@@ -154,9 +155,9 @@ def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
     manager = PassManager(passes, verify=verify, print_after=print_after, printer=printer)
     t0 = time.perf_counter()
     what = " (offloaded: config and non-block weights)" if offload else ""
-    status = console.status(f"loading {spec}{what} ...") if console is not None else None
-    if status:
-        status.start()
+    shown = Progress(console) if console is not None else None
+    if shown:
+        shown.step(f"loading {spec}{what}")
     state = None
     try:
         if offload:
@@ -164,9 +165,9 @@ def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
 
             loaded = load_offloaded(spec)
         else:
-            loaded = load_model(spec)
-        if status:
-            status.update("tracing ...")
+            loaded = load_model(spec, verbose=shown is None)  # shown says it already
+        if shown:
+            shown.step("tracing")
         state = CompileState(loaded=loaded, out_dir=staging, keep_dir=tx.keep_dir, seq=seq,
                              calib=calib)
         if loaded.model is not None and any(p.uses_input_model() for p in passes):
@@ -180,29 +181,24 @@ def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
         t_load = time.perf_counter() - t0
 
         def on_start(p, i, n):
-            if status:
-                status.update(f"pass {i + 1}/{n}: {p.describe()} ...")
-
-                def progress(done, total, unit="blocks", info="", p=p, i=i, n=n):
-                    extra = f" ({info})" if info else ""
-                    status.update(f"pass {i + 1}/{n}: {p.describe()} ... {done}/{total} {unit}{extra}")
-
-                state.progress = progress
+            if shown:
+                shown.step(f"pass {i + 1}/{n}: {p.describe()}")
+                state.progress = shown.update  # (done, total, unit, info), with an ETA
 
         manager.on_start = on_start
         if offload:
             from slimgraph.sparsity.offload import Offload
 
-            if status:
-                status.update("reading the weights outside the decoder blocks ...")
+            if shown:
+                shown.step("reading the weights outside the decoder blocks")
             state.offload = Offload.for_state(loaded, state.analysis(), state.out_dir)
         records = manager.run(state)
         after = linear_stats(state.analysis(), kinds)
     finally:
         if state is not None and state.offload is not None:
             state.offload.close()
-        if status:
-            status.stop()
+        if shown:
+            shown.stop()
     files = list(state.files)
     report: dict[str, Any] = {
         "model": spec,
