@@ -63,6 +63,9 @@ def main() -> None:
             "calib_samples": rec.get("calibration", {}).get("samples", 16),
         }
         print(name, json.dumps(rows[name]), flush=True)
+        # re-read first: rows written meanwhile by another run of this script are kept
+        rows = {**(json.loads(path.read_text())["rows"] if path.exists() else {}),
+                name: rows[name]}
         write_result(path, {n: rows[n] for n in CONFIGS if n in rows})
     rows = {n: rows[n] for n in CONFIGS if n in rows}
     print("| size | method | params | ppl | prune s | linears refitted |")
