@@ -20,6 +20,7 @@ examples:
   slimgraph inspect model.onnx --json > groups.json   machine-readable groups
   slimgraph inspect smollm2-135m --ops --all          op kinds, barriers, unprunable groups
   slimgraph inspect smollm2-135m --dot graph.dot      graph with groups coloured (+ SVG if Graphviz)
+  slimgraph inspect smollm2-135m --html graph.html    groups and zoomable graph, one page (no network)
   slimgraph inspect --diff smollm2-135m out/c/hf       what a compile changed
 
 MODEL is one of: an HF model directory, a .gguf file, a .onnx file, the alias
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="build the model on the meta device: no weights, no memory")
     ins.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     ins.add_argument("--dot", metavar="FILE", help="write the graph as Graphviz DOT (and SVG)")
+    ins.add_argument("--html", metavar="FILE", help="write a self-contained HTML page: groups "
+                     "table and the graph with groups coloured (zoomable)")
     ins.add_argument("--ops", action="store_true",
                      help="show the op-kind histogram and ops without a channel rule")
     ins.add_argument("--all", action="store_true", help="also list unprunable groups")
@@ -171,6 +174,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return _inspect_diff(args, err)
     if not args.model:
         raise SlimgraphError("inspect needs a MODEL (or --diff A B)")
+    if args.html:
+        from slimgraph.report_html import check_writable
+        check_writable(args.html)  # before the model loads
     t0 = time.perf_counter()
     with err.status(f"loading {args.model} ..."):
         loaded = load_model(args.model, meta=args.meta)
@@ -184,6 +190,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     t3 = time.perf_counter()
     timing = {"load_s": round(t1 - t0, 3), "trace_s": round(t2 - t1, 3),
               "analysis_s": round(t3 - t2, 3)}
+    if args.html:
+        from slimgraph.report_html import render_inspect, write_html
+        err.print(f"wrote {write_html(args.html, render_inspect(graph, result))}")
     if args.dot:
         written = write_dot(graph, result, args.dot)
         err.print("wrote " + ", ".join(str(p) for p in written))

@@ -128,6 +128,12 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
                           offload=offload)
         records = report.pop("_records")
         report = relocate(report, str(staging), str(out_dir))
+        if isinstance(tx, Transaction):  # report.html beside report.json, committed with it
+            from slimgraph.report_html import render_compile, write_html
+
+            report["outputs"].insert(report["outputs"].index(REPORT), "report.html")
+            report["files"].append(str(out_dir / "report.html"))
+            write_html(staging / "report.html", render_compile(report))
         tx.commit(report)
     except SlimgraphError as e:
         tx.abort()

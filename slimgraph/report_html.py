@@ -17,6 +17,7 @@ from typing import Any
 
 from slimgraph.errors import SlimgraphError
 
+UNKNOWN_FILL = "#ff8fa3"
 PALETTE = ["#2a9d8f", "#e76f51", "#457b9d", "#f4a261", "#8e7dbe", "#6a994e", "#bc4749"]
 
 CSS = """
@@ -448,6 +449,7 @@ PAN_ZOOM = """
 var svg=document.getElementById('graph');if(!svg)return;
 var vb=svg.getAttribute('viewBox').split(' ').map(Number),full=vb.slice();
 function set(){svg.setAttribute('viewBox',vb.join(' '));}
+var r0=svg.getBoundingClientRect();if(r0.width>0){vb[3]=Math.min(full[3],full[2]*r0.height/r0.width);set();}
 function pt(e){var r=svg.getBoundingClientRect();return[vb[0]+(e.clientX-r.left)/r.width*vb[2],
 vb[1]+(e.clientY-r.top)/r.height*vb[3]];}
 function zoom(f,c){vb[0]=c[0]-(c[0]-vb[0])*f;vb[1]=c[1]-(c[1]-vb[1])*f;vb[2]*=f;vb[3]*=f;set();}
@@ -525,7 +527,7 @@ def render_inspect(graph, result) -> str:
     parts.append("</g>")
     for n in graph.nodes:
         x, y = pos[n.name]
-        fill = "#e76f51" if n.kind is OpKind.UNKNOWN else "#f8f9fa"
+        fill = UNKNOWN_FILL if n.kind is OpKind.UNKNOWN else "#f8f9fa"
         gids: set[int] = set()
         for v in n.inputs:
             if v is not None and v.name in graph.params:
@@ -549,7 +551,7 @@ def render_inspect(graph, result) -> str:
                 "click a group row to highlight the nodes using its parameters</span></p>")
     kinds_used = sorted({g.kind for g in result.groups})
     leg = legend([(k, KIND_COLORS.get(k, "#dddddd")) for k in kinds_used]
-                 + [("op without a channel rule", "#e76f51")])
+                 + [("op without a channel rule", UNKNOWN_FILL)])
     rows = []
     for g in result.groups:
         unit = g.unit if g.unit != "kv-group" else f"kv-group ({g.queries_per_unit} q heads)"
