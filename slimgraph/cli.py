@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="slimgraph",
         description="slimgraph: a pruning compiler for neural networks, LLMs first.",
     )
+    from slimgraph import __version__
+
+    p.add_argument("--version", action="version", version=f"slimgraph {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ins = sub.add_parser(
         "inspect",
@@ -94,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="tokens in the example input used to trace the model (default 7)")
     comp.add_argument("--calib-file", metavar="PATH",
                       help="calibration data for passes that need it: a text file, Alpaca "
-                      "JSON/JSONL, 'wikitext2-calib' (the WikiText-2 calibration text shipped "
-                      "with slimgraph), or 'self' (text sampled from the model; the default)")
+                      "JSON/JSONL, 'wikitext2-calib' (the default: the WikiText-2 calibration "
+                      "text shipped with slimgraph), or 'self' (text sampled from the model)")
     comp.add_argument("--calib-samples", type=int, default=64, metavar="N",
                       help="calibration windows (default 64)")
     comp.add_argument("--calib-seqlen", type=int, default=512, metavar="L",

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from slimgraph.data import resolve_text
+from slimgraph.data import DEFAULT_CALIB, resolve_text
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.ir.graph import OpKind
@@ -110,7 +110,8 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
         if key in calib and (not isinstance(calib[key], int) or calib[key] < 1):
             raise SlimgraphError(f"--calib-{key} must be a positive whole number, "
                                  f"got {calib[key]!r}")
-    calib["file"] = resolve_text(calib.get("file"))  # shipped texts by name (wikitext2-calib)
+    # shipped texts by name; without --calib-file, WikiText-2's calibration part
+    calib["file"] = resolve_text(calib.get("file") or DEFAULT_CALIB)
     for p in passes:
         for opt, value in p.input_files():
             setattr(p, opt, resolve_text(value))

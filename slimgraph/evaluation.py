@@ -1,4 +1,4 @@
-"""Perplexity evaluation: the protocol of docs/BENCHMARK.md and the ``slimgraph eval`` command.
+"""Perplexity evaluation: the protocol of docs/benchmark-protocol.md and the ``slimgraph eval`` command.
 
 Protocol: tokenize the evaluation text without special tokens (no BOS), cut the token list
 into non-overlapping windows of ``seqlen`` tokens from its start, keep the first
@@ -610,8 +610,8 @@ file, hf-config:PATH.json, or a compile output directory (with hf/ and/or model.
 the tokenizer files). --backend auto runs hf/ (or any PyTorch model) with PyTorch and
 model.onnx with ONNX Runtime (CUDA when onnxruntime-gpu finds a GPU, else CPU).
 
-The protocol's text (docs/BENCHMARK.md): the first 75% of the characters of WikiText-2
-raw wiki.test.raw, saved as eval.txt with LF line endings; there is no built-in text.
+The protocol's text (docs/benchmark-protocol.md): the first 75% of the characters of
+WikiText-2 raw wiki.test.raw with LF line endings, shipped with slimgraph as 'wikitext2'.
 """
 
 

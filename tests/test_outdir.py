@@ -36,8 +36,8 @@ def test_an_earlier_compile_is_refused_then_replaced(tiny_dir, tmp_path, capsys)
     assert _compile(tiny_dir, out, "prune-structured{mlp=0.25},save-hf", "--overwrite") == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"] == ["prune-structured{mlp=0.25}", "save-hf"]
-    assert report["outputs"] == ["hf", "report.json"]
-    assert sorted(p.name for p in out.iterdir()) == ["hf", "notes.txt", "report.json"]
+    assert report["outputs"] == ["hf", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "notes.txt", "report.html", "report.json"]
 
 
 def test_a_failed_overwrite_puts_the_earlier_compile_back(tiny_dir, tmp_path, capsys):
@@ -49,7 +49,7 @@ def test_a_failed_overwrite_puts_the_earlier_compile_back(tiny_dir, tmp_path, ca
     rc = _compile(tiny_dir, out, "prune-structured{mlp=0.25},save-hf,export-onnx,"
                   "check-sparsity{pattern=2:4}", "--overwrite")
     assert rc == 2 and "2:4 does not hold" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["hf", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "report.html", "report.json"]
     assert (out / "report.json").read_bytes() == report
     assert (out / "hf" / "model.safetensors").read_bytes() == weights
 

@@ -207,9 +207,9 @@ class Sparsify(Pass):
             raise self.option_error("permute", f"{self.permute} changes weights outside one "
                                     "block and cannot run with --offload (mask-only can)")
         if self.needs_data() and str(self.calib or calib.get("file") or "self") == "self":
-            raise self.option_error("calib", "text sampled from the model itself ('self', the "
-                                    "default without --calib-file) needs the whole model in "
-                                    "memory; give --calib-file with --offload")
+            raise self.option_error("calib", "text sampled from the model itself ('self') needs "
+                                    "the whole model in memory; give a calibration file with "
+                                    "--offload (--calib-file)")
 
     def needs_data(self) -> bool:
         """Calibration text is needed: for the score, the reconstruction, or OWL's

@@ -171,7 +171,7 @@ def test_input_directory_untouched(tiny, tmp_path):
     ("prune-structured{mlp=0.5},save-hf", "prune-structured"),
     ("sparsify{score=magnitude,pattern=2:4},check-sparsity", "check-sparsity"),
     ("sparsify{score=ria,pattern=2:4,permute=gather},save-hf", "permute"),
-    ("sparsify{score=wanda,pattern=2:4},save-hf", "--calib-file"),  # calib=self
+    ("sparsify{score=wanda,pattern=2:4,calib=self},save-hf", "--calib-file"),
 ])
 def test_refused_before_any_work(tiny, tmp_path, capsys, pipeline, named):
     out = tmp_path / "out"
