@@ -1,35 +1,50 @@
-"""The README's main job (scripts/main) asks for a pipeline slimgraph accepts."""
+"""The README's main job (scripts/main -> scripts/main_job.py) asks for a pipeline
+slimgraph accepts, and passes its arguments through."""
 
 from __future__ import annotations
 
-import subprocess
+import importlib.util
 from pathlib import Path
 
 from slimgraph.passes.pipeline import from_text_or_file
 
-MAIN = Path(__file__).resolve().parents[1] / "scripts" / "main"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def _pipeline(*args: str) -> str:
-    """What scripts/main sets PIPELINE to for ``args``: its own assignment lines, run by
-    bash (a '}' inside "${1:-...}" once cut the default short)."""
-    lines = [ln for ln in MAIN.read_text().splitlines()
-             if ln.startswith(("DEFAULT_PIPELINE=", "PIPELINE="))]
-    assert len(lines) == 2, lines
-    script = "set -eu\n" + "\n".join(lines) + '\nprintf %s "$PIPELINE"\n'
-    out = subprocess.run(["bash", "-c", script, "main", *args], capture_output=True,
-                         text=True, check=True)
-    return out.stdout
+def _main_job():
+    spec = importlib.util.spec_from_file_location("main_job", SCRIPTS / "main_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_default_pipeline_is_valid():
-    text = _pipeline()
-    passes = from_text_or_file(text)
+def test_default_pipeline_is_valid_and_recovers():
+    passes = from_text_or_file(_main_job().PIPELINE)
     assert [p.name for p in passes] == ["prune-structured", "save-hf", "export-onnx"]
     prune = passes[0]
-    assert (prune.heads, prune.mlp, prune.importance) == (0.33, 0.25, "act")
+    assert (prune.mlp, prune.importance) == (0.27, "act")
+    assert prune.reconstruct is not False  # the refit is on whenever there is calibration text
 
 
-def test_an_argument_replaces_the_pipeline():
-    assert _pipeline("prune-structured{mlp=0.5},export-onnx") == \
-        "prune-structured{mlp=0.5},export-onnx"
+def test_scripts_main_hands_its_arguments_to_the_job():
+    text = (SCRIPTS / "main").read_text()
+    assert 'exec .venv/bin/python scripts/main_job.py "$@"' in text and "scripts/setup" in text
+
+
+def test_an_argument_replaces_the_pipeline(monkeypatch):
+    job = _main_job()
+    calls = []
+
+    def fake_run(args, *, capture=False):
+        calls.append(args)
+        raise SystemExit(0)  # stop after the first command
+
+    monkeypatch.setattr(job, "run", fake_run)
+    try:
+        job.main(["prune-structured{mlp=0.5},export-onnx", "--calib-samples", "8"])
+    except SystemExit:
+        pass
+    compile_args = calls[0]
+    assert compile_args[1:3] == ["compile", "smollm2-135m"]
+    assert compile_args[compile_args.index("-p") + 1] == "prune-structured{mlp=0.5},export-onnx"
+    assert compile_args[compile_args.index("--calib-samples") + 1] == "8"
