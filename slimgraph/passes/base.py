@@ -17,6 +17,11 @@ from typing import Any, ClassVar
 from slimgraph.errors import PipelineError
 
 
+def split_names(text: str) -> list[str]:
+    """An option listing names (``q_proj v_proj``, ``q_proj+v_proj``, ``heads,mlp``)."""
+    return [t for t in text.replace(",", " ").replace("+", " ").split() if t]
+
+
 @dataclass
 class PassResult:
     modified: bool

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from slimgraph.errors import PipelineError
-from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.base import CompileState, Pass, PassResult, split_names
 from slimgraph.passes.registry import register
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,10 +104,6 @@ def self_examples(tokenizer, teacher, seqlen: int, samples: int, seed: int):
                                 seed=seed)
     windows = [tokens[i:i + seqlen] for i in range(0, len(tokens) - 1, seqlen)]
     return [Example(list(w), list(w)) for w in windows if len(w) >= 2]
-
-
-def _names(text: str) -> list[str]:
-    return [t for t in text.replace(",", " ").replace("+", " ").split() if t]
 
 
 @dataclass
@@ -203,7 +199,7 @@ class Distill(Pass):
         return load_examples(state.loaded.tokenizer, data, "", self.seqlen, self.name)
 
     def lora_targets(self, model: torch.nn.Module) -> list[str]:
-        names = _names(self.lora)
+        names = split_names(self.lora)
         if names == ["all"]:
             leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear)}

@@ -43,15 +43,11 @@ from pathlib import Path
 import torch
 
 from slimgraph.errors import PipelineError
-from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.base import CompileState, Pass, PassResult, split_names
 from slimgraph.passes.registry import register
 
 KINDS = ("heads", "mlp", "hidden")
 FINALIZE_ONLY = ("finalize", "kept_values")  # options not in the training checkpoint's identity
-
-
-def _names(text: str) -> list[str]:
-    return [t for t in text.replace(",", " ").replace("+", " ").split() if t]
 
 
 @dataclass
@@ -101,12 +97,12 @@ class L0(Pass):
             val = getattr(self, opt)
             if val is not None and not 0.0 < val < 1.0:
                 raise self.option_error(opt, f"target sparsity {val} is outside (0, 1)")
-        bad = [k for k in _names(self.kinds) if k not in KINDS]
-        if bad or not _names(self.kinds):
+        bad = [k for k in split_names(self.kinds) if k not in KINDS]
+        if bad or not split_names(self.kinds):
             raise self.option_error("kinds", f"{' '.join(bad) or 'nothing'}: choose from "
                                     f"{', '.join(KINDS)} (e.g. kinds=heads+mlp)")
         for opt, kind in (("heads_target", "heads"), ("mlp_target", "mlp")):
-            if getattr(self, opt) is not None and kind not in _names(self.kinds):
+            if getattr(self, opt) is not None and kind not in split_names(self.kinds):
                 raise self.option_error(opt, f"{kind} is not gated (kinds={self.kinds})")
         for opt in ("steps", "batch", "accum", "seqlen", "lora_rank", "lora_alpha", "save_every"):
             if getattr(self, opt) < 1:
@@ -130,7 +126,7 @@ class L0(Pass):
             raise self.option_error("finalize", f"{self.finalize!r} is not 'target' or 'expected'")
         if self.kept_values not in ("soft", "one"):
             raise self.option_error("kept_values", f"{self.kept_values!r} is not 'soft' or 'one'")
-        if not _names(self.lora):
+        if not split_names(self.lora):
             raise self.option_error("lora", "name at least one linear, e.g. lora=q_proj+v_proj")
         if not self.temperature > 0:
             raise self.option_error("temperature", f"must be > 0, got {self.temperature}")
@@ -180,7 +176,7 @@ class L0(Pass):
         data = self.data or state.calib["file"]
         examples = load_examples(state.loaded.tokenizer, data, prompt, self.seqlen)
         result = state.analysis()
-        families = plan_families(state.model, result, set(_names(self.kinds)), self.name)
+        families = plan_families(state.model, result, set(split_names(self.kinds)), self.name)
         if self.kept_values == "one":
             for f in families:  # deterministic gates 0 or 1: kept units unscaled
                 f.binary = True
@@ -193,7 +189,7 @@ class L0(Pass):
             init_from_importance(gates, self._importance(state, families, examples),
                                  self.init_spread)
         default = self.lora == type(self).lora  # left at q_proj v_proj: fused qkv too
-        peft_model = wrap_lora(state.model, _names(self.lora), self.lora_rank, self.lora_alpha,
+        peft_model = wrap_lora(state.model, split_names(self.lora), self.lora_rank, self.lora_alpha,
                                self.seed, FUSED_QKV if default else ())
         teacher = None
         if self.distill:
