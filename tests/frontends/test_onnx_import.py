@@ -47,8 +47,11 @@ from transformers import (
 )
 
 from slimgraph.errors import OnnxImportError
-from slimgraph.frontends.onnx_import import FOLDED_KEY, import_onnx
+from slimgraph.frontends.onnx_import import (
+    FOLDED_KEY, FX_NODE_KEY, SIGNATURE_KEY, import_onnx,
+)
 from slimgraph.frontends.torch_export import trace
+from slimgraph.ir.blocks import block_linears
 from slimgraph.ir.dependency import DependencyResult, analyze
 
 SEED = 0
@@ -358,6 +361,62 @@ def test_converters_on_a_hand_built_model(tmp_path):
     assert {b[1] for b in result.barriers} == {"Trilu", "If"}
     (hidden,) = [grp for grp in result.groups if grp.units == 16]
     assert not hidden.prunable  # h reaches the If
+
+
+def _meta(proto, **props):
+    for k, v in props.items():
+        proto.metadata_props.add(key=k, value=v)
+    return proto
+
+
+def _fx(name, *args):
+    return (f"%{name} : [num_users=1] = call_function[target=torch.ops.aten.matmul.default]"
+            f"(args = ({', '.join('%' + a for a in args)}), kwargs = {{}})")
+
+
+def test_folded_weight_transposes_of_a_matmul_get_their_fqns(tmp_path):
+    """Falcon's ``x @ W.T``: the exporter folds ``W.T`` into a constant named after the FX
+    permute node (``permute_2``) that records only ``folded_from``, used by a MatMul from
+    ``aten.matmul``. It is the parameter, in its own ``[out, in]`` layout, stored
+    transposed: a linear of its block. A folded constant whose name is no permutation
+    (a ``view`` could be a reshape) keeps its ONNX name."""
+    f32 = onnx.TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8), dtype=np.float32)  # square: the shape proves nothing
+    v = rng.standard_normal((8, 8), dtype=np.float32)
+    dense, fc = "model.h.0.attn.dense.weight", "model.h.0.mlp.fc.weight"
+    inits = [onnx.numpy_helper.from_array(w.T.copy(), "permute_2"),
+             onnx.numpy_helper.from_array(v, "view_3")]
+    # the exporter writes a value's metadata into its value_info
+    info = [_meta(oh.make_tensor_value_info(n, f32, [8, 8]), **{FOLDED_KEY: repr([src])})
+            for n, src in (("permute_2", dense), ("view_3", fc))]
+    nodes = [_meta(oh.make_node("MatMul", ["x", "permute_2"], ["matmul"], name="node_matmul"),
+                   **{FX_NODE_KEY: _fx("matmul", "x", "permute_2")}),
+             _meta(oh.make_node("MatMul", ["matmul", "view_3"], ["y"], name="node_matmul_1"),
+                   **{FX_NODE_KEY: _fx("matmul_1", "matmul", "view_3")})]
+    graph = oh.make_graph(nodes, "falcon_like", [oh.make_tensor_value_info("x", f32, [1, 5, 8])],
+                          [oh.make_tensor_value_info("y", f32, [1, 5, 8])], inits,
+                          value_info=info)
+    sig = "\n# inputs\n" + "".join(
+        f"p_{n.replace('.', '_')}: PARAMETER target='{n}'\n" for n in (dense, fc))
+    _meta(graph, **{SIGNATURE_KEY: sig})
+    path = tmp_path / "falcon_like.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20)]), path)
+
+    g = import_onnx(path)
+    assert set(g.params) == {dense, "view_3"}
+    h = g.params[dense].param
+    assert h.kind == "parameter" and h.shape == (8, 8) and h.permuted
+    assert h.onnx_names == ["permute_2"] and "stored transposed" in h.provenance
+    assert torch.equal(h.read(), torch.from_numpy(w))  # the module's W, not W.T
+    other = g.params["view_3"].param
+    assert not other.permuted and "unknown transform" in other.provenance
+    assert [(b.weight, b.layer, b.w_in) for b in block_linears(g)] == [(dense, 0, 1)]
+    # writes land transposed in the stored constant
+    new = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    h.write(new)
+    stored = g.meta["onnx_model"].graph.initializers["permute_2"].const_value.numpy()
+    np.testing.assert_array_equal(stored, new.numpy().T)
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -135,15 +135,7 @@ def test_torch_path_prunes_all_block_linears(models, tmp_path, name, score):
     assert _report(out, 2)["ok"]
 
 
-FALCON_ONNX_NAMES = pytest.mark.xfail(
-    strict=True, reason="the exporter folds Falcon's W.T into constants named permute_N with no "
-    "provenance, so no ONNX weight is known to be in a block (open: name them from the nodes' "
-    "name scopes)")
-
-
-@pytest.mark.parametrize("name,score", [("gemma3", "wanda"),
-                                        pytest.param("falcon", "magnitude",
-                                                     marks=FALCON_ONNX_NAMES)])
+@pytest.mark.parametrize("name,score", [("gemma3", "wanda"), ("falcon", "magnitude")])
 def test_onnx_path_prunes_all_block_linears(models, tmp_path, name, score):
     out = tmp_path / "out"
     rc = main(["compile", str(models / "onnx" / name / "model.onnx"), "-p",

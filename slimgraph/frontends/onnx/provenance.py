@@ -9,7 +9,9 @@ which changes how weights are stored. Its metadata lets most of that be undone:
   and the node that uses it records the FX op it came from (``pkg.torch.onnx.fx_node``):
   a ``[K, N]`` initializer folded from one parameter and consumed by ``aten.linear`` is
   the transposed ``[N, K]`` weight, so the IR parameter gets the FQN and the original
-  layout, and the handle remembers the permutation (``OnnxParamHandle.targets``);
+  layout, and the handle remembers the permutation (``OnnxParamHandle.targets``); so is
+  a ``*.weight`` folded into the constant of an FX permute node (``permute_N``: Falcon's
+  ``x @ W.T``) that an ``aten.matmul`` MatMul reads as its right operand;
 - identical initializers merged into one (all-ones norm weights, all-zero biases of a
   fresh model) are split again: each use whose FX op names a parameter that no longer
   exists in the file gets that parameter back as an IR parameter of its own (its
@@ -63,6 +65,15 @@ _SIG_RE = re.compile(r"^\s*(\w+): (PARAMETER|BUFFER|CONSTANT_TENSOR)\b.*?target=
 _FX_ARGS_RE = re.compile(r"\]\((.*)\)\s*$", re.S)
 _FX_TARGET_RE = re.compile(r"call_function\[target=([\w.]+)\]")
 _PLACEHOLDER_RE = re.compile(r"%(\w+)")
+# the names torch.export gives the FX node of a permutation (``aten.permute`` of a
+# ``W.T``, ``aten.t``, ``aten.transpose``); a constant folded from such a node keeps its name
+_PERMUTE_NODE_RE = re.compile(r"^(?:permute|t|transpose|numpy_T)(?:_\d+)?$")
+
+
+def _fx_arg_names(text: str) -> list[str]:
+    """The FX node names an ``fx_node`` record's arguments name, in order."""
+    a = _FX_ARGS_RE.search(text)
+    return _PLACEHOLDER_RE.findall(a.group(1)) if a else []
 
 
 def _signature(model: ir.Model) -> dict[str, tuple[str, str]]:
@@ -121,9 +132,7 @@ class _WeightProvenance:
         if not text:
             return None, []
         t = _FX_TARGET_RE.search(text)
-        a = _FX_ARGS_RE.search(text)
-        names = _PLACEHOLDER_RE.findall(a.group(1)) if a else []
-        fqns = [self.sig[n][0] for n in names if n in self.sig]
+        fqns = [self.sig[n][0] for n in _fx_arg_names(text) if n in self.sig]
         return (t.group(1) if t else None), list(dict.fromkeys(fqns))
 
     def _module_alias(self, node: ir.Node, fqn: str) -> str | None:
@@ -164,10 +173,29 @@ class _WeightProvenance:
                 and idx == 1 and _attr(node, "transB", 0)):
             if known is None or known == s.shape:
                 return fqn, _identity(rank)
+        if rank == 2 and self._folded_transpose(s, node, idx, target):
+            if known is None or known == (s.shape[1], s.shape[0]):
+                return fqn, (1, 0)  # Falcon's ``x @ W.T``: W.T folded into ``permute_N``
         if known is not None and known == s.shape and (
                 s.dtype == self.stored_dtype.get(s.source_fqn)):
             return fqn, _identity(rank)  # e.g. an Identity folded away
         return None, _identity(rank)
+
+    def _folded_transpose(self, s: _Storage, node: ir.Node, idx: int,
+                          target: str | None) -> bool:
+        """True when ``s`` is a linear's weight transposed (``W.T``, stored ``[in, out]``)
+        and folded into a constant: the right operand of a ``MatMul`` from
+        ``aten.matmul``, where that argument of the FX op is the stored constant itself
+        (same name), an FX permutation node, folded from one parameter ``*.weight``
+        and nothing else. (A 2-D permutation that is not the identity is ``[1, 0]``;
+        ``aten.matmul`` of an activation by a ``Linear``'s ``[out, in]`` weight reduces
+        its ``in``.)"""
+        if (target != "torch.ops.aten.matmul.default" or node.op_type != "MatMul"
+                or idx != 1 or s.source_fqn is None or not s.source_fqn.endswith(".weight")
+                or not _PERMUTE_NODE_RE.match(s.name)):
+            return False
+        args = _fx_arg_names(_meta(node).get(FX_NODE_KEY) or "")
+        return len(args) == 2 and args[1] == s.name
 
     def _make_params(self) -> None:
         # FQN (or "onnx:<name>" when none is recovered) -> its stored copies, in order of use
