@@ -1,4 +1,4 @@
-"""`slimgraph bench`: how fast one or more models run, side by side.
+"""How fast one or more models run, side by side (``slimgraph bench``).
 
 Each model (a ``.onnx`` file, a compile output directory, or any ``load_model`` spec) is
 loaded once; then every prefill length is measured **round-robin**: each round runs every
@@ -17,7 +17,6 @@ other fixed costs do not shrink, so small models and short prefills land above i
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
@@ -258,86 +257,3 @@ def render(result: dict[str, Any]) -> str:
                 f"{'-' if ideal is None else _ms(ideal):>9} "
                 f"{'-' if over is None else f'{over:+.1f}%':>7}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-
-EPILOG = """\
-examples:
-  slimgraph bench out/dense out/mlp50                 ONNX Runtime, dense as the baseline
-  slimgraph bench out/dense out/mlp25 out/mlp50 --seqlen 128,512 --runs 30 --threads 2
-  slimgraph bench smollm2-135m out/mlp50/hf --backend torch     PyTorch instead
-  slimgraph bench a.onnx b.onnx --json > latency.json
-
-MODEL is a .onnx file, a compile output directory (its model.onnx; hf/ with --backend
-torch or when there is no model.onnx), or any model spec compile takes (the alias
-smollm2-135m, an HF directory, a .gguf file). Make an ONNX baseline of the dense model with
-`slimgraph compile MODEL -p export-onnx -o out/dense`.
-
-Timing on a busy machine is noisy: close other work, keep --threads at or below the free
-cores, and compare only models measured in the same run (they share every round).
-"""
-
-
-def _lengths(text: str) -> list[int]:
-    from slimgraph.evaluation import positive_int
-
-    return [positive_int(t.strip()) for t in text.split(",")]
-
-
-def add_parser(subparsers: Any):
-    from slimgraph.evaluation import BACKENDS, positive_int
-
-    p = subparsers.add_parser(
-        "bench",
-        help="measure latency of one or more models side by side (round-robin)",
-        description=__doc__.split("\n", 2)[2].strip().replace("``", "").replace("**", ""),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="models to time; the first is the baseline of the others")
-    p.add_argument("--seqlen", type=_lengths, default=[128, 512], metavar="N[,N...]",
-                   help="prefill lengths in tokens, comma-separated (default 128,512)")
-    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
-    p.add_argument("--runs", type=positive_int, default=20,
-                   help="timed rounds per prefill length (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up rounds, not timed (default 3)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for ONNX Runtime / PyTorch (default: theirs)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (default): ONNX Runtime where there is a model.onnx, else PyTorch")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
-def cmd_bench(args: Any) -> int:
-    import contextlib
-    import json
-
-    from rich.console import Console
-
-    from slimgraph.evaluation import progress_bar
-
-    if args.warmup < 0:
-        raise BenchError(f"--warmup must be 0 or more, got {args.warmup}")
-    show = not args.no_progress
-    err = Console(stderr=True)
-    models = []
-    for spec in args.models:
-        with err.status(f"loading {spec} ...") if show else contextlib.nullcontext():
-            models.append(load(spec, backend=args.backend, threads=args.threads))
-        limit = models[-1].max_positions
-        if limit is not None and max(args.seqlen) > limit:
-            raise BenchError(f"--seqlen {max(args.seqlen)} exceeds the {limit} positions of "
-                             f"'{spec}' (use a smaller --seqlen)")
-    total = len(args.seqlen) * (args.warmup + args.runs) * len(models)
-    with progress_bar(total, enabled=show, label="bench", unit="runs") as advance:
-        times = measure(models, args.seqlen, batch=args.batch, runs=args.runs,
-                        warmup=args.warmup, progress=advance)
-    result = summarize(models, times, batch=args.batch, runs=args.runs, warmup=args.warmup,
-                       threads=args.threads)
-    print(json.dumps(result, indent=2) if args.json else render(result))
-    return 0

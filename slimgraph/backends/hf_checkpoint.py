@@ -23,18 +23,25 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from slimgraph.frontends.hf_build import quiet_transformers
-from slimgraph.frontends.pruned_checkpoint import SECTION, is_pruned_checkpoint, load_pruned
 from slimgraph.io import make_temp_dir
 from slimgraph.errors import PipelineError, SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
-__all__ = ["SECTION", "SaveHF", "is_pruned_checkpoint", "load_pruned", "max_rel_error", "save_hf"]
+if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
+    import torch
+
+__all__ = ["SaveHF", "load_pruned", "max_rel_error", "save_hf"]
+
+
+def load_pruned(path: str | Path, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """:func:`slimgraph.frontends.pruned_checkpoint.load_pruned` (same arguments): the model
+    of a ``save-hf`` directory, whatever its per-layer sizes."""
+    from slimgraph.frontends.pruned_checkpoint import load_pruned as load
+
+    return load(path, *args, **kwargs)
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -45,6 +52,7 @@ def _transformers_can_build(config, shapes: dict[str, list[int]],
                             module_attrs: dict[str, dict] | None = None) -> bool:
     """Would `from_pretrained` build exactly these shapes from this config, with these
     module attributes (head counts, norm epsilons, embedding scales) already?"""
+    import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     arch = (getattr(config, "architectures", None) or [None])[0]
@@ -71,6 +79,8 @@ def _has_attrs(model: torch.nn.Module, module_attrs: dict[str, dict]) -> bool:
     (``embed_scale`` / ``scalar_embed_scale``) that is compared instead."""
     import math
 
+    import torch
+
     for name, attrs in module_attrs.items():
         try:
             module = model.get_submodule(name) if name else model
@@ -96,6 +106,8 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
     ``base_config`` is the config before pruning: written instead of the updated one
     when transformers cannot build the new shapes from the updated config.
     """
+    from slimgraph.frontends.hf_build import quiet_transformers
+
     config = model.config
     shapes = _shapes(model)
     loader = "transformers" if _transformers_can_build(config, shapes, module_attrs) else "slimgraph"
@@ -126,6 +138,8 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
 def finish_checkpoint(tmp: Path, out: Path, loader: str, module_attrs: dict[str, dict],
                       shapes: dict[str, list[int]], gathers: list[str] | None) -> None:
     """Add the slimgraph section to ``tmp/config.json``, then move ``tmp`` to ``out``."""
+    from slimgraph.frontends.pruned_checkpoint import SECTION
+
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("quantization_config", None)
@@ -138,6 +152,8 @@ def finish_checkpoint(tmp: Path, out: Path, loader: str, module_attrs: dict[str,
 
 
 def max_rel_error(a: torch.nn.Module, b: torch.nn.Module, vocab: int, seq: int = 11) -> float:
+    import torch
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, max(vocab, 2), (1, seq), generator=g)
     with torch.no_grad():

@@ -22,15 +22,15 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from slimgraph.io import make_temp_dir
 from slimgraph.errors import PipelineError, SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
-from slimgraph.sparsity.onnx_gathers import rewrite_input_gathers
+
+if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
+    import torch
 
 TWO_GB = 2 * 1024**3
 # Opset 23 has fused Attention, RMSNormalization and RotaryEmbedding ops: ONNX Runtime
@@ -40,16 +40,14 @@ TWO_GB = 2 * 1024**3
 DEFAULT_OPSET = 23
 
 
-class LogitsOnly(torch.nn.Module):
-    """``input_ids -> logits``: one tensor in, one out, no cache."""
+def __getattr__(name: str):
+    # LogitsOnly subclasses torch.nn.Module: it lives in slimgraph.backends.logits_only and
+    # is imported on first use, so that importing this pass does not import PyTorch
+    if name == "LogitsOnly":
+        from slimgraph.backends.logits_only import LogitsOnly
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, use_cache=False)
-        return out.logits if hasattr(out, "logits") else out[0]
+        return LogitsOnly
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | None = None,
@@ -58,6 +56,11 @@ def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | 
     ``permute=gather`` linears are written shared and in ONNX Runtime's fast form
     (:func:`~slimgraph.sparsity.onnx_gathers.rewrite_input_gathers`; counts under
     ``report["gathers"]`` when there are any)."""
+    import torch
+
+    from slimgraph.backends.logits_only import LogitsOnly
+    from slimgraph.sparsity.onnx_gathers import rewrite_input_gathers
+
     wrapper = LogitsOnly(model).eval()
     ids = torch.randint(0, max(vocab, 2), (2, 9))
     batch = torch.export.Dim("batch", max=4096)
@@ -98,6 +101,7 @@ def batch_rotary_caches(model) -> int:
     torch's exporter writes ``[1, seq, rotary_dim / 2]``, which ONNX Runtime (1.32)
     rejects for batch > 1. Each cache is broadcast with ``Expand`` to ``[batch, 1, 1]``
     (batch read from the first graph input); returns the number of caches expanded."""
+    import numpy as np
     import onnx_ir as ir
 
     graph = model.graph
@@ -166,6 +170,8 @@ def save_onnx_model(model, path: Path) -> Path:
 
 def ort_smoke_test(path: Path, *, vocab: int, seq: int = 13) -> dict:
     """Run ``path`` with ONNX Runtime on random token ids; the output must be finite."""
+    import numpy as np
+
     from slimgraph.backends.ort_session import session, token_feeds
 
     g = np.random.default_rng(0)
@@ -201,6 +207,10 @@ def _quiet():
 
 def compare_with_torch(model: torch.nn.Module, path: Path, *, vocab: int, seq: int = 13
                        ) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from slimgraph.backends.logits_only import LogitsOnly
     from slimgraph.backends.ort_session import session
 
     g = torch.Generator().manual_seed(0)

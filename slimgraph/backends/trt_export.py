@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
-
 from slimgraph.errors import SlimgraphError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
@@ -44,6 +42,8 @@ class ExportTRT(Pass):
         self.require_torch(state, out_dir=True)
 
     def run(self, state: CompileState) -> PassResult:
+        import torch
+
         from slimgraph.backends.onnx_export import compare_with_torch, export_onnx, save_tokenizer
         from slimgraph.sparsity.check import check_onnx
         from slimgraph.sparsity.masks import parse_pattern

@@ -35,12 +35,14 @@ import hashlib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult, split_names
 from slimgraph.passes.registry import register
+
+if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
+    import torch
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -199,6 +201,8 @@ class Distill(Pass):
         return load_examples(state.loaded.tokenizer, data, "", self.seqlen, self.name)
 
     def lora_targets(self, model: torch.nn.Module) -> list[str]:
+        import torch
+
         names = split_names(self.lora)
         if names == ["all"]:
             leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()

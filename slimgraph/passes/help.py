@@ -1,4 +1,4 @@
-"""`slimgraph passes [NAME]`: what each pass does and the options it takes.
+"""What each pass does and the options it takes (``slimgraph passes [NAME]``).
 
 Without a name, one line per pass (its summary). With a name, the pass's summary, every
 option with its type and default, as written in a pipeline (``NAME{option=value,...}``),
@@ -7,7 +7,6 @@ then the documentation of the module that defines it (examples, what the options
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import sys
@@ -69,19 +68,3 @@ def describe(name: str) -> str:
     if doc:
         lines += ["", doc]
     return "\n".join(lines)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "passes", help="list the passes, or show one pass's options and documentation",
-        description="Without NAME: every pass with a one-line summary. With NAME: its options "
-        "(type, default) and documentation.",
-        epilog="examples:\n  slimgraph passes\n  slimgraph passes sparsify",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", nargs="?", help="a pass name (e.g. sparsify, prune-structured)")
-    p.set_defaults(func=cmd_passes)
-
-
-def cmd_passes(args: argparse.Namespace) -> int:
-    print(describe(args.name) if args.name else overview())
-    return 0

@@ -39,12 +39,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult, split_names
 from slimgraph.passes.registry import register
+
+if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
+    import torch
 
 KINDS = ("heads", "mlp", "hidden")
 FINALIZE_ONLY = ("finalize", "kept_values")  # options not in the training checkpoint's identity
@@ -202,6 +204,8 @@ class L0(Pass):
     def _importance(self, state: CompileState, families, examples) -> list[torch.Tensor]:
         """Activation-aware importance of every gated unit (as prune-structured's
         importance=act) on the first ``init_samples`` training examples."""
+        import torch
+
         from slimgraph.structured.importance import activation_scorer
 
         batches = (torch.tensor([e.ids], dtype=torch.long) for e in examples[: self.init_samples])

@@ -60,10 +60,6 @@ from dataclasses import dataclass
 from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
-from slimgraph.structured.importance import group_importance
-from slimgraph.structured.recovery import BLOCK_KINDS, BlockRemover, dense_unit_scores
-from slimgraph.structured.removal import mask_units, remove_units
-from slimgraph.structured.selection import choose, global_counts, plan_counts
 
 
 def parse_layers(text: str, pass_name: str) -> set[int]:
@@ -167,17 +163,27 @@ class PruneStructured(Pass):
 
     def reconstructs(self, state: CompileState) -> bool:
         """``reconstruct`` as given, else on whenever the pass has calibration data
-        (importance act/obs, or a --calib-file); never on ONNX input."""
+        (importance act/obs, or a calibration text -- the default --calib-file -- and a
+        tokenizer to read it); never on ONNX input."""
         if self.reconstruct is not None:
             return self.reconstruct
         if state.is_onnx:
             return False
-        return self.importance in ("act", "obs") or bool(state.calib.get("file"))
+        if self.importance in ("act", "obs"):
+            return True
+        # a calibration text needs a tokenizer to be data ('self' samples from the model)
+        source = state.calib.get("file") or "self"
+        return bool(state.calib.get("file")) and (source == "self" or
+                                                  state.loaded.tokenizer is not None)
 
     def uses_data(self, state: CompileState) -> bool:
         return self.importance in ("act", "obs") or self.reconstructs(state)
 
     def run(self, state: CompileState) -> PassResult:
+        from slimgraph.structured.recovery import BLOCK_KINDS
+        from slimgraph.structured.removal import remove_units
+        from slimgraph.structured.selection import choose, plan_counts
+
         result = state.analysis()
         try:
             counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
@@ -264,6 +270,8 @@ class PruneStructured(Pass):
         return 16
 
     def _scorer(self, state: CompileState, windows):
+        from slimgraph.structured.importance import group_importance
+
         if self.importance in ("l1", "l2"):
             return lambda g: group_importance(state.graph, g, self.importance)
         from slimgraph.structured.importance import activation_scorer
@@ -272,6 +280,9 @@ class PruneStructured(Pass):
         return activation_scorer(state.model, state.graph, windows.split(self.batch))
 
     def _global_counts(self, state, result, counts: dict[int, int], windows) -> dict[int, int]:
+        from slimgraph.structured.recovery import BLOCK_KINDS, dense_unit_scores
+        from slimgraph.structured.selection import global_counts
+
         by_id = {g.id: g for g in result.groups}
         groups = [by_id[gid] for gid in counts]
         scores = {}
@@ -300,6 +311,8 @@ class PruneStructured(Pass):
         """Block-sequential choice (and refit) of the heads / qheads / mlp units; the units
         chosen before (hidden) are masked first, so the blocks see the masked model."""
         from slimgraph.sparsity.calibration import block_sequential
+        from slimgraph.structured.recovery import BlockRemover
+        from slimgraph.structured.removal import mask_units
 
         reconstruct = self.reconstructs(state)
         if selection:

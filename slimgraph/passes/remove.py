@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
-from slimgraph.structured.removal import remove_units
 
 
 @dataclass
@@ -31,6 +30,8 @@ class Remove(Pass):
 
             report = remove_units_onnx(state.analysis(), state.selection, self.name)
         else:
+            from slimgraph.structured.removal import remove_units
+
             report = remove_units(state.model, state.analysis(), state.selection)
         state.selection = {}
         state.record_removal(report)

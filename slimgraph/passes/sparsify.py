@@ -50,8 +50,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
@@ -253,6 +251,8 @@ class Sparsify(Pass):
                                     f"{n_blocks} decoder blocks (give one value per block)")
 
     def run(self, state: CompileState) -> PassResult:
+        import torch
+
         from slimgraph.ir.blocks import find_blocks
         from slimgraph.sparsity import onnx_path
         from slimgraph.sparsity.block_prune import BlockPruner
