@@ -249,7 +249,8 @@ def test_malformed_training_data_is_named(tiny, tmp_path, content, match):
 
 
 def test_missing_data_is_an_error_before_training(tiny, tmp_path):
-    rc = main(["compile", str(tiny / "m"), "-p", "l0{steps=2},remove", "-o", str(tmp_path / "o")])
+    rc = main(["compile", str(tiny / "m"), "-p", "l0{steps=2},remove", "-o", str(tmp_path / "o"),
+               "--calib-file", str(tmp_path / "nope.txt")])  # the default data is --calib-file
     assert rc != 0
     rc = main(["compile", str(tiny / "m"), "-p", f"l0{{steps=2,data={tmp_path}/nope.jsonl}}",
                "-o", str(tmp_path / "o")])

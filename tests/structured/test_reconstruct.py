@@ -109,10 +109,19 @@ def test_cli_reconstructs_by_default_with_calibration_and_says_what(tiny_dir, tm
     assert sorted(rec["refitted"]) == sorted(
         [f"model.layers.{i}.{m}" for i in range(zoo.LAYERS)
          for m in ("self_attn.o_proj", "mlp.down_proj")])
-    # l2 without calibration data: no reconstruction, and the report says so
-    assert _compile(tiny_dir, tmp_path / "b", "prune-structured{mlp=0.5},save-hf",
-                    calib=False) == 0
+    # l2 without --calib-file: the shipped WikiText-2 calibration text is the default
+    # data, so the refit is on; reconstruct=false turns it off, and the report says so
+    from slimgraph.data import packaged_text
+
+    assert _compile(tiny_dir, tmp_path / "b", "prune-structured{mlp=0.5,samples=2,seqlen=16},"
+                    "save-hf", calib=False) == 0
     rep = next(p for p in json.loads((tmp_path / "b" / "report.json").read_text())["passes"]
+               if p["name"] == "prune-structured")["report"]
+    assert rep["reconstruct"]["enabled"] is True
+    assert rep["reconstruct"]["calibration"]["source"] == str(packaged_text("wikitext2-calib"))
+    assert _compile(tiny_dir, tmp_path / "c", "prune-structured{mlp=0.5,reconstruct=false},"
+                    "save-hf", calib=False) == 0
+    rep = next(p for p in json.loads((tmp_path / "c" / "report.json").read_text())["passes"]
                if p["name"] == "prune-structured")["report"]
     assert rep["reconstruct"] == {"enabled": False}
 
