@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimgraph.cli import main
 from slimgraph.errors import ModelLoadError
@@ -343,3 +344,21 @@ def test_eval_tokenizer_with_custom_code_refused(inputs, tmp_path, capsys, no_pr
     refused(["eval", str(inputs / "single"), "--ppl", str(inputs / "calib.txt"), "--tokenizer",
              str(tok), "--seqlen", "8", "--windows", "1", "--no-progress"], capsys,
             tmp_path / "in", "auto_map")
+
+
+def test_the_exact_size_from_a_weightless_build_is_checked_before_allocating(tmp_path, monkeypatch):
+    """The config estimate is a lower bound; the model built on meta gives the exact size,
+    checked against the memory available before the real model is allocated."""
+    import slimgraph.frontends.model_folder as folder
+    from slimgraph.errors import ModelLoadError
+    from slimgraph.frontends.hf_build import build_from_config
+    from tests import zoo
+
+    config = zoo.build("llama").config
+    exact = sum(p.numel() for p in zoo.build("llama").parameters()) * 4
+    monkeypatch.setattr(folder, "available_memory", lambda: int(exact * 1.1))
+    with pytest.raises(ModelLoadError, match="GiB of parameters, more than"):
+        build_from_config(config, meta=False, dtype=torch.float32, label="tiny")
+    monkeypatch.setattr(folder, "available_memory", lambda: exact * 2)
+    assert sum(p.numel() for p in build_from_config(config, meta=False, dtype=torch.float32,
+                                                     label="tiny").parameters()) * 4 == exact

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from slimgraph.errors import ModelLoadError
-from slimgraph.frontends.model_folder import check_size
+from slimgraph.frontends.model_folder import check_bytes, check_size
 
 __all__ = [
     "SEED",
@@ -75,9 +75,18 @@ def build_from_config(
                 with torch.device("meta"):
                     model = make(config, dtype=dtype)
             else:
+                # the exact size, from the model built without weights (cheap), before the
+                # real one is allocated (the config estimate of check_size is a lower bound)
+                with torch.device("meta"):
+                    probe = make(config, dtype=dtype)
+                check_bytes(sum(p.numel() * p.element_size() for p in probe.parameters()),
+                            label=label)
+                del probe
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(SEED)
                     model = make(config, dtype=dtype)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot build a model from config (model_type "

@@ -32,6 +32,7 @@ __all__ = [
     "available_memory",
     "check_folder",
     "check_size",
+    "check_bytes",
     "estimate_parameters",
     "refuse_custom_code",
 ]
@@ -217,6 +218,17 @@ def check_size(config: Any, *, dtype: torch.dtype, meta: bool, label: str) -> No
             f"({need / 2**30:.1f} GiB as {str(dtype).removeprefix('torch.')}), more than the "
             f"{avail / 2**30:.1f} GiB of memory available (inspect --meta analyses it "
             "without weights)")
+
+
+def check_bytes(need: int, *, label: str) -> None:
+    """Refuse a model of ``need`` bytes of parameters when this machine has less memory
+    available (plus a quarter for what building it needs beside the weights)."""
+    avail = available_memory()
+    if avail is not None and need * 1.25 > avail:
+        raise ModelLoadError(
+            f"config '{label}' describes {need / 2**30:.1f} GiB of parameters, more than the "
+            f"{avail / 2**30:.1f} GiB of memory available leaves room for (inspect --meta "
+            "analyses it without weights)")
 
 
 def _short(exc: BaseException) -> str:
