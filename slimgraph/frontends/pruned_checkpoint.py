@@ -41,7 +41,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.n
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from slimgraph.structured.removal import _sync_module_sizes
+    from slimgraph.structured.removal import sync_module_sizes
 
     path = Path(path)
     check_folder(path)
@@ -78,7 +78,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.n
     if unexpected or [k for k in missing if not _is_tied(model, k)]:
         raise ModelLoadError(f"'{path}': weights do not match the model "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    _sync_module_sizes(model)
+    sync_module_sizes(model)
     return model.to(dtype).eval()
 
 
@@ -90,7 +90,7 @@ def _is_tied(model, key: str) -> bool:
 
 
 def _build_resized(cls, config, section) -> torch.nn.Module:
-    from slimgraph.structured.removal import _sync_module_sizes, set_module_attr
+    from slimgraph.structured.removal import sync_module_sizes, set_module_attr
 
     from slimgraph.sparsity.deploy import restore_gathers
 
@@ -114,5 +114,5 @@ def _build_resized(cls, config, section) -> torch.nn.Module:
         m = model.get_submodule(module) if module else model
         for k, v in attrs.items():
             set_module_attr(m, k, v)
-    _sync_module_sizes(model)
+    sync_module_sizes(model)
     return model

@@ -106,7 +106,7 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
     for prefix, q_heads, kv_heads, changed in counts.values():
         if changed:
             _update_head_counts(model, prefix, q_heads, kv_heads, report)
-    _sync_module_sizes(model)
+    sync_module_sizes(model)
     _correct_norms(model, norm_sizes, report)
     if hidden_removed:
         _keep_embed_scales(model, report)
@@ -186,7 +186,7 @@ def _update_head_counts(model, prefix: str, q_heads: int, kv_heads: int, report)
             report["module_attrs"].setdefault(name, {}).update(changes)
 
 
-def _sync_module_sizes(model: torch.nn.Module) -> None:
+def sync_module_sizes(model: torch.nn.Module) -> None:
     for module in model.modules():
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor):
