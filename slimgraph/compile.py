@@ -14,7 +14,7 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.ir.graph import OpKind
 from slimgraph.outdir import (REPORT, HelperProcessOutputs, OutdirError, Transaction,
-                              check_not_input, helper_process, relocate,
+                              check_not_input, helper_process, raise_if_interrupted, relocate,
                               top_level_names)
 from slimgraph.passes.base import CompileState
 from slimgraph.progress import Progress
@@ -135,6 +135,7 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
             report["outputs"].insert(report["outputs"].index(REPORT), "report.html")
             report["files"].append(str(out_dir / "report.html"))
             write_html(staging / "report.html", render_compile(report))
+        raise_if_interrupted()  # an interrupt some library swallowed still stops the commit
         tx.commit(report)
     except SlimgraphError as e:
         tx.abort()

@@ -318,20 +318,38 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_terminated(signum, frame) -> None:
+_RECEIVED: list[int] = []  # signals seen inside termination_as_interrupt
+
+
+def _on_signal(signum, frame) -> None:
+    _RECEIVED.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise again an interrupt that arrived earlier: code that swallowed it (a library
+    catching BaseException) does not get to commit its outputs."""
+    if _RECEIVED:
+        signum = _RECEIVED[-1]
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
 
 
 @contextmanager
 def termination_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt)
-    in the main thread, so the same clean-up runs as for Ctrl-C."""
+    in the main thread, so the same clean-up runs as for Ctrl-C; every such signal is also
+    remembered (:func:`raise_if_interrupted`)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    _RECEIVED.clear()
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
