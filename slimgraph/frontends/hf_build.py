@@ -61,12 +61,22 @@ def model_class(config: Any) -> Any:
     return AutoModel
 
 
+def check_memory(config: Any, *, dtype: torch.dtype, label: str) -> None:
+    """Refuse, before anything real is allocated, a model this machine cannot hold: its
+    exact parameter bytes, from the model built without weights (the config estimate of
+    :func:`check_size` is only a lower bound)."""
+    probe = build_from_config(config, meta=True, dtype=dtype, label=label)
+    check_bytes(sum(p.numel() * p.element_size() for p in probe.parameters()), label=label)
+
+
 def build_from_config(
     config: Any, *, meta: bool, dtype: torch.dtype, label: str
 ) -> torch.nn.Module:
     """Instantiate a model from its config: random weights from a fixed seed, or on meta
-    (sizes checked first: :func:`check_size`)."""
+    (sizes checked first: :func:`check_size`, and :func:`check_memory` for real weights)."""
     check_size(config, dtype=dtype, meta=meta, label=label)
+    if not meta:
+        check_memory(config, dtype=dtype, label=label)
     cls = model_class(config)
     make = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     with quiet_transformers():
@@ -75,18 +85,9 @@ def build_from_config(
                 with torch.device("meta"):
                     model = make(config, dtype=dtype)
             else:
-                # the exact size, from the model built without weights (cheap), before the
-                # real one is allocated (the config estimate of check_size is a lower bound)
-                with torch.device("meta"):
-                    probe = make(config, dtype=dtype)
-                check_bytes(sum(p.numel() * p.element_size() for p in probe.parameters()),
-                            label=label)
-                del probe
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(SEED)
                     model = make(config, dtype=dtype)
-        except ModelLoadError:
-            raise
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot build a model from config (model_type "

@@ -40,6 +40,7 @@ from slimgraph.errors import ModelLoadError
 from slimgraph.frontends.hf_build import (
     SEED,
     build_from_config,
+    check_memory,
     is_causal_lm,
     model_class,
     module_device,
@@ -324,6 +325,7 @@ def _load_hf_dir(
         model = build_from_config(config, meta=True, dtype=dtype, label=spec)
         return LoadedModel(spec, "hf-dir", model, None, model.config, None, True)
     check_size(config, dtype=dtype, meta=False, label=str(cfg_path))
+    check_memory(config, dtype=dtype, label=str(cfg_path))
     cls = model_class(config)
     if verbose:
         note(f"loading {spec} ...")
