@@ -93,6 +93,7 @@ class PruneStructured(Pass):
     layer_floor: float | None = None
     layer_ceiling: float | None = None
     damp: float = 0.01
+    refit_to: str = "pruned"
     obs_steps: int = 8
     batch: int = 8
 
@@ -122,6 +123,8 @@ class PruneStructured(Pass):
                 raise self.option_error(opt, f"must be >= 1, got {getattr(self, opt)}")
         if not 0 <= self.damp < 1:
             raise self.option_error("damp", f"must be in [0, 1), got {self.damp}")
+        if self.refit_to not in ("pruned", "dense"):
+            raise self.option_error("refit_to", f"{self.refit_to!r} is not one of pruned, dense")
         if self.allocation not in ("uniform", "global"):
             raise self.option_error("allocation", f"{self.allocation!r} is not one of uniform, "
                                     "global")
@@ -318,7 +321,8 @@ class PruneStructured(Pass):
         if selection:
             mask_units(result, selection)
         remover = BlockRemover(result, counts, self.importance, reconstruct=reconstruct,
-                               damp=self.damp, obs_steps=self.obs_steps)
+                               damp=self.damp, obs_steps=self.obs_steps,
+                               target=self.refit_to)
         block_sequential(state.model, result, windows, remover, batch=self.batch,
                          progress=state.progress)
         selection.update(remover.selection)
@@ -326,7 +330,8 @@ class PruneStructured(Pass):
         hidden = [gid for gid in selection if by_id[gid].kind == "hidden"]
         not_refitted = ["the readers of the removed hidden channels (q/k/v, gate/up of every "
                         "layer, lm_head) are not refitted"] if hidden else []
-        return {"enabled": reconstruct, "damp": self.damp, "calibration": {
+        return {"enabled": reconstruct, "damp": self.damp, "refit_to": self.refit_to,
+                "calibration": {
                     "source": str(state.calib.get("file") or "self"),
                     "samples": self.samples_used(state), "seqlen": self.seqlen},
                 "refitted": [r["linear"] for r in remover.refitted],

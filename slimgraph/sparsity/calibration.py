@@ -174,7 +174,7 @@ def capture_block_inputs(model, block0: torch.nn.Module, windows: torch.Tensor, 
     return captured
 
 
-def _next_inputs(y, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def next_inputs(y, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     y = y[0] if isinstance(y, (tuple, list)) else y
     return (y,) + tuple(args[1:]), kwargs
 
@@ -184,7 +184,7 @@ def run_block(block: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[
     ``inputs`` batch by batch (one copy of the activations); returns ``inputs``."""
     with torch.no_grad():
         for j, (args, kwargs) in enumerate(inputs):
-            inputs[j] = _next_inputs(block(*args, **kwargs), args, kwargs)
+            inputs[j] = next_inputs(block(*args, **kwargs), args, kwargs)
     return inputs
 
 
@@ -223,7 +223,7 @@ def observe_block(module: torch.nn.Module, linears: dict[str, torch.nn.Module], 
                 batch_seen.clear()
                 y = module(*args, **kwargs)
                 if outputs:
-                    inputs[j] = _next_inputs(y, args, kwargs)
+                    inputs[j] = next_inputs(y, args, kwargs)
     finally:
         for h in hooks:
             h.remove()

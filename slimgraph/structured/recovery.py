@@ -28,9 +28,11 @@ import torch
 
 from slimgraph.ir.dependency import ChannelGroup, DependencyResult, Member
 from slimgraph.ir.graph import OpKind
-from slimgraph.sparsity.calibration import Block, capture_block_inputs, find_blocks, observe_block
+from slimgraph.sparsity.calibration import (Block, capture_block_inputs, find_blocks,
+                                            next_inputs, observe_block, run_block)
 from slimgraph.structured.importance import activation_importance, group_importance
-from slimgraph.structured.refit import Reader, obs_costs, obs_select, refit_columns
+from slimgraph.structured.refit import (Reader, obs_costs, obs_select, refit_columns,
+                                        refit_columns_to)
 from slimgraph.structured.removal import mask_units
 from slimgraph.structured.selection import choose
 
@@ -68,6 +70,43 @@ class _Stats:
                     for p in params}
             accs, _ = observe_block(module, mods, inputs, hessian=True)
             self.H = {p: accs[names[p]].hessian().to(torch.float64) for p in params}
+        self.C: dict[str, torch.Tensor] = {}
+        self.H_dense: dict[str, torch.Tensor] = {}
+
+
+def observe_pair(module: torch.nn.Module, linears: dict[str, torch.nn.Module],
+                 dense_inputs: list, inputs: list) -> dict[str, tuple]:
+    """Run the (not yet changed) block on the dense model's inputs and on the pruned
+    model's, batch by batch in step, and return per linear name ``(H, C, H_dense)``:
+    ``Σ x_p x_pᵀ``, ``Σ x_d x_pᵀ``, ``Σ x_d x_dᵀ`` (float64, scaled by 2/N like
+    :meth:`GramAccumulator.hessian`). ``dense_inputs`` is overwritten with the block's
+    dense outputs (the next block's dense inputs)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [lin.register_forward_pre_hook(
+        lambda _m, a, name=name: seen.__setitem__(name, a[0].detach()))
+        for name, lin in linears.items()]
+    sums: dict[str, list[torch.Tensor]] = {}
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for j, ((dargs, dkw), (args, kw)) in enumerate(zip(dense_inputs, inputs)):
+                seen.clear()
+                dense_inputs[j] = next_inputs(module(*dargs, **dkw), dargs, dkw)
+                xd = {n: x.reshape(-1, x.shape[-1]).to(torch.float64) for n, x in seen.items()}
+                seen.clear()
+                module(*args, **kw)
+                for n, x in seen.items():
+                    xp = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                    acc = sums.setdefault(n, [0, 0, 0])
+                    acc[0] = acc[0] + xp.T @ xp
+                    acc[1] = acc[1] + xd[n].T @ xp
+                    acc[2] = acc[2] + xd[n].T @ xd[n]
+                    rows = xp.shape[0]
+                tokens += rows
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: tuple(m * (2.0 / tokens) for m in acc) for n, acc in sums.items()}
 
 
 class BlockRemover:
@@ -76,8 +115,13 @@ class BlockRemover:
     units of every block and ``refitted`` one record per refitted linear."""
 
     def __init__(self, result: DependencyResult, counts: dict[int, int], importance: str, *,
-                 reconstruct: bool, damp: float = 0.01, obs_steps: int = 8) -> None:
+                 reconstruct: bool, damp: float = 0.01, obs_steps: int = 8,
+                 target: str = "pruned") -> None:
+        if target not in ("pruned", "dense"):
+            raise ValueError(f"target must be 'pruned' or 'dense', got {target!r}")
         self.result = result
+        self.target = target
+        self.dense_inputs: list | None = None  # target=dense: the dense model's block inputs
         self.importance = importance
         self.reconstruct = reconstruct
         self.damp = damp
@@ -94,11 +138,18 @@ class BlockRemover:
 
     def __call__(self, block: Block, module: torch.nn.Module, inputs: list) -> dict:
         groups = self.by_layer.get(block.layer, [])
+        dense = self.reconstruct and self.target == "dense"
+        if dense and self.dense_inputs is None:  # block 0: both models see the same inputs
+            self.dense_inputs = list(inputs)
         if not groups:
+            if dense:
+                self.dense_inputs = run_block(module, self.dense_inputs)
             return {"layer": block.layer}
         params = {m.param for g in groups for m in readers(g, self.w_in)}
-        data = self.importance in ("act", "obs") or self.reconstruct
+        data = (self.importance in ("act", "obs") or self.reconstruct) and not dense
         stats = _Stats(self.result, block, module, inputs, params, self.w_in, data)
+        if dense:
+            self.observe_dense(block, module, inputs, params, stats)
         gone: dict[str, set[int]] = {p: set() for p in params}
         selection = {}
         for g in groups:
@@ -128,8 +179,24 @@ class BlockRemover:
             return choose(activation_importance(self.result.graph, g, norms, self.w_in), n)
         return choose(group_importance(self.result.graph, g, self.importance), n)
 
+    def observe_dense(self, block: Block, module, inputs: list, params: set[str],
+                      stats: _Stats) -> None:
+        """target=dense: the Gram matrices of the pruned inputs, the dense-pruned cross
+        sums and the dense Gram matrices of every reader; advances the dense stream."""
+        names = {p: p[: -len(".weight")] for p in params}
+        mods = {names[p]: module.get_submodule(names[p][len(block.module_name) + 1:])
+                for p in params}
+        sums = observe_pair(module, mods, self.dense_inputs, inputs)
+        for p in params:
+            stats.H[p], stats.C[p], stats.H_dense[p] = sums[names[p]]
+
     def refit(self, param: str, stats: _Stats, removed: set[int]) -> None:
-        new, info = refit_columns(stats.W[param], stats.H[param], sorted(removed), damp=self.damp)
+        if param in stats.C:
+            new, info = refit_columns_to(stats.W[param], stats.H[param], stats.C[param],
+                                         stats.H_dense[param], sorted(removed), damp=self.damp)
+        else:
+            new, info = refit_columns(stats.W[param], stats.H[param], sorted(removed),
+                                      damp=self.damp)
         handle = self.result.graph.params[param].param
         current = handle.read()
         new = new.T if self.w_in[param] == 0 else new
