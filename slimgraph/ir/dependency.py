@@ -1,7 +1,8 @@
 """Channel dependency analysis: propagate channel rules over the graph, build groups.
 
 Like a liveness analysis with one rule per op kind (``rules.RULES``), but instead of
-"used" booleans every tensor dim carries a layout of channel spaces. After one pass in
+"used" booleans every tensor dim carries a layout of channel spaces (kept in an
+:class:`~slimgraph.ir.context.AnalysisContext`, re-exported here). After one pass in
 topological order, every parameter dim is expressed in terms of root spaces; each
 root space that reaches a parameter is a **channel group**: removing unit ``u`` of the
 space removes, in every member ``(parameter, dim)``, the indices ``Tree.positions``.
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slimgraph.ir.blocks import layer_number
-from slimgraph.ir.graph import Graph, Node, Value
+from slimgraph.ir.context import AnalysisContext
+from slimgraph.ir.graph import Graph, Node
 from slimgraph.ir.rules import RULES
-from slimgraph.ir.spaces import ChannelSpaces, Layout, LayoutConflict, Tree
+from slimgraph.ir.spaces import ChannelSpaces, LayoutConflict, Tree
 
 KIND_ORDER = {"heads": 0, "qheads": 1, "mlp": 2, "channels": 3, "hidden": 4}
 HEAD_DIM_REASON = (
@@ -85,37 +87,6 @@ class ChannelGroup:
                 for m in self.members
             ],
         }
-
-
-class AnalysisContext:
-    """What rules see: the spaces and each value's per-dim layouts."""
-
-    def __init__(self, graph: Graph) -> None:
-        self.graph = graph
-        self.spaces = ChannelSpaces()
-        self._layouts: dict[int, list[Layout]] = {}
-
-    def layouts(self, v: Value) -> list[Layout]:
-        lay = self._layouts.get(id(v))
-        if lay is None:
-            lay = self.set_fresh(v)
-        return lay
-
-    def set(self, v: Value, layouts: list[Layout]) -> None:
-        if v.is_tensor and len(layouts) != v.rank:
-            raise LayoutConflict(f"rule produced {len(layouts)} dims for rank-{v.rank} {v.name}")
-        self._layouts[id(v)] = layouts
-
-    def set_fresh(self, v: Value) -> list[Layout]:
-        lay = [self.spaces.fresh_layout(d) for d in (v.shape or ())]
-        self._layouts[id(v)] = lay
-        return lay
-
-    def has(self, v: Value) -> bool:
-        return id(v) in self._layouts
-
-    def unify(self, a: Layout, b: Layout) -> None:
-        self.spaces.unify(a, b)
 
 
 @dataclass

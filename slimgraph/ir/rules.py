@@ -11,24 +11,22 @@ the node and its op.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from slimgraph.ir import symdims
 from slimgraph.ir.blocks import weight_param
+from slimgraph.ir.context import AnalysisContext
 from slimgraph.ir.graph import Node, OpKind, Value
 from slimgraph.ir.spaces import Layout, LayoutConflict
 
-if TYPE_CHECKING:
-    from slimgraph.ir.dependency import AnalysisContext
-
-Rule = Callable[[Node, "AnalysisContext"], None]
+Rule = Callable[[Node, AnalysisContext], None]
 
 
 def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _broadcast(ctx: "AnalysisContext", node: Node, operands: list[Value]) -> list[Layout]:
+def _broadcast(ctx: AnalysisContext, node: Node, operands: list[Value]) -> list[Layout]:
     """Layouts of a broadcast result; dims of equal (non-1) size are unified."""
     out = node.outputs[0]
     rank = out.rank
