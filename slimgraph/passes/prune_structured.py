@@ -7,6 +7,9 @@ attention heads or whole GQA KV-groups; qheads: query heads within the KV-groups
 GQA layer, the same slot in every group, so the query-per-KV ratio stays uniform (the
 only head pruning for models with one KV head); mlp: MLP channels; hidden: the residual
 dimension). ``ratio`` sets heads and mlp at once; explicit kinds override it.
+``params=110e6`` instead of ``mlp``: the MLP ratio (the same in every layer before any
+``allocation=global``) is the smallest that leaves at most that many parameters, after
+the other ratios given (heads, qheads); not with ``hidden``.
 
 Importance: ``l1`` / ``l2`` (group magnitude: the norm of every weight a unit owns),
 ``act`` (activation-aware: for each linear reading the unit's channels, the sum over
@@ -82,6 +85,7 @@ class PruneStructured(Pass):
     mlp: float | None = None
     hidden: float | None = None
     ratio: float | None = None
+    params: float | None = None
     importance: str = "l2"
     round_to: int = 1
     protect: str = ""
@@ -112,7 +116,17 @@ class PruneStructured(Pass):
             val = getattr(self, opt)
             if val is not None and not 0.0 <= val < 1.0:
                 raise self.option_error(opt, f"ratio {val} is outside [0, 1)")
-        if not any(self.ratios().values()):
+        if self.params is not None:
+            if not self.params >= 1:
+                raise self.option_error("params", f"must be a parameter count >= 1, got "
+                                        f"{self.params}")
+            for opt in ("mlp", "ratio", "hidden"):
+                if getattr(self, opt) is not None:
+                    raise self.option_error(
+                        "params", f"params sets the MLP ratio; it cannot be given with {opt}="
+                        + (" (hidden channels shrink every MLP channel's size)"
+                           if opt == "hidden" else ""))
+        elif not any(self.ratios().values()):
             raise self.option_error("heads/qheads/mlp/hidden/ratio", "nothing to remove: give a ratio "
                                     "> 0, e.g. prune-structured{mlp=0.5}")
         if self.importance not in ("l1", "l2", "act", "obs"):
@@ -185,12 +199,23 @@ class PruneStructured(Pass):
     def run(self, state: CompileState) -> PassResult:
         from slimgraph.structured.recovery import BLOCK_KINDS
         from slimgraph.structured.removal import remove_units
-        from slimgraph.structured.selection import choose, plan_counts
+        from slimgraph.structured.selection import choose, counts_for_params, plan_counts
 
         result = state.analysis()
+        params_plan = {}
+        ratios = self.ratios()
         try:
-            counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
-                                          parse_layers(self.protect, self.name), self.name)
+            if self.params is not None:
+                total = result.graph.num_parameters()
+                ratio, counts, skipped = counts_for_params(
+                    result.groups, self.ratios(), "mlp", int(self.params), total,
+                    self.round_to, parse_layers(self.protect, self.name), self.name)
+                params_plan = {"target": int(self.params), "before": total,
+                               "mlp_ratio": round(ratio, 6)}
+                ratios = {**ratios, "mlp": ratio}
+            else:
+                counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
+                                              parse_layers(self.protect, self.name), self.name)
         except PipelineError as e:
             if state.model is None and ("unprunable" in str(e) or "has no" in str(e)):
                 raise PipelineError(f"{e}; on ONNX input, groups are tracked exactly on files "
@@ -202,7 +227,7 @@ class PruneStructured(Pass):
         by_id = {g.id: g for g in result.groups}
         windows = self._windows(state) if counts and self.uses_data(state) else None
         if counts and self.allocation == "global":
-            counts = self._global_counts(state, result, counts, windows)
+            counts = self._global_counts(state, result, counts, windows, ratios)
         walk = self.reconstructs(state) or self.importance == "obs"
         later = {gid: n for gid, n in counts.items() if walk and by_id[gid].kind in BLOCK_KINDS}
         walk = bool(later)
@@ -213,6 +238,8 @@ class PruneStructured(Pass):
             selection[gid] = choose(score_of(by_id[gid]), n)
         report = {"skipped": skipped, "importance": self.importance,
                   "allocation": self.allocation}
+        if params_plan:
+            report["params_target"] = params_plan
         if walk:
             report["reconstruct"] = self._walk(state, result, later, selection, windows)
         else:
@@ -282,7 +309,8 @@ class PruneStructured(Pass):
         # hidden channels with obs: scored by activation energy (obs is per block)
         return activation_scorer(state.model, state.graph, windows.split(self.batch))
 
-    def _global_counts(self, state, result, counts: dict[int, int], windows) -> dict[int, int]:
+    def _global_counts(self, state, result, counts: dict[int, int], windows,
+                       ratios: dict[str, float]) -> dict[int, int]:
         from slimgraph.structured.recovery import BLOCK_KINDS, dense_unit_scores
         from slimgraph.structured.selection import global_counts
 
@@ -298,7 +326,6 @@ class PruneStructured(Pass):
         if rest:
             score_of = self._scorer(state, windows)
             scores.update({g.id: score_of(g) for g in rest})
-        ratios = self.ratios()
         out = {}
         for kind in {g.kind for g in groups}:
             ratio = ratios[kind]

@@ -71,6 +71,45 @@ def plan_counts(groups: list[ChannelGroup], ratios: dict[str, float], round_to: 
     return counts, skipped
 
 
+def counts_for_params(groups: list[ChannelGroup], ratios: dict[str, float], kind: str,
+                      target: int, total: int, round_to: int, protect: set[int],
+                      pass_name: str) -> tuple[float, dict[int, int], list[str]]:
+    """A parameter-count target (``params=``): the smallest ratio of ``kind`` (the same in
+    every group of that kind) that, with the fixed ``ratios`` of the other kinds, leaves
+    at most ``target`` of the model's ``total`` parameters. A unit's cost is its group's
+    ``params_per_unit``. Returns ``(ratio, counts, skipped)`` as :func:`plan_counts`."""
+
+    def plan(r: float) -> tuple[dict[int, int], list[str]]:
+        return plan_counts(groups, {**ratios, kind: r}, round_to, protect, pass_name)
+
+    def left(counts: dict[int, int]) -> int:
+        cost = {g.id: g.params_per_unit for g in groups}
+        return total - sum(n * cost[gid] for gid, n in counts.items())
+
+    base, _ = plan_counts(groups, ratios, round_to, protect, pass_name) if ratios else ({}, [])
+    if left(base) <= target:
+        raise PipelineError(f"pass '{pass_name}', option 'params': the model has {left(base):,} "
+                            f"parameters {'after the other ratios ' if ratios else ''}already, "
+                            f"at most the target {target:,}")
+    groups_of_kind = [g for g in groups if g.kind == kind and g.prunable
+                      and (g.layer is None or g.layer not in protect)]
+    most = min((1 - 1 / g.units for g in groups_of_kind), default=0.0)
+    most_counts, _ = plan(most) if groups_of_kind else ({}, [])
+    if not groups_of_kind or left(most_counts) > target:
+        raise PipelineError(f"pass '{pass_name}', option 'params': removing all but one unit of "
+                            f"every {kind} group leaves {left(most_counts if groups_of_kind else base):,} "
+                            f"parameters, more than the target {target:,}")
+    lo, hi = 0.0, most  # left(plan(lo)) > target >= left(plan(hi))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if left(plan(mid)[0]) <= target:
+            hi = mid
+        else:
+            lo = mid
+    counts, skipped = plan(hi)
+    return hi, counts, skipped
+
+
 def choose(scores: torch.Tensor, n: int) -> list[int]:
     """The ``n`` least important units (ties broken by index)."""
     order = sorted(range(len(scores)), key=lambda u: (float(scores[u]), u))

@@ -139,3 +139,87 @@ def test_cli_reconstructs_by_default_with_calibration_and_says_what(tiny_dir, tm
 def test_bad_options_are_refused_naming_the_option(tiny_dir, tmp_path, capsys, pipeline, needle):
     assert _compile(tiny_dir, tmp_path / "x", pipeline) == 2
     assert needle in capsys.readouterr().err
+
+
+def _walk_to(model, ratios, target):
+    args, kwargs = zoo.example("llama")
+    r = analyze(trace(model, args, kwargs))
+    counts, _ = plan_counts(r.groups, ratios, 1, set(), "prune-structured")
+    remover = BlockRemover(r, counts, "act", reconstruct=True, target=target)
+    windows = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
+    block_sequential(model, r, windows, remover, batch=3)
+    return r, remover.selection, remover, windows
+
+
+def test_refit_to_dense_keeps_slim_equal_to_masked_and_fits_the_dense_outputs_better():
+    dense = zoo.build("llama")
+    ids = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
+    ref = _logits(dense, ids)
+    errs, removers = {}, {}
+    for target in ("pruned", "dense"):
+        model = copy.deepcopy(dense)
+        r, sel, remover, windows = _walk_to(model, {"heads": 0.5, "mlp": 0.5}, target)
+        removers[target] = remover
+        masked = copy.deepcopy(model)
+        remove_units(model, r, sel)
+        a, b = _logits(masked, windows), _logits(model, windows)
+        assert float((a - b).norm() / a.norm()) <= 1e-5
+        errs[target] = float((_logits(model, ids) - ref).norm())
+    # the same units are chosen (selection sees the pruned model's inputs either way) ...
+    assert removers["dense"].selection == removers["pruned"].selection
+    # ... and on the calibration windows the dense-target refit ends closer to the dense model
+    assert errs["dense"] < errs["pruned"]
+    # layer 0 sees the same inputs in both models: the two refits agree there up to the
+    # damping, which the two closed forms apply differently (equal at damp=0: next test)
+    first = {t: next(x for x in removers[t].refitted if x["linear"].startswith("model.layers.0."))
+             for t in removers}
+    a, b = first["dense"]["rel_error_refit"], first["pruned"]["rel_error_refit"]
+    assert abs(a - b) <= 0.01 * b
+
+
+def test_refit_columns_to_with_equal_streams_is_the_plain_refit():
+    from slimgraph.structured.refit import refit_columns, refit_columns_to
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    a, ia = refit_columns(W, H, [1, 4, 7], damp=0.0)
+    b, ib = refit_columns_to(W, H, H, H, [1, 4, 7], damp=0.0)
+    assert torch.allclose(a, b, atol=1e-9) and (b[:, [1, 4, 7]] == 0).all()
+    assert abs(ia["error_refit"] - ib["error_refit"]) < 1e-6 * ia["energy"]
+    # with different dense inputs: the least-squares solution of ||W' x_p - W x_d||
+    Xd = X + 0.1 * torch.randn(200, 12, generator=g, dtype=torch.float64)
+    c, _ = refit_columns_to(W, H, Xd.T @ X, Xd.T @ Xd, [1, 4, 7], damp=0.0)
+    S = [i for i in range(12) if i not in (1, 4, 7)]
+    want = torch.linalg.lstsq(X[:, S], Xd @ W.T).solution.T
+    assert torch.allclose(c[:, S], want, atol=1e-8)
+
+
+def test_params_target_solves_the_mlp_ratio(tiny_dir, tmp_path):
+    from slimgraph.frontends.loading import load_model
+
+    total = sum(p.numel() for p in load_model(str(tiny_dir / "model")).model.parameters())
+    target = total - total // 10
+    assert _compile(tiny_dir, tmp_path / "p", f"prune-structured{{params={target},samples=2,"
+                    "seqlen=16},save-hf") == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    rep = next(p for p in report["passes"] if p["name"] == "prune-structured")["report"]
+    after = report["parameters"]["after"]
+    assert after <= target
+    # the smallest ratio: one MLP channel fewer per layer would be over the target
+    per_channel = 3 * zoo.HIDDEN * zoo.LAYERS
+    assert after + per_channel > target
+    assert rep["params_target"]["target"] == target and 0 < rep["params_target"]["mlp_ratio"] < 1
+
+
+@pytest.mark.parametrize("pipeline,needle", [
+    ("prune-structured{params=10}", "option 'params': removing all but one unit"),
+    ("prune-structured{params=1e12}", "option 'params': the model has"),
+    ("prune-structured{params=1e5,mlp=0.5}", "option 'params': params sets the MLP ratio"),
+    ("prune-structured{params=1e5,hidden=0.1}", "cannot be given with hidden="),
+    ("prune-structured{params=0}", "option 'params': must be a parameter count"),
+])
+def test_bad_params_targets_are_refused(tiny_dir, tmp_path, capsys, pipeline, needle):
+    assert _compile(tiny_dir, tmp_path / "x", pipeline) == 2
+    assert needle in capsys.readouterr().err
