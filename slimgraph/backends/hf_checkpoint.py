@@ -17,23 +17,22 @@ The section records which loader is needed: ``"loader": "transformers"`` or
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimgraph.io import make_temp_dir
+from slimgraph.backends.hf_layout import finish_checkpoint, param_shapes, transformers_can_build
 from slimgraph.errors import PipelineError, SlimgraphError
+from slimgraph.io import make_temp_dir
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
 if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
     import torch
 
-__all__ = ["SaveHF", "load_pruned", "max_rel_error", "save_hf"]
+__all__ = ["SaveHF", "finish_checkpoint", "load_pruned", "max_rel_error", "save_hf"]
 
 
 def load_pruned(path: str | Path, *args: Any, **kwargs: Any) -> torch.nn.Module:
@@ -42,61 +41,6 @@ def load_pruned(path: str | Path, *args: Any, **kwargs: Any) -> torch.nn.Module:
     from slimgraph.frontends.pruned_checkpoint import load_pruned as load
 
     return load(path, *args, **kwargs)
-
-
-def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def _transformers_can_build(config, shapes: dict[str, list[int]],
-                            module_attrs: dict[str, dict] | None = None) -> bool:
-    """Would `from_pretrained` build exactly these shapes from this config, with these
-    module attributes (head counts, norm epsilons, embedding scales) already?"""
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    try:
-        import transformers
-
-        cls = getattr(transformers, arch) if arch and hasattr(transformers, arch) else None
-        with torch.device("meta"):
-            if cls is not None:
-                probe = cls(config)
-            else:
-                try:
-                    probe = AutoModelForCausalLM.from_config(config)
-                except ValueError:
-                    probe = AutoModel.from_config(config)
-    except Exception:
-        return False
-    return _shapes(probe) == shapes and _has_attrs(probe, module_attrs or {})
-
-
-def _has_attrs(model: torch.nn.Module, module_attrs: dict[str, dict]) -> bool:
-    """Does ``model`` (built on meta) already have every recorded attribute value?
-    Tensors on meta cannot be read; each recorded tensor has a number twin
-    (``embed_scale`` / ``scalar_embed_scale``) that is compared instead."""
-    import math
-
-    import torch
-
-    for name, attrs in module_attrs.items():
-        try:
-            module = model.get_submodule(name) if name else model
-        except AttributeError:
-            return False
-        for key, want in attrs.items():
-            owner = module.config if key.startswith("config.") else module
-            have = getattr(owner, key.removeprefix("config."), None)
-            if isinstance(have, torch.Tensor):
-                continue
-            if isinstance(want, float) and isinstance(have, (int, float)):
-                if not math.isclose(have, want, rel_tol=1e-9):
-                    return False
-            elif have != want:
-                return False
-    return True
 
 
 def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str, dict],
@@ -109,8 +53,8 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
     from slimgraph.frontends.hf_build import quiet_transformers
 
     config = model.config
-    shapes = _shapes(model)
-    loader = "transformers" if _transformers_can_build(config, shapes, module_attrs) else "slimgraph"
+    shapes = param_shapes(model)
+    loader = "transformers" if transformers_can_build(config, shapes, module_attrs) else "slimgraph"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}-")
     try:
@@ -133,22 +77,6 @@ def save_hf(model: torch.nn.Module, tokenizer, out: Path, module_attrs: dict[str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"dir": str(out), "loader": loader}
-
-
-def finish_checkpoint(tmp: Path, out: Path, loader: str, module_attrs: dict[str, dict],
-                      shapes: dict[str, list[int]], gathers: list[str] | None) -> None:
-    """Add the slimgraph section to ``tmp/config.json``, then move ``tmp`` to ``out``."""
-    from slimgraph.frontends.pruned_checkpoint import SECTION
-
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.pop("quantization_config", None)
-    cfg[SECTION] = {"loader": loader, "module_attrs": module_attrs, "param_shapes": shapes,
-                    "gather_linears": list(gathers or [])}
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def max_rel_error(a: torch.nn.Module, b: torch.nn.Module, vocab: int, seq: int = 11) -> float:

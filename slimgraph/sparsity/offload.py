@@ -301,7 +301,9 @@ def save_hf_offloaded(off: Offload, tokenizer, out: Path, module_attrs: dict, *,
     one shard at a time, atomically (a temp dir renamed at the end)."""
     from safetensors.torch import save_file
 
-    from slimgraph.backends.hf_checkpoint import _shapes, _transformers_can_build, finish_checkpoint
+    from slimgraph.backends.hf_layout import finish_checkpoint
+    from slimgraph.backends.hf_layout import param_shapes as _shapes
+    from slimgraph.backends.hf_layout import transformers_can_build as _transformers_can_build
 
     model = off.model
     shapes = _shapes(model)
