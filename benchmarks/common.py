@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+SHIPPED = Path(__file__).resolve().parents[1] / "slimgraph" / "data" / "wikitext2"
 
 
 def protocol_split(work: Path) -> tuple[Path, Path]:
-    """BENCHMARK.md's split of WikiText-2 test: the first 75% of the characters (evaluation)
-    to ``work/eval.txt``, the rest (calibration) to ``work/calib.txt``; returns both."""
-    text = open(WIKI, newline="").read().replace("\r\n", "\n")
-    cut = int(0.75 * len(text))
+    """The benchmark protocol's split of WikiText-2 test: the first 75% of the characters
+    (evaluation) and the rest (calibration), as shipped with the package
+    (slimgraph/data/wikitext2/eval.txt, calib.txt); copied to ``work/eval.txt`` and
+    ``work/calib.txt`` so that rows name files in their own work folder; returns both."""
     work.mkdir(parents=True, exist_ok=True)
     ev, cal = work / "eval.txt", work / "calib.txt"
-    ev.write_text(text[:cut])
-    cal.write_text(text[cut:])
+    ev.write_text((SHIPPED / "eval.txt").read_text())
+    cal.write_text((SHIPPED / "calib.txt").read_text())
     return ev, cal
 
 

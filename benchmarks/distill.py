@@ -9,14 +9,20 @@
    (prune-structured{mlp=0.27,importance=act}).
 2. Quality (``--part quality``): ``slimgraph compile smollm2-135m -p
    "prune-structured{mlp=0.27,importance=act},distill{steps=S,...},save-hf"
-   --calib-file data/calib.txt`` (training text: the calibration split), against the same
-   pipeline without distill; perplexity with ``slimgraph eval OUTDIR --ppl data/eval.txt
+   --calib-file slimgraph/data/wikitext2/calib.txt`` (training text: the calibration split), against the same
+   pipeline without distill; perplexity with ``slimgraph eval OUTDIR --ppl slimgraph/data/wikitext2/eval.txt
    --windows 40 --json`` (the protocol's 40 x 512 evaluation windows).
 
-data/calib.txt and data/eval.txt come from ``.venv/bin/python scripts/split_wikitext data``.
+3. One row (``--part row --name NAME --prune PIPE``): ``PIPE,distill{...},save-hf`` (or
+   ``--student DIR``: distil an earlier compile's HF checkpoint, teacher the dense model),
+   perplexity as above; the row goes to the ``rows`` of the result under NAME.
 
-Usage: python benchmarks/distill.py --part speed|quality|all [--steps 3] [--rounds 2]
+The texts default to the protocol's split shipped with the package
+(slimgraph/data/wikitext2/calib.txt and eval.txt).
+
+Usage: python benchmarks/distill.py --part speed|quality|row|all [--steps 3] [--rounds 2]
        [--train-steps 40] [--batch 4] [--seqlen 128] [--lr 1e-4]
+       [--name NAME --prune PIPE | --student DIR]
 Writes benchmarks/results/distill.json (the parts run, merged with what is there).
 """
 
@@ -136,9 +142,43 @@ def quality(args) -> dict:
     return rows
 
 
+def row(args) -> dict:
+    """One distillation row: prune (``--prune``) or an earlier compile (``--student``),
+    then ``distill``; parameters, perplexity, prune and train time, tokens."""
+    out = ROOT / "benchmarks" / "out" / "distill" / args.name
+    distill = (f"distill{{steps={args.train_steps},batch={args.batch},seqlen={args.seqlen},"
+               f"lr={args.lr},save_every=1000"
+               + (f",teacher={MODEL}" if args.student else "") + "}")
+    model = str(args.student) if args.student else MODEL
+    pipe = f"{args.prune}," if args.prune else ""
+    pipe += f"{distill},{args.after}save-hf"
+    cli = [sys.executable, "-m", "slimgraph.cli", "compile", model, "-p", pipe, "-o", str(out),
+           "--calib-file", str(args.calib), "--overwrite"]
+    _, secs = run(cli)
+    report = json.loads((out / "report.json").read_text())
+    passes = {p["name"]: p for p in report["passes"]}
+    rep = passes["distill"]["report"]
+    result = {"model": model, "pipeline": pipe, "parameters": report["parameters"]["after"],
+              "compile_seconds": round(secs, 1),
+              "train_seconds": rep["train_seconds"], "tokens_seen": rep["tokens_seen"],
+              "tokens_per_second": rep["tokens_per_second"],
+              "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]}
+    first = next(iter(passes))
+    if first != "distill":
+        result["prune_seconds"] = round(passes[first]["seconds"], 1)
+    result["ppl"] = evaluate(out, args.eval, args.windows)
+    print(args.name, result, flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--part", choices=("speed", "quality", "all"), default="all")
+    ap.add_argument("--part", choices=("speed", "quality", "row", "all"), default="all")
+    ap.add_argument("--name", help="row: the row's name")
+    ap.add_argument("--prune", default="", help="row: the pruning passes before distill")
+    ap.add_argument("--student", type=Path, help="row: an earlier compile's OUTDIR to distil")
+    ap.add_argument("--after", default="", help="row: passes after distill, e.g. "
+                    "'check-sparsity,' (with the trailing comma)")
     ap.add_argument("--steps", type=int, default=3, help="speed: steps per round and method")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=40, help="quality: distill steps")
@@ -147,16 +187,22 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--calib", type=Path, default=ROOT / "data" / "calib.txt")
-    ap.add_argument("--eval", type=Path, default=ROOT / "data" / "eval.txt")
+    ap.add_argument("--calib", type=Path, default=ROOT / "slimgraph/data/wikitext2/calib.txt")
+    ap.add_argument("--eval", type=Path, default=ROOT / "slimgraph/data/wikitext2/eval.txt")
     args = ap.parse_args()
     new = {}
     if args.part in ("speed", "all"):
         new["speed"] = speed(args)
     if args.part in ("quality", "all"):
         new["quality"] = quality(args)
+    if args.part == "row":
+        if not args.name or not (args.prune or args.student):
+            raise SystemExit("--part row needs --name and --prune or --student")
+        new = {"row": {args.name: row(args)}}
     print(json.dumps(new), flush=True)
     rows = json.loads(RESULT.read_text())["rows"] if RESULT.is_file() else {}  # the other part
+    if "row" in new:  # re-read: rows written meanwhile by another run are kept
+        new = {"row": {**rows.get("row", {}), **new["row"]}}
     write_result(RESULT, {**rows, **new})
 
 

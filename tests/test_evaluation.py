@@ -34,7 +34,8 @@ from tests.zoo import tiny_text, tiny_tokenizer
 
 V = zoo.VOCAB  # 128
 SEQLEN = 32
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# the protocol's evaluation part of WikiText-2 test, shipped with the package
+WIKITEXT_EVAL = Path(__file__).resolve().parents[1] / "slimgraph" / "data" / "wikitext2" / "eval.txt"
 
 
 def run_cli(argv: list[str]) -> int:
@@ -376,11 +377,8 @@ def test_ppl_is_required(capsys):
 @pytest.mark.slow
 def test_smollm2_two_windows(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SLIMGRAPH_CACHE", raising=False)  # use the real de-quantized cache
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not found")
-    text = read_text(WIKITEXT)
     eval_txt = tmp_path / "eval.txt"
-    eval_txt.write_text(text[: int(0.75 * len(text))], encoding="utf-8")
+    eval_txt.write_text(read_text(WIKITEXT_EVAL), encoding="utf-8")
     t0 = time.perf_counter()
     assert run_cli(["eval", "smollm2-135m", "--ppl", str(eval_txt), "--windows", "2",
                     "--json", "--no-progress"]) == 0
