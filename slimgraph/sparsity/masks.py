@@ -49,7 +49,8 @@ def _check_scores(scores, what: str = "scores") -> torch.Tensor:
     return scores.detach()
 
 
-def _check_sparsity(sparsity) -> float:
+def validate_sparsity(sparsity) -> float:
+    """``sparsity`` as a float in [0, 1] (ValueError otherwise)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     s = float(sparsity)
@@ -60,11 +61,11 @@ def _check_sparsity(sparsity) -> float:
 
 def prune_count(n: int, sparsity: float) -> int:
     """Number of elements pruned from a comparison group of ``n``: ``round(sparsity · n)``."""
-    s = _check_sparsity(sparsity)
+    s = validate_sparsity(sparsity)
     return min(n, max(0, round(s * n)))
 
 
-def _prune_lowest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
+def prune_lowest(scores: torch.Tensor, k: int, dim: int | None) -> torch.Tensor:
     """Keep-mask pruning the ``k`` lowest scores over everything (dim None) or along ``dim``.
 
     A stable ascending sort makes ties deterministic: the lower index is pruned first.
@@ -90,11 +91,11 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "layer
     ``scope="row"``: one group per output row (``n = C_in``; Wanda's default).
     """
     s = _check_scores(scores)
-    sp = _check_sparsity(sparsity)
+    sp = validate_sparsity(sparsity)
     if scope == "layer":
-        return _prune_lowest(s, prune_count(s.numel(), sp), None)
+        return prune_lowest(s, prune_count(s.numel(), sp), None)
     if scope == "row":
-        return _prune_lowest(s, prune_count(s.shape[1], sp), 1)
+        return prune_lowest(s, prune_count(s.shape[1], sp), 1)
     raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
 
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from slimgraph.sparsity.masks import (_check_sparsity, _prune_lowest, nm_keep_groups, parse_pattern,
-                                      prune_count)
+from slimgraph.sparsity.masks import (nm_keep_groups, parse_pattern, prune_count, prune_lowest,
+                                      validate_sparsity)
 
 __all__ = ["GramAccumulator", "sparsegpt_prune"]
 
@@ -262,7 +262,7 @@ def sparsegpt_prune(
         if blocksize % m:
             raise ValueError(f"blocksize {blocksize} must be a multiple of M = {m} for N:M {nm[0]}:{m}")
     if sparsity is not None:
-        sparsity = _check_sparsity(sparsity)
+        sparsity = validate_sparsity(sparsity)
     if scores is not None:
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (c_out, c_in):
             raise ValueError(f"scores must be a [{c_out}, {c_in}] tensor like the weight")
@@ -315,7 +315,7 @@ def sparsegpt_prune(
     keep = mask
     if keep is None and sparsity is not None and scope != "block":
         full = current_scores(W, slice(0, c_in), U.diagonal())
-        keep = _prune_lowest(full, prune_count(full.numel() if scope == "layer" else c_in, sparsity),
+        keep = prune_lowest(full, prune_count(full.numel() if scope == "layer" else c_in, sparsity),
                              None if scope == "layer" else 1)
     fixed = keep is not None
     if not fixed:
@@ -335,7 +335,7 @@ def sparsegpt_prune(
         keep1 = keep[:, i1:i2]  # a view: selections below write into `keep`
         if not fixed and nm is None:
             s1 = current_scores(W1, slice(i1, i2), d1)
-            keep1.copy_(_prune_lowest(s1, counts[b], None))
+            keep1.copy_(prune_lowest(s1, counts[b], None))
         for i in range(count):
             if nm is not None and not fixed and i % nm[1] == 0:
                 n_keep, m = nm
