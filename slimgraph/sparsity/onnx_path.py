@@ -89,10 +89,10 @@ def check_onnx_input(opts: Sparsify, state: CompileState) -> None:
 def onnx_tokenizer(state: CompileState) -> Any | None:
     """The model's tokenizer: the loaded one, else the one in the ONNX file's directory
     (as ``slimgraph eval MODEL.onnx`` finds it); cached on ``state.loaded``."""
-    from slimgraph.frontends.loading import _try_tokenizer
+    from slimgraph.frontends.loading import try_tokenizer
 
     if state.loaded.tokenizer is None and state.loaded.onnx_path is not None:
-        state.loaded.tokenizer = _try_tokenizer(Path(state.loaded.onnx_path).parent)
+        state.loaded.tokenizer = try_tokenizer(Path(state.loaded.onnx_path).parent)
     return state.loaded.tokenizer
 
 
