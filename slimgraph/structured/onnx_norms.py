@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from slimgraph.errors import PipelineError
+from slimgraph.structured.onnx_removal_plan import constant_value
 
 EXACT_REDUCTIONS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"}
 OTHER_REDUCTIONS = {"ReduceMax", "ReduceMin", "ReduceProd", "ReduceLogSum", "ReduceLogSumExp"}
@@ -55,10 +56,8 @@ def _op(node) -> str:
 
 def _reduce_axes(node, rank: int) -> list[int] | None:
     """The axes a Reduce* node reduces (None: a non-constant axes input)."""
-    from slimgraph.structured.onnx_removal_plan import _const
-
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = _const(node.inputs[1])
+        arr = constant_value(node.inputs[1])
         if arr is None:
             return None
         axes = [int(a) for a in arr.reshape(-1)]

@@ -44,7 +44,7 @@ import numpy as np
 from slimgraph.errors import PipelineError
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.structured.onnx_norms import apply_statistics, plan_statistics
-from slimgraph.structured.onnx_removal_plan import _const, _Plan
+from slimgraph.structured.onnx_removal_plan import RemovalPlan, constant_value
 from slimgraph.structured.removal import positions
 
 # the other names this module had before the plan moved to onnx_removal_plan
@@ -86,7 +86,7 @@ def check_selection(result: DependencyResult, selection: dict[int, list[int]],
         g = by_id[gid]
         if units and g.kind not in ("mlp", "heads", "qheads", "hidden"):
             raise PipelineError(
-                f"pass '{pass_name}': removing {g.kind} units ({_Plan.label(g)}) is not "
+                f"pass '{pass_name}': removing {g.kind} units ({RemovalPlan.label(g)}) is not "
                 "supported for ONNX input (only mlp channels, attention heads / KV-groups and "
                 "hidden channels)")
 
@@ -99,7 +99,7 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
 
     check_selection(result, selection, pass_name)
     graph = result.graph
-    plan = _Plan(result, selection)
+    plan = RemovalPlan(result, selection)
     plan.shapes()
     plan.nodes()  # every refusal happens here, before anything is written
     try:
@@ -152,7 +152,7 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
             g.insert_before(node, clone)
             clones[key] = clone.outputs[0]
         stale.append(node.inputs[i])
-        old_arr = {k: _const(concat.inputs[k]).reshape(-1).tolist() for k in changed}
+        old_arr = {k: constant_value(concat.inputs[k]).reshape(-1).tolist() for k in changed}
         node.replace_input_with(i, clones[key])
         report["onnx_rewrites"].append({
             "node": node.name, "op": node.op_type, "input": i, "concat": concat.name,

@@ -3,8 +3,8 @@
 What the weights do not carry is rewritten from the analysis: every tensor dim of the
 graph has a layout of channel spaces, so removing unit ``u`` of a group's space removes
 ``Tree.positions(space, u)`` from every dim that space reaches -- parameters *and*
-activations. From that, for each ONNX value its new shape follows (:meth:`_Plan.shapes`),
-and these are rewritten (planned by :meth:`_Plan.nodes`, carried out by
+activations. From that, for each ONNX value its new shape follows (:meth:`RemovalPlan.shapes`),
+and these are rewritten (planned by :meth:`RemovalPlan.nodes`, carried out by
 :func:`slimgraph.structured.onnx_removal.remove_units_onnx`):
 
 - constant target shapes that encode a removed size (``Reshape`` / ``Expand`` /
@@ -55,7 +55,7 @@ CONTRIB_ATTENTION = {"com.microsoft.Attention", "com.microsoft.MultiHeadAttentio
                      "com.microsoft.GroupQueryAttention"}
 
 
-def _const(v) -> np.ndarray | None:
+def constant_value(v) -> np.ndarray | None:
     """The value of an initializer or a ``Constant`` node output, else None."""
     if v is None:
         return None
@@ -78,7 +78,7 @@ def _entries(v, depth: int = 0) -> list[tuple] | None:
     arithmetic) compute it."""
     if v is None or depth > 16:
         return None
-    arr = _const(v)
+    arr = constant_value(v)
     if arr is not None:
         return [("const", int(x)) for x in arr.reshape(-1)]
     p = v.producer()
@@ -103,13 +103,13 @@ def _entries(v, depth: int = 0) -> list[tuple] | None:
     if op in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"):
         return _entries(p.inputs[0], depth + 1)  # 0-D <-> 1-D: the order is kept
     if op == "Gather":
-        got, idx = _entries(p.inputs[0], depth + 1), _const(p.inputs[1])
+        got, idx = _entries(p.inputs[0], depth + 1), constant_value(p.inputs[1])
         if got is None or idx is None or int(_attr(p, "axis", 0)) != 0:
             return None
         return [got[int(i)] for i in idx.reshape(-1)]
     if op == "Slice":
         got = _entries(p.inputs[0], depth + 1)
-        bounds = [_const(b) if b is not None else None for b in p.inputs[1:5]]
+        bounds = [constant_value(b) if b is not None else None for b in p.inputs[1:5]]
         bounds += [None] * (4 - len(bounds))
         start, end, axes, steps = bounds
         if got is None or start is None or end is None or start.size != 1 or (
@@ -125,7 +125,7 @@ def _attr(node, name, default=None):
     return default if a is None else a.value
 
 
-class _Plan:
+class RemovalPlan:
     """New shapes of the ONNX values, and the constant rewrites they need."""
 
     def __init__(self, result: DependencyResult, selection: dict[int, list[int]]) -> None:
@@ -219,7 +219,7 @@ class _Plan:
     def _shape_input(self, node, idx: int, out) -> None:
         new, old = self.new_shape[out.name], self.old_shape[out.name]
         shape_v = node.inputs[idx] if idx < len(node.inputs) else None
-        arr = _const(shape_v)
+        arr = constant_value(shape_v)
         if arr is None:
             self._runtime_shape(node, idx, out)
             return
@@ -275,7 +275,7 @@ class _Plan:
         if concat.op_type == "Concat":
             pieces = []
             for k, piece in enumerate(concat.inputs):
-                direct = _const(piece) is not None
+                direct = constant_value(piece) is not None
                 pieces.extend((k, off) if direct else (-1, -1)
                               for off in range(len(_entries(piece))))
         if len(got) != len(new):
@@ -303,7 +303,7 @@ class _Plan:
                         "of the Concat building the shape are)")
                 arr = changed.get(k)
                 if arr is None:
-                    arr = changed[k] = _const(concat.inputs[k]).reshape(-1).copy()
+                    arr = changed[k] = constant_value(concat.inputs[k]).reshape(-1).copy()
                 arr[off] = n
                 continue
             if e[0] == "const" and (
@@ -387,7 +387,7 @@ class _Plan:
         """Move the constant bounds of a Slice along every axis of its input that shrinks."""
         x = node.inputs[0]
         rank = len(self.old_shape[x.name])
-        bounds = [_const(b) if b is not None else None for b in list(node.inputs[1:5])]
+        bounds = [constant_value(b) if b is not None else None for b in list(node.inputs[1:5])]
         bounds += [None] * (4 - len(bounds))
         starts, ends, axes, steps = bounds
         no_axes = len(node.inputs) < 4 or node.inputs[3] is None  # then 0, 1, ... len(starts)-1

@@ -237,7 +237,7 @@ def test_a_size_left_unrewritten_is_caught_by_shape_inference(files, monkeypatch
     the analysis and the pass fails instead of producing a wrong model."""
     from slimgraph.structured import onnx_removal
 
-    monkeypatch.setattr(onnx_removal._Plan, "_shape_input", lambda *a, **k: None)
+    monkeypatch.setattr(onnx_removal.RemovalPlan, "_shape_input", lambda *a, **k: None)
     result = analyze(import_onnx(files["llama"]))
     heads = next(g for g in result.prunable() if g.kind == "heads")
     with pytest.raises(PipelineError, match="the analysis expects"):
