@@ -137,8 +137,9 @@ class PruneStructured(Pass):
                 raise self.option_error(opt, f"must be >= 1, got {getattr(self, opt)}")
         if not 0 <= self.damp < 1:
             raise self.option_error("damp", f"must be in [0, 1), got {self.damp}")
-        if self.refit_to not in ("pruned", "dense"):
-            raise self.option_error("refit_to", f"{self.refit_to!r} is not one of pruned, dense")
+        if self.refit_to not in ("pruned", "dense", "residual"):
+            raise self.option_error("refit_to", f"{self.refit_to!r} is not one of pruned, dense, "
+                                    "residual")
         if self.allocation not in ("uniform", "global"):
             raise self.option_error("allocation", f"{self.allocation!r} is not one of uniform, "
                                     "global")

@@ -70,43 +70,89 @@ class _Stats:
                     for p in params}
             accs, _ = observe_block(module, mods, inputs, hessian=True)
             self.H = {p: accs[names[p]].hessian().to(torch.float64) for p in params}
-        self.C: dict[str, torch.Tensor] = {}
-        self.H_dense: dict[str, torch.Tensor] = {}
+        self.T: dict[str, torch.Tensor] = {}  # refit targets (target=dense/residual)
+        self.E: dict[str, float] = {}
+        self.target_of: dict[str, str] = {}
 
 
 def observe_pair(module: torch.nn.Module, linears: dict[str, torch.nn.Module],
-                 dense_inputs: list, inputs: list) -> dict[str, tuple]:
+                 dense_inputs: list, inputs: list, residual: str | None = None) -> dict[str, dict]:
     """Run the (not yet changed) block on the dense model's inputs and on the pruned
-    model's, batch by batch in step, and return per linear name ``(H, C, H_dense)``:
-    ``Σ x_p x_pᵀ``, ``Σ x_d x_pᵀ``, ``Σ x_d x_dᵀ`` (float64, scaled by 2/N like
-    :meth:`GramAccumulator.hessian`). ``dense_inputs`` is overwritten with the block's
-    dense outputs (the next block's dense inputs)."""
+    model's, batch by batch in step, and return per linear name ``{"H", "C", "H_dense"}``:
+    ``Σ x_p x_pᵀ``, ``Σ x_d x_pᵀ``, ``Σ x_d x_dᵀ`` (float64 sums of float32 products per
+    batch, scaled by 2/N like :meth:`GramAccumulator.hessian`). ``dense_inputs`` is
+    overwritten with the block's dense outputs (the next block's dense inputs).
+
+    ``residual``: a linear whose output is added straight to the block's output (the
+    last writer to the residual stream, e.g. down_proj). For it also ``"T"`` = ``Σ e x_pᵀ``
+    and ``"E"`` = ``Σ ‖e‖²`` with ``e = out_d - (out_p - y_p)``: what the linear must
+    write so that the pruned block's output equals the dense block's. Whether the block
+    really is ``rest + y`` is checked on the first batch (the block run once more with
+    the linear's output doubled must move by exactly ``y``); ``"residual_ok"`` says so."""
     seen: dict[str, torch.Tensor] = {}
+    out_of: dict[str, torch.Tensor] = {}
     hooks = [lin.register_forward_pre_hook(
         lambda _m, a, name=name: seen.__setitem__(name, a[0].detach()))
         for name, lin in linears.items()]
-    sums: dict[str, list[torch.Tensor]] = {}
-    tokens = 0
+    if residual is not None:
+        hooks.append(linears[residual].register_forward_hook(
+            lambda _m, _a, y: out_of.__setitem__("y", y.detach())))
+    sums: dict[str, dict] = {}
+    tokens, residual_ok = 0, residual is not None
+
+    def first(y):
+        return (y[0] if isinstance(y, (tuple, list)) else y).detach()
+
     try:
         with torch.no_grad():
             for j, ((dargs, dkw), (args, kw)) in enumerate(zip(dense_inputs, inputs)):
                 seen.clear()
-                dense_inputs[j] = next_inputs(module(*dargs, **dkw), dargs, dkw)
-                xd = {n: x.reshape(-1, x.shape[-1]).to(torch.float64) for n, x in seen.items()}
+                out_d = module(*dargs, **dkw)
+                dense_inputs[j] = next_inputs(out_d, dargs, dkw)
+                xd = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
                 seen.clear()
-                module(*args, **kw)
-                for n, x in seen.items():
-                    xp = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                    acc = sums.setdefault(n, [0, 0, 0])
-                    acc[0] = acc[0] + xp.T @ xp
-                    acc[1] = acc[1] + xd[n].T @ xp
-                    acc[2] = acc[2] + xd[n].T @ xd[n]
+                out_p = first(module(*args, **kw))
+                for n, x in seen.items():  # float32 products per batch, float64 sums
+                    xp = x.reshape(-1, x.shape[-1]).float()
+                    acc = sums.setdefault(n, {"H": 0, "C": 0, "H_dense": 0})
+                    acc["H"] = acc["H"] + (xp.T @ xp).double()
+                    acc["C"] = acc["C"] + (xd[n].T @ xp).double()
+                    acc["H_dense"] = acc["H_dense"] + (xd[n].T @ xd[n]).double()
                     rows = xp.shape[0]
                 tokens += rows
+                if residual_ok:
+                    y = out_of["y"]
+                    if j == 0:
+                        residual_ok = _adds_to_output(module, linears[residual], args, kw,
+                                                      out_p, y)
+                    if residual_ok:
+                        e = (first(out_d) - out_p + y).reshape(-1, y.shape[-1]).float()
+                        xp = seen[residual].reshape(-1, seen[residual].shape[-1]).float()
+                        acc = sums[residual]
+                        acc["T"] = acc.get("T", 0) + (e.T @ xp).double()
+                        acc["E"] = acc.get("E", 0.0) + float((e.double() ** 2).sum())
     finally:
         for h in hooks:
             h.remove()
-    return {n: tuple(m * (2.0 / tokens) for m in acc) for n, acc in sums.items()}
+    scale = 2.0 / tokens
+    out = {n: {k: v * scale for k, v in acc.items()} for n, acc in sums.items()}
+    if residual is not None:
+        out[residual]["residual_ok"] = residual_ok
+    return out
+
+
+def _adds_to_output(module, linear, args, kw, out, y) -> bool:
+    """Whether the block's output is ``rest + y`` in the linear's output ``y``: run the
+    block with ``y`` doubled; the output must move by exactly ``y``."""
+    handle = linear.register_forward_hook(lambda _m, _a, o: o * 2)
+    try:
+        moved = module(*args, **kw)
+    finally:
+        handle.remove()
+    moved = moved[0] if isinstance(moved, (tuple, list)) else moved
+    if moved.shape != out.shape or y.shape != out.shape:
+        return False
+    return bool(torch.allclose(moved - out, y, rtol=1e-3, atol=1e-4 * float(y.abs().max())))
 
 
 class BlockRemover:
@@ -117,8 +163,8 @@ class BlockRemover:
     def __init__(self, result: DependencyResult, counts: dict[int, int], importance: str, *,
                  reconstruct: bool, damp: float = 0.01, obs_steps: int = 8,
                  target: str = "pruned") -> None:
-        if target not in ("pruned", "dense"):
-            raise ValueError(f"target must be 'pruned' or 'dense', got {target!r}")
+        if target not in ("pruned", "dense", "residual"):
+            raise ValueError(f"target must be 'pruned', 'dense' or 'residual', got {target!r}")
         self.result = result
         self.target = target
         self.dense_inputs: list | None = None  # target=dense: the dense model's block inputs
@@ -138,7 +184,7 @@ class BlockRemover:
 
     def __call__(self, block: Block, module: torch.nn.Module, inputs: list) -> dict:
         groups = self.by_layer.get(block.layer, [])
-        dense = self.reconstruct and self.target == "dense"
+        dense = self.reconstruct and self.target in ("dense", "residual")
         if dense and self.dense_inputs is None:  # block 0: both models see the same inputs
             self.dense_inputs = list(inputs)
         if not groups:
@@ -181,19 +227,32 @@ class BlockRemover:
 
     def observe_dense(self, block: Block, module, inputs: list, params: set[str],
                       stats: _Stats) -> None:
-        """target=dense: the Gram matrices of the pruned inputs, the dense-pruned cross
-        sums and the dense Gram matrices of every reader; advances the dense stream."""
+        """target=dense/residual: the Gram matrices of the pruned inputs and the refit
+        targets of every reader (dense outputs; with residual, the last writer's target is
+        what brings the block's output back to the dense one); advances the dense stream."""
         names = {p: p[: -len(".weight")] for p in params}
         mods = {names[p]: module.get_submodule(names[p][len(block.module_name) + 1:])
                 for p in params}
-        sums = observe_pair(module, mods, self.dense_inputs, inputs)
+        last = None
+        if self.target == "residual":
+            writers = [p for p in params if p.endswith("down_proj.weight")]
+            last = names[writers[0]] if len(writers) == 1 else None
+        sums = observe_pair(module, mods, self.dense_inputs, inputs, residual=last)
         for p in params:
-            stats.H[p], stats.C[p], stats.H_dense[p] = sums[names[p]]
+            got = sums[names[p]]
+            stats.H[p] = got["H"]
+            W = stats.W[p]
+            if names[p] == last and got["residual_ok"]:
+                stats.T[p], stats.E[p], stats.target_of[p] = got["T"], got["E"], "residual"
+            else:
+                stats.T[p] = W @ got["C"]
+                stats.E[p] = float(((W @ got["H_dense"]) * W).sum())
+                stats.target_of[p] = "dense"
 
     def refit(self, param: str, stats: _Stats, removed: set[int]) -> None:
-        if param in stats.C:
-            new, info = refit_columns_to(stats.W[param], stats.H[param], stats.C[param],
-                                         stats.H_dense[param], sorted(removed), damp=self.damp)
+        if param in stats.T:
+            new, info = refit_columns_to(stats.W[param], stats.H[param], stats.T[param],
+                                         stats.E[param], sorted(removed), damp=self.damp)
         else:
             new, info = refit_columns(stats.W[param], stats.H[param], sorted(removed),
                                       damp=self.damp)
@@ -204,7 +263,7 @@ class BlockRemover:
         energy = info["energy"] or 1.0
         self.refitted.append({
             "linear": param[: -len(".weight")], "columns_removed": info["removed"],
-            "columns_kept": info["kept"],
+            "columns_kept": info["kept"], "target": stats.target_of.get(param, "pruned"),
             "rel_error_no_update": round(info["error_no_update"] / energy, 6),
             "rel_error_refit": round(info["error_refit"] / energy, 6)})
 

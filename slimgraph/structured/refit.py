@@ -12,10 +12,11 @@ zeros, so the refitted weight also serves the masked model (the same function as
 slimmed one once the columns are sliced away).
 
 - :func:`refit_columns` -- the refit, with the calibration output error before and after;
-- :func:`refit_columns_to` -- the same refit towards the *dense* model's outputs: the
-  kept columns see the pruned model's inputs ``x_p`` and are fitted to ``W x_d``, the
-  layer's output on the dense model's inputs: ``W_S' = W C_{:,S} H_SS⁻¹`` with
-  ``C = Σ x_d x_pᵀ`` and ``H = Σ x_p x_pᵀ``; with ``x_d = x_p`` it is :func:`refit_columns`;
+- :func:`refit_columns_to` -- the same refit towards given target outputs ``t``: the
+  kept columns see the pruned model's inputs ``x_p`` and are fitted to ``t``, e.g. the
+  dense layer's output on the dense model's inputs ``W x_d``: ``W_S' = T_{:,S} H_SS⁻¹``
+  with ``T = Σ t x_pᵀ`` and ``H = Σ x_p x_pᵀ``; with ``t = W x_p`` it is
+  :func:`refit_columns`;
 - :func:`obs_costs` -- per unit, the output error left after the optimal update of the
   other columns when that unit alone goes (``tr(W_P [H⁻¹]_PP⁻¹ W_Pᵀ)``);
 - :func:`obs_select` -- SlimGPT's greedy selection: remove the cheapest units in batches,
@@ -95,21 +96,25 @@ def refit_columns(weight: torch.Tensor, H: torch.Tensor, removed: Sequence[int],
     return out.to(dtype=weight.dtype, device=weight.device), info
 
 
-def refit_columns_to(weight: torch.Tensor, H: torch.Tensor, cross: torch.Tensor,
-                     H_dense: torch.Tensor, removed: Sequence[int], *,
+def refit_columns_to(weight: torch.Tensor, H: torch.Tensor, target_cross: torch.Tensor,
+                     target_energy: float, removed: Sequence[int], *,
                      damp: float = 0.01) -> tuple[torch.Tensor, dict]:
-    """Refit the kept columns of ``weight`` so that on the pruned model's inputs it gives
-    the dense layer's outputs on the dense model's inputs (the same tokens).
+    """Refit the kept columns of ``weight`` towards given target outputs ``t`` (one per
+    calibration token) instead of the layer's own outputs: ``min ‖W_S' x_S - t‖²``, so
+    ``W_S' = T_{:,S} H_SS⁻¹``.
 
-    ``H = Σ x_p x_pᵀ`` (pruned inputs), ``cross = Σ x_d x_pᵀ`` (``[C_in, C_in]``, dense
-    rows, pruned columns), ``H_dense = Σ x_d x_dᵀ``, all with the same scale. Returns the
-    new weight (removed columns exactly 0) and the info of :func:`refit_columns`, errors
-    measured against the dense outputs: ``error_no_update`` is zeroing the columns on the
-    pruned inputs, ``error_refit`` the refitted layer, ``energy`` ``tr(W H_dense Wᵀ)``."""
+    ``H = Σ x xᵀ`` (the inputs the layer sees: the pruned model's), ``target_cross =
+    T = Σ t xᵀ`` (``[C_out, C_in]``) and ``target_energy = Σ ‖t‖²``, all with the same
+    scale. The dense layer's outputs on the dense model's inputs are ``t = W x_d``:
+    ``T = W Σ x_d xᵀ``, ``Σ ‖t‖² = tr(W H_d Wᵀ)``; with ``x_d = x`` and no damping this is
+    :func:`refit_columns`. Returns the new weight (removed columns exactly 0) and the info
+    of :func:`refit_columns`, errors measured against the targets: ``error_no_update`` is
+    the weight with the columns zeroed, ``error_refit`` the refitted one, ``energy`` the
+    targets' energy."""
     _check(weight, H)
-    for name, m in (("cross", cross), ("H_dense", H_dense)):
-        if tuple(m.shape) != tuple(H.shape):
-            raise ValueError(f"{name} must be {list(H.shape)}, got {list(m.shape)}")
+    if tuple(target_cross.shape) != tuple(weight.shape):
+        raise ValueError(f"target_cross must be {list(weight.shape)}, got "
+                         f"{list(target_cross.shape)}")
     c_in = weight.shape[1]
     P = torch.tensor(sorted(set(int(i) for i in removed)), dtype=torch.long)
     if len(P) and (int(P[0]) < 0 or int(P[-1]) >= c_in):
@@ -119,21 +124,19 @@ def refit_columns_to(weight: torch.Tensor, H: torch.Tensor, cross: torch.Tensor,
     S = torch.nonzero(keep).flatten()
     W = weight.detach().to(torch.float64)
     Hp = H.detach().to(torch.float64)
-    C = cross.detach().to(torch.float64)
-    Hd = H_dense.detach().to(torch.float64)
+    T = target_cross.detach().to(torch.float64)
 
-    def error(new: torch.Tensor) -> float:  # Σ ‖new x_p - W x_d‖²
-        return (_output_error(new, Hp) - 2 * float(((W @ C) * new).sum())
-                + _output_error(W, Hd))
+    def error(new: torch.Tensor) -> float:  # Σ ‖new x - t‖²
+        return _output_error(new, Hp) - 2 * float((T * new).sum()) + float(target_energy)
 
     zeroed = W.clone()
     zeroed[:, P] = 0
     out = zeroed.clone()
     if len(S) and float(Hp.diagonal().mean()) > 0:
         L = torch.linalg.cholesky(damped(Hp, damp)[S][:, S])
-        out[:, S] = torch.cholesky_solve((W @ C[:, S]).T, L).T  # W C_:S H_SS⁻¹
+        out[:, S] = torch.cholesky_solve(T[:, S].T, L).T  # T_:S H_SS⁻¹
     info = {"removed": len(P), "kept": len(S), "error_no_update": error(zeroed),
-            "error_refit": error(out), "energy": _output_error(W, Hd)}
+            "error_refit": error(out), "energy": float(target_energy)}
     return out.to(dtype=weight.dtype, device=weight.device), info
 
 

@@ -185,15 +185,17 @@ def test_refit_columns_to_with_equal_streams_is_the_plain_refit():
     W = torch.randn(5, 12, generator=g, dtype=torch.float64)
     H = X.T @ X
     a, ia = refit_columns(W, H, [1, 4, 7], damp=0.0)
-    b, ib = refit_columns_to(W, H, H, H, [1, 4, 7], damp=0.0)
+    b, ib = refit_columns_to(W, H, W @ H, float(((W @ H) * W).sum()), [1, 4, 7], damp=0.0)
     assert torch.allclose(a, b, atol=1e-9) and (b[:, [1, 4, 7]] == 0).all()
     assert abs(ia["error_refit"] - ib["error_refit"]) < 1e-6 * ia["energy"]
     # with different dense inputs: the least-squares solution of ||W' x_p - W x_d||
     Xd = X + 0.1 * torch.randn(200, 12, generator=g, dtype=torch.float64)
-    c, _ = refit_columns_to(W, H, Xd.T @ X, Xd.T @ Xd, [1, 4, 7], damp=0.0)
+    c, info = refit_columns_to(W, H, W @ Xd.T @ X, float(((Xd @ W.T) ** 2).sum()), [1, 4, 7],
+                               damp=0.0)
     S = [i for i in range(12) if i not in (1, 4, 7)]
     want = torch.linalg.lstsq(X[:, S], Xd @ W.T).solution.T
     assert torch.allclose(c[:, S], want, atol=1e-8)
+    assert abs(info["error_refit"] - float(((X @ c.T - Xd @ W.T) ** 2).sum())) < 1e-6 * info["energy"]
 
 
 def test_params_target_solves_the_mlp_ratio(tiny_dir, tmp_path):
@@ -223,3 +225,22 @@ def test_params_target_solves_the_mlp_ratio(tiny_dir, tmp_path):
 def test_bad_params_targets_are_refused(tiny_dir, tmp_path, capsys, pipeline, needle):
     assert _compile(tiny_dir, tmp_path / "x", pipeline) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_refit_to_residual_brings_each_block_back_to_the_dense_output():
+    dense = zoo.build("llama")
+    ids = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
+    ref = _logits(dense, ids)
+    errs = {}
+    for target in ("dense", "residual"):
+        model = copy.deepcopy(dense)
+        r, sel, remover, windows = _walk_to(model, {"heads": 0.5, "mlp": 0.5}, target)
+        kinds = {x["linear"].rsplit(".", 1)[1]: x["target"] for x in remover.refitted}
+        masked = copy.deepcopy(model)
+        remove_units(model, r, sel)
+        a, b = _logits(masked, windows), _logits(model, windows)
+        assert float((a - b).norm() / a.norm()) <= 1e-5
+        errs[target] = float((_logits(model, ids) - ref).norm())
+    # LLaMA's down_proj writes straight into the block output: its target is the residual
+    assert kinds == {"o_proj": "dense", "down_proj": "residual"}
+    assert errs["residual"] < errs["dense"]
