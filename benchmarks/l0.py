@@ -3,7 +3,7 @@
 1. `slimgraph compile smollm2-135m -p "l0{target=T,steps=S,data=seed_tasks.jsonl,...},remove,
    save-hf,export-onnx"`: LoRA + gates trained on the 175 self-instruct seed tasks with the
    collaborative prompt, then physically slimmed. Training time from the pass report.
-2. Perplexity (BENCHMARK.md protocol, 40 x 512 of the WikiText-2 evaluation split) with
+2. Perplexity (benchmark protocol, docs/benchmark-protocol.md, 40 x 512 of the WikiText-2 evaluation split) with
    and without the collaborative prompt; size on disk (safetensors, ONNX); ONNX Runtime
    CPU latency (2 threads, batch 1, 128 / 512 tokens, median of 20).
 3. One-shot structured removal to the same parameter count: prune-structured removing that

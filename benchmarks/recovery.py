@@ -11,7 +11,7 @@ KV-group of three plus half the MLP. Rows:
   units ranked across layers on standardised scores), with reconstruction.
 
 Each row: `slimgraph compile` (timed; the prune-structured pass's own time from the
-report), `slimgraph eval` (BENCHMARK.md protocol: 40 x 512 tokens of the WikiText-2 eval
+report), `slimgraph eval` (benchmark protocol, docs/benchmark-protocol.md: 40 x 512 tokens of the WikiText-2 eval
 split). Usage: python benchmarks/recovery.py [--windows 40] [--only NAME ...]
 Writes benchmarks/results/recovery.json and prints a Markdown table.
 """

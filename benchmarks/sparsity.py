@@ -1,4 +1,4 @@
-"""Post-training sparsity on SmolLM2: the quality table of BENCHMARK.md.
+"""Post-training sparsity on SmolLM2: the quality table of the benchmark protocol (docs/benchmark-protocol.md).
 
 For each method (magnitude, Wanda, RIA; each with and without SparseGPT-style
 reconstruction; SparseGPT's own saliency; RIA 2:4 with each channel-permutation mode) at

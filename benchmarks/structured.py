@@ -1,7 +1,7 @@
 """Structured removal on SmolLM2: parameters, perplexity, ONNX Runtime latency.
 
 For each configuration: `slimgraph compile` (timed) with save-hf and export-onnx,
-`slimgraph eval` (BENCHMARK.md protocol: 40 x 512 tokens of the WikiText-2 eval split),
+`slimgraph eval` (benchmark protocol, docs/benchmark-protocol.md: 40 x 512 tokens of the WikiText-2 eval split),
 and ONNX Runtime CPU latency (2 threads, batch 1, prefill 128 and 512 tokens, median of
 20 runs after 3 warm-up runs) next to the ideal: dense latency x remaining linear-FLOPs
 fraction.
