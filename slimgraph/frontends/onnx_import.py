@@ -40,17 +40,13 @@ from pathlib import Path
 import onnx_ir as ir
 
 from slimgraph.frontends.onnx.converters import CONVERTERS
-from slimgraph.frontends.onnx.importer import _Importer
-from slimgraph.frontends.onnx.loading import _load
+from slimgraph.frontends.onnx.importer import OnnxImporter
+from slimgraph.frontends.onnx.loading import load_onnx
 from slimgraph.frontends.onnx.weights import OnnxParamHandle
 from slimgraph.ir.graph import Graph
 
-# the other names this module had before its parts moved to slimgraph.frontends.onnx
-from slimgraph.frontends.onnx.context import Converted  # noqa: F401
-from slimgraph.frontends.onnx.nodes import CONST_MAX_ELEMENTS  # noqa: F401
-from slimgraph.frontends.onnx.provenance import (  # noqa: F401
-    CLASSES_KEY, FOLDED_KEY, FX_NODE_KEY, INPUT_KIND_KEY, SCOPES_KEY, SIGNATURE_KEY,
-)
+# metadata keys of the dynamo exporter, still read from here (by the tests)
+from slimgraph.frontends.onnx.provenance import FOLDED_KEY, FX_NODE_KEY, SIGNATURE_KEY  # noqa: F401
 
 __all__ = ["CONVERTERS", "OnnxParamHandle", "import_onnx", "import_onnx_model"]
 
@@ -58,11 +54,11 @@ __all__ = ["CONVERTERS", "OnnxParamHandle", "import_onnx", "import_onnx_model"]
 def import_onnx(path: str | Path) -> Graph:
     """Load ``path`` with ``onnx_ir`` and translate it to a :class:`Graph`."""
     path = Path(path)
-    model = _load(path)
-    return _Importer(model, path).run()
+    model = load_onnx(path)
+    return OnnxImporter(model, path).run()
 
 
 def import_onnx_model(model: ir.Model, path: str | Path) -> Graph:
     """Translate an ``onnx_ir`` model already in memory (e.g. one a pass modified; it was
     loaded from ``path``) to a :class:`Graph` whose handles write into ``model``."""
-    return _Importer(model, Path(path)).run()
+    return OnnxImporter(model, Path(path)).run()

@@ -1,16 +1,16 @@
 """What the importer computes itself: small constants, symbolic shape tensors, shapes.
 
 Small constants (shape tensors, axes, scalars) are kept as python values; a small numpy
-evaluator (:func:`_evaluate`) folds shape arithmetic over them so that converters can
-read Slice bounds and the like.
+evaluator (:func:`fold_constant_node`) folds shape arithmetic over them so that
+converters can read Slice bounds and the like.
 
 Dynamic axes. Shape tensors computed at run time from symbolic dims (``Shape`` of a
 ``[batch, seq, 576]`` value, sliced and concatenated with constants) are folded into
 entries that are ints or dim names (``Shape``, ``Slice``, ``Gather``, ``Concat``,
 (un)squeeze, cast: ops that move dims; arithmetic on dims is not followed;
-:func:`_evaluate_symbolic`). Where the file leaves a dim unknown (no shape recorded, or
+:func:`fold_symbolic_shape`). Where the file leaves a dim unknown (no shape recorded, or
 ONNX shape inference's ``unk__N``), ``Reshape`` / ``Expand`` / ``Transpose`` / ``MatMul`` /
-elementwise outputs are completed from their inputs (:func:`_infer_shape`), with
+elementwise outputs are completed from their inputs (:func:`infer_output_shape`), with
 products of symbols (``4*batch``, ``slimgraph.ir.symdims``): the opset-18 attention's
 keys, reshaped to ``[-1, seq, 64]`` and back, keep their heads.
 """
@@ -18,16 +18,27 @@ keys, reshaped to ``[-1, seq, 64]`` and back, keep their heads.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.frontends.onnx.nodes import _ACT, CONST_MAX_ELEMENTS, _attr, _domain, _EW
+from slimgraph.frontends.onnx.nodes import (
+    ACTIVATION_OPS, CONST_MAX_ELEMENTS, ELEMENTWISE_OPS, attr_value, normalized_domain,
+)
 from slimgraph.ir import symdims
 
-if TYPE_CHECKING:
-    from slimgraph.frontends.onnx.importer import _Importer
+
+class ShapeSource(Protocol):
+    """What shape completion reads of the import in progress: the shape of an ONNX value,
+    the entries of a shape tensor known at import time, the small constants (by ``id`` of
+    the ONNX value). :class:`slimgraph.frontends.onnx.importer.OnnxImporter` is one."""
+
+    consts: dict[int, np.ndarray]
+
+    def shape(self, v: ir.Value | None) -> tuple | None: ...
+
+    def shape_tensor(self, v: ir.Value | None) -> list | None: ...
 
 
 # -- folding small constants -------------------------------------------------------------
@@ -69,9 +80,9 @@ _NP_BINARY = {
 }
 
 
-def _evaluate(node: ir.Node, consts: dict[int, np.ndarray], shape_of) -> list | None:
+def fold_constant_node(node: ir.Node, consts: dict[int, np.ndarray], shape_of) -> list | None:
     """Outputs of ``node`` when it only computes on small constants (shape arithmetic)."""
-    if _domain(node.domain) != "" or len(node.outputs) != 1:
+    if normalized_domain(node.domain) != "" or len(node.outputs) != 1:
         return None
     op = node.op_type
     ins = node.inputs
@@ -79,7 +90,7 @@ def _evaluate(node: ir.Node, consts: dict[int, np.ndarray], shape_of) -> list | 
         s = shape_of(ins[0]) if ins else None
         if s is None or not all(isinstance(d, int) for d in s):
             return None
-        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        start, end = attr_value(node, "start", 0), attr_value(node, "end", None)
         return [np.asarray(s[start:end], dtype=np.int64)]
     if op == "Size":
         s = shape_of(ins[0]) if ins else None
@@ -101,20 +112,20 @@ def _evaluate(node: ir.Node, consts: dict[int, np.ndarray], shape_of) -> list | 
         if op in ("Identity",):
             out = x
         elif op == "Cast":
-            out = x.astype(ir.DataType(_attr(node, "to")).numpy())
+            out = x.astype(ir.DataType(attr_value(node, "to")).numpy())
         elif op == "CastLike":
             out = x.astype(vals[1].dtype)
         elif op == "Reshape":
-            out = _np_reshape(x, vals[1], _attr(node, "allowzero", 0))
+            out = _np_reshape(x, vals[1], attr_value(node, "allowzero", 0))
         elif op == "Unsqueeze":
-            out = _np_unsqueeze(x, vals[1] if len(vals) > 1 else _attr(node, "axes"))
+            out = _np_unsqueeze(x, vals[1] if len(vals) > 1 else attr_value(node, "axes"))
         elif op == "Squeeze":
-            axes = vals[1] if len(vals) > 1 else _attr(node, "axes")
+            axes = vals[1] if len(vals) > 1 else attr_value(node, "axes")
             out = _np_squeeze(x, axes)
         elif op == "Concat":
-            out = np.concatenate([np.asarray(v) for v in vals], axis=_attr(node, "axis"))
+            out = np.concatenate([np.asarray(v) for v in vals], axis=attr_value(node, "axis"))
         elif op == "Gather":
-            out = np.take(x, vals[1], axis=_attr(node, "axis", 0))
+            out = np.take(x, vals[1], axis=attr_value(node, "axis", 0))
         elif op == "Slice":
             out = _np_slice(x, *vals[1:])
         elif op in _NP_BINARY:
@@ -157,26 +168,27 @@ _SYMBOLIC_OPS = {"Shape", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze",
 _FRESH_DIM_RE = re.compile(r"unk__\d+")  # the names ONNX shape inference invents
 
 
-def _unknown(d) -> bool:
+def is_unknown_dim(d) -> bool:
     """A dim whose size nothing tells: none in the file (``?value:i``), or a fresh name
     from ONNX shape inference, which names every dim it cannot compute."""
     return isinstance(d, str) and (d.startswith("?") or bool(_FRESH_DIM_RE.fullmatch(d)))
 
 
-def _evaluate_symbolic(node: ir.Node, consts: dict[int, np.ndarray],
+def fold_symbolic_shape(node: ir.Node, consts: dict[int, np.ndarray],
                        symbolic: dict[int, np.ndarray], shape_of) -> np.ndarray | None:
     """A shape tensor computed from dynamic dims: ``Shape`` of a value with symbolic
     dims, and the ops that only move its entries (slice, gather, concat, (un)squeeze,
     reshape, cast). Entries are ints and dim names (an object array). Arithmetic on
     dims (``Mul(batch, 4)``) is not followed: such a value stays unknown."""
-    if _domain(node.domain) != "" or len(node.outputs) != 1 or node.op_type not in _SYMBOLIC_OPS:
+    if (normalized_domain(node.domain) != "" or len(node.outputs) != 1
+            or node.op_type not in _SYMBOLIC_OPS):
         return None
     op, ins = node.op_type, node.inputs
     if op == "Shape":
         s = shape_of(ins[0]) if ins else None
         if s is None:
             return None
-        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        start, end = attr_value(node, "start", 0), attr_value(node, "end", None)
         return np.asarray(list(s)[start:end], dtype=object)
     vals, any_symbolic = [], False
     for k, v in enumerate(ins):
@@ -196,20 +208,20 @@ def _evaluate_symbolic(node: ir.Node, consts: dict[int, np.ndarray],
         if op == "Identity":
             out = x
         elif op == "Cast":
-            if not np.issubdtype(ir.DataType(_attr(node, "to")).numpy(), np.integer):
+            if not np.issubdtype(ir.DataType(attr_value(node, "to")).numpy(), np.integer):
                 return None
             out = x
         elif op == "Reshape":
             out = x.reshape([int(s) for s in vals[1]])  # 0-D <-> 1-D; no 0 entries here
         elif op == "Unsqueeze":
-            out = _np_unsqueeze(x, vals[1] if len(vals) > 1 else _attr(node, "axes"))
+            out = _np_unsqueeze(x, vals[1] if len(vals) > 1 else attr_value(node, "axes"))
         elif op == "Squeeze":
-            out = _np_squeeze(x, vals[1] if len(vals) > 1 else _attr(node, "axes"))
+            out = _np_squeeze(x, vals[1] if len(vals) > 1 else attr_value(node, "axes"))
         elif op == "Concat":
             out = np.concatenate([np.asarray(v, dtype=object) for v in vals],
-                                 axis=_attr(node, "axis"))
+                                 axis=attr_value(node, "axis"))
         elif op == "Gather":
-            out = np.take(x, vals[1], axis=_attr(node, "axis", 0))
+            out = np.take(x, vals[1], axis=attr_value(node, "axis", 0))
         else:  # Slice
             out = _np_slice(x, *vals[1:])
     except Exception:
@@ -218,20 +230,20 @@ def _evaluate_symbolic(node: ir.Node, consts: dict[int, np.ndarray],
     return out if out.ndim <= 1 else None
 
 
-def _broadcast_dims(shapes: list) -> tuple | None:
+def broadcast_dims(shapes: list) -> tuple | None:
     rank = max(len(s) for s in shapes)
     out = []
     for d in range(rank):
         sizes = {s[d - rank + len(s)] for s in shapes if d - rank + len(s) >= 0}
         sizes.discard(1)
-        known = {x for x in sizes if not _unknown(x)}
+        known = {x for x in sizes if not is_unknown_dim(x)}
         if len(known) > 1:
             return None  # e.g. two different symbols: the broadcast size is not known
         out.append(known.pop() if known else (sizes.pop() if sizes else 1))
     return tuple(out)
 
 
-def _infer_shape(node: ir.Node, imp: "_Importer") -> tuple | None:
+def infer_output_shape(node: ir.Node, imp: ShapeSource) -> tuple | None:
     """The output shape of a shape-preserving, broadcasting, transposing, reshaping or
     matmul node from its inputs (``None`` where it cannot be told)."""
     op = node.op_type
@@ -240,7 +252,7 @@ def _infer_shape(node: ir.Node, imp: "_Importer") -> tuple | None:
         x, target = shapes[0], imp.shape_tensor(node.inputs[1])
         if x is None or target is None:
             return None
-        allowzero = bool(_attr(node, "allowzero", 0))
+        allowzero = bool(attr_value(node, "allowzero", 0))
         dims = [x[k] if t == 0 and not allowzero else t for k, t in enumerate(target)]
         if dims.count(-1) > 1:
             return None
@@ -255,9 +267,10 @@ def _infer_shape(node: ir.Node, imp: "_Importer") -> tuple | None:
         target = imp.shape_tensor(node.inputs[1])
         if shapes[0] is None or target is None:
             return None
-        return _broadcast_dims([shapes[0], tuple(target)])
+        return broadcast_dims([shapes[0], tuple(target)])
     if op in ("Unsqueeze", "Squeeze") and shapes[0] is not None:
-        axes = imp.consts.get(id(node.inputs[1])) if len(node.inputs) > 1 else _attr(node, "axes")
+        axes = (imp.consts.get(id(node.inputs[1])) if len(node.inputs) > 1
+                else attr_value(node, "axes"))
         if axes is None:
             return None
         rank = len(shapes[0])
@@ -275,21 +288,21 @@ def _infer_shape(node: ir.Node, imp: "_Importer") -> tuple | None:
         x = shapes[0]
         if x is None:
             return None
-        perm = _attr(node, "perm") or list(range(len(x)))[::-1]
+        perm = attr_value(node, "perm") or list(range(len(x)))[::-1]
         return tuple(x[p] for p in perm)
     if op == "MatMul":
         a, b = shapes[0], shapes[1]
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return None
-        batch = _broadcast_dims([a[:-2], b[:-2]]) if len(a) > 2 or len(b) > 2 else ()
+        batch = broadcast_dims([a[:-2], b[:-2]]) if len(a) > 2 or len(b) > 2 else ()
         return None if batch is None else (*batch, a[-2], b[-1])
     if op in _SAME_SHAPE:
         return shapes[0]
-    if op in _EW or op in _ACT:
+    if op in ELEMENTWISE_OPS or op in ACTIVATION_OPS:
         known = [s for s in shapes if s is not None]
         if len(known) != len([v for v in node.inputs if v is not None]) or not known:
             return None
-        return _broadcast_dims(known)
+        return broadcast_dims(known)
     return None
 
 

@@ -20,21 +20,26 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.frontends.onnx.context import _Ctx, _set_shape, _Unsupported
-from slimgraph.frontends.onnx.contrib_ops import _contrib_out_shape
+from slimgraph.frontends.onnx.context import (
+    ConversionContext, UnsupportedNode, record_output_shape,
+)
+from slimgraph.frontends.onnx.contrib_ops import contrib_output_shape
 from slimgraph.frontends.onnx.converters import CONVERTERS
 from slimgraph.frontends.onnx.folding import (
-    _evaluate, _evaluate_symbolic, _infer_shape, _unknown,
+    fold_constant_node, fold_symbolic_shape, infer_output_shape, is_unknown_dim,
 )
 from slimgraph.frontends.onnx.nodes import (
-    CONST_MAX_ELEMENTS, _domain, _dtype_str, _meta, _op_name, _parse_list, _pylist,
+    CONST_MAX_ELEMENTS, as_python, dtype_name, ir_op_name, metadata_of, normalized_domain,
+    parse_list_literal,
 )
-from slimgraph.frontends.onnx.provenance import SCOPES_KEY, _signature, _WeightProvenance
-from slimgraph.frontends.onnx.weights import _identity, _Storage
+from slimgraph.frontends.onnx.provenance import (
+    SCOPES_KEY, WeightProvenance, parse_graph_signature,
+)
+from slimgraph.frontends.onnx.weights import StoredTensor, identity_perm
 from slimgraph.ir.graph import Graph, OpKind, Value
 
 
-class _Importer(_WeightProvenance):
+class OnnxImporter(WeightProvenance):
     """One import: walks the ONNX graph in order and builds the IR graph."""
 
     def __init__(self, model: ir.Model, path: Path) -> None:
@@ -45,7 +50,7 @@ class _Importer(_WeightProvenance):
         self.graph = Graph(self.g.name or path.stem, source="onnx")
         self.env: dict[int, Value] = {}  # id(ir.Value) -> IR value
         self.consts: dict[int, np.ndarray] = {}  # id(ir.Value) -> small constant
-        self.storages: dict[int, _Storage] = {}  # id(ir.Value) -> stored tensor
+        self.storages: dict[int, StoredTensor] = {}  # id(ir.Value) -> stored tensor
         self.use_map: dict[tuple[int, int], tuple[Value, tuple[int, ...]]] = {}
         self.views: dict[int, tuple[Value, tuple[int, ...]]] = {}  # id(IR value) -> param, perm
         self.view_cache: dict[tuple[int, tuple[int, ...]], Value] = {}
@@ -57,12 +62,12 @@ class _Importer(_WeightProvenance):
         self.symbolic: dict[int, np.ndarray] = {}
         # id(ir.Value) -> shape completed by the importer where the file's is unknown
         self.inferred: dict[int, tuple] = {}
-        self.sig = _signature(model)
+        self.sig = parse_graph_signature(model)
         self._names: set[str] = set()
         self._node_names: set[str] = set()
 
     # naming -----------------------------------------------------------------------
-    def _unique(self, base: str) -> str:
+    def unique_name(self, base: str) -> str:
         name, k = base or "v", 1
         while name in self._names or name in self.graph.values:
             k += 1
@@ -71,7 +76,7 @@ class _Importer(_WeightProvenance):
         return name
 
     def _node_name(self, node: ir.Node, index: int) -> str:
-        return self._node_name_str(node.name or f"{node.op_type}_{index}")
+        return self.unique_node_name(node.name or f"{node.op_type}_{index}")
 
     # shapes -------------------------------------------------------------------------
     def shape(self, v: ir.Value | None):
@@ -95,14 +100,14 @@ class _Importer(_WeightProvenance):
             self.g.sort()
         except Exception:
             pass
-        self._collect_storages()
-        self._make_params()
+        self.collect_storages()
+        self.make_params()
         init_names = set(self.g.initializers)
         for v in self.g.inputs:
             if v.name in init_names:
                 continue  # keep_initializers_as_inputs: the initializer stands in
-            self.env[id(v)] = self.graph.add_input(self._unique(v.name), self.shape(v),
-                                                   _dtype_str(v.dtype))
+            self.env[id(v)] = self.graph.add_input(self.unique_name(v.name), self.shape(v),
+                                                   dtype_name(v.dtype))
         for index, node in enumerate(self.g):
             self._lower(node, index)
         outs = [self.value_of(v) for v in self.g.outputs]
@@ -124,20 +129,20 @@ class _Importer(_WeightProvenance):
     # -- values ----------------------------------------------------------------------------
     def view(self, param: Value, perm: tuple[int, ...]) -> Value:
         """``param`` as stored (transposed by ``perm``), via a TRANSPOSE node."""
-        if perm == _identity(len(perm)):
+        if perm == identity_perm(len(perm)):
             return param
         key = (id(param), perm)
         if key not in self.view_cache:
             shape = tuple(param.shape[p] for p in perm)
-            name = self._unique(f"{param.name}.T")
-            node = self.graph.add_node(self._node_name_str(f"transpose:{param.name}"),
+            name = self.unique_name(f"{param.name}.T")
+            node = self.graph.add_node(self.unique_node_name(f"transpose:{param.name}"),
                                        OpKind.TRANSPOSE, "Transpose(stored)", [param],
                                        [(name, shape, param.dtype)], {"perm": list(perm)})
             self.views[id(node.outputs[0])] = (param, perm)
             self.view_cache[key] = node.outputs[0]
         return self.view_cache[key]
 
-    def _node_name_str(self, base: str) -> str:
+    def unique_node_name(self, base: str) -> str:
         name, k = base, 1
         while name in self._node_names:
             k += 1
@@ -164,12 +169,12 @@ class _Importer(_WeightProvenance):
             arr = self.consts.get(id(v))
             if arr is None:
                 arr = self.storages[id(v)].array()
-            name = self._unique(v.name)
-            node = self.graph.add_node(self._node_name_str(f"const:{v.name}"), OpKind.SOURCE,
+            name = self.unique_name(v.name)
+            node = self.graph.add_node(self.unique_node_name(f"const:{v.name}"), OpKind.SOURCE,
                                        "Constant", [], [(name, tuple(arr.shape), str(arr.dtype))])
             out = node.outputs[0]
             if arr.size <= CONST_MAX_ELEMENTS:
-                out.const = _pylist(arr)
+                out.const = as_python(arr)
             self.env[id(v)] = out
             return out
         return None
@@ -185,7 +190,7 @@ class _Importer(_WeightProvenance):
         if v is None:
             return None
         if v.param is not None:
-            return v, _identity(v.rank)
+            return v, identity_perm(v.rank)
         return self.views.get(id(v))
 
     def shape_tensor(self, v: ir.Value | None) -> list | None:
@@ -207,26 +212,27 @@ class _Importer(_WeightProvenance):
         targets computed at run time (``Reshape(k, Concat([-1], Shape(k)[2:]))`` of an
         opset-18 attention): ONNX shape inference cannot resolve a ``-1`` next to a
         symbolic dim. Here dims are products of symbols (``4*batch``), so it can."""
-        if len(node.outputs) != 1 or _domain(node.domain) != "" or not node.outputs[0].name:
+        if (len(node.outputs) != 1 or normalized_domain(node.domain) != ""
+                or not node.outputs[0].name):
             return
         out = node.outputs[0]
         have = self.shape(out)
-        if have is not None and not any(_unknown(d) for d in have):
+        if have is not None and not any(is_unknown_dim(d) for d in have):
             return
         try:
-            got = _infer_shape(node, self)
+            got = infer_output_shape(node, self)
         except (TypeError, ValueError, IndexError, KeyError):
             got = None
         if got is None or (have is not None and len(have) != len(got)):
             return
         if have is not None:
-            got = tuple(g if _unknown(h) else h for h, g in zip(have, got))
+            got = tuple(g if is_unknown_dim(h) else h for h, g in zip(have, got))
         self.inferred[id(out)] = tuple(got)
 
     # -- nodes -----------------------------------------------------------------------------
     def _lower_sequence(self, node: ir.Node, index: int) -> bool:
         """SplitToSequence read back only by SequenceAt at constant positions: a SPLIT."""
-        ctx = _Ctx(self, node)
+        ctx = ConversionContext(self, node)
         if node.op_type == "SequenceAt":
             parts = self.seq_parts.get(id(node.inputs[0]))
             pos = ctx.const(1)
@@ -235,8 +241,8 @@ class _Importer(_WeightProvenance):
             part = parts[int(pos.reshape(-1)[0])]
             out = node.outputs[0]
             ir_node = self.graph.add_node(self._node_name(node, index), OpKind.IDENTITY,
-                                          _op_name(node), [part],
-                                          [(self._unique(out.name), part.shape, part.dtype)])
+                                          ir_op_name(node), [part],
+                                          [(self.unique_name(out.name), part.shape, part.dtype)])
             self.env[id(out)] = ir_node.outputs[0]
             return True
         seq, shape = node.outputs[0], ctx.in_shape(0)
@@ -261,11 +267,11 @@ class _Importer(_WeightProvenance):
             sizes = [int(x) for x in split.reshape(-1)]
         if sum(sizes) != size:
             return False
-        dtype = _dtype_str(node.inputs[0].dtype)
-        outs = [(self._unique(f"{seq.name}.{i}"),
+        dtype = dtype_name(node.inputs[0].dtype)
+        outs = [(self.unique_name(f"{seq.name}.{i}"),
                  tuple(n if d == axis else shape[d] for d in range(len(shape))), dtype)
                 for i, n in enumerate(sizes)]
-        ir_node = self.graph.add_node(self._node_name(node, index), OpKind.SPLIT, _op_name(node),
+        ir_node = self.graph.add_node(self._node_name(node, index), OpKind.SPLIT, ir_op_name(node),
                                       [ctx.inp(0)], outs, {"axis": axis, "sizes": sizes})
         self.seq_parts[id(seq)] = ir_node.outputs
         return True
@@ -299,21 +305,22 @@ class _Importer(_WeightProvenance):
                     arr = self.storages[id(out)].array()
                 ir_node = self.graph.add_node(
                     self._node_name(node, index), OpKind.SOURCE, "Constant", [],
-                    [(self._unique(out.name), tuple(arr.shape), str(arr.dtype))])
+                    [(self.unique_name(out.name), tuple(arr.shape), str(arr.dtype))])
                 if arr.size <= CONST_MAX_ELEMENTS:
-                    ir_node.outputs[0].const = _pylist(arr)
+                    ir_node.outputs[0].const = as_python(arr)
                 self.env[id(out)] = ir_node.outputs[0]
                 return
-        if node.op_type in ("SplitToSequence", "SequenceAt") and _domain(node.domain) == "":
+        if (node.op_type in ("SplitToSequence", "SequenceAt")
+                and normalized_domain(node.domain) == ""):
             if self._lower_sequence(node, index):
                 return
-        folded = _evaluate(node, self.consts, self.shape)
+        folded = fold_constant_node(node, self.consts, self.shape)
         if folded is None:
-            sym = _evaluate_symbolic(node, self.consts, self.symbolic, self.shape)
+            sym = fold_symbolic_shape(node, self.consts, self.symbolic, self.shape)
             if sym is not None:
                 self.symbolic[id(node.outputs[0])] = sym
         self._complete_shapes(node)
-        ctx = _Ctx(self, node)
+        ctx = ConversionContext(self, node)
         if folded is not None:
             kind, inputs, attrs = OpKind.SOURCE, [], {"folded": True}
         elif any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
@@ -322,16 +329,17 @@ class _Importer(_WeightProvenance):
             kind, attrs = OpKind.UNKNOWN, {"why": "subgraphs are not imported"}
             inputs = ctx.all_inputs() + self._captured(node)
         else:
-            if _domain(node.domain) == "com.microsoft" and node.outputs and node.outputs[0].name:
-                shape = _contrib_out_shape(ctx)
+            if (normalized_domain(node.domain) == "com.microsoft" and node.outputs
+                    and node.outputs[0].name):
+                shape = contrib_output_shape(ctx)
                 if shape is not None:
-                    _set_shape(ctx, 0, shape)
-            conv = CONVERTERS.get((_domain(node.domain), node.op_type))
+                    record_output_shape(ctx, 0, shape)
+            conv = CONVERTERS.get((normalized_domain(node.domain), node.op_type))
             kind, inputs, attrs = OpKind.UNKNOWN, None, {}
             if conv is not None:
                 try:
                     kind, inputs, attrs = conv(ctx)
-                except (_Unsupported, TypeError, ValueError, IndexError, KeyError,
+                except (UnsupportedNode, TypeError, ValueError, IndexError, KeyError,
                         AttributeError) as e:
                     kind, inputs, attrs = OpKind.UNKNOWN, None, {"why": str(e)}
             if inputs is None:
@@ -339,27 +347,27 @@ class _Importer(_WeightProvenance):
         # an output that is one of the values the converter emitted (e.g. the residual sum
         # a SkipLayerNormalization also returns): its readers read that value
         aliases = attrs.pop("_aliases", {}) if isinstance(attrs, dict) else {}
-        outs = [(self._unique(o.name or f"{node.name}.out{i}"),
-                 self.shape(o) if o.name else None, _dtype_str(o.dtype) if o.name else None)
+        outs = [(self.unique_name(o.name or f"{node.name}.out{i}"),
+                 self.shape(o) if o.name else None, dtype_name(o.dtype) if o.name else None)
                 for i, o in enumerate(node.outputs)]
         if kind not in (OpKind.SOURCE, OpKind.NOOP, OpKind.UNKNOWN) and (
                 any(v is not None and v.shape is None for v in inputs)
                 or (outs and outs[0][1] is None)):
             kind, attrs, aliases = OpKind.UNKNOWN, {"why": "shapes unknown"}, {}
-        md = _meta(node)
-        scopes = _parse_list(md.get(SCOPES_KEY))
+        md = metadata_of(node)
+        scopes = parse_list_literal(md.get(SCOPES_KEY))
         meta = {"module": str(scopes[-2]) if len(scopes) >= 2 else "", "domain": node.domain}
         ir_node = self.graph.add_node(self._node_name(node, index), kind,
-                                      _op_name(node), inputs, outs, attrs, meta)
+                                      ir_op_name(node), inputs, outs, attrs, meta)
         for i, o in enumerate(node.outputs):
             self.env[id(o)] = aliases.get(i, ir_node.outputs[i])
             if folded is not None and i < len(folded) and folded[i] is not None:
                 self.consts[id(o)] = folded[i]
                 if folded[i].size <= CONST_MAX_ELEMENTS:
-                    ir_node.outputs[i].const = _pylist(folded[i])
+                    ir_node.outputs[i].const = as_python(folded[i])
         if kind is OpKind.TRANSPOSE or kind is OpKind.IDENTITY:
             src = ctx.param_at(0)
             if src is not None and inputs and inputs[0] is not None:
                 param, perm = src
-                tperm = tuple(attrs.get("perm", _identity(len(perm))))
+                tperm = tuple(attrs.get("perm", identity_perm(len(perm))))
                 self.views[id(ir_node.outputs[0])] = (param, tuple(perm[p] for p in tperm))

@@ -22,7 +22,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(e).__name__
 
 
-def _load(path: Path) -> ir.Model:
+def load_onnx(path: Path) -> ir.Model:
     if not path.exists():
         raise OnnxImportError(f"{path}: no such file")
     if not path.is_file():

@@ -34,10 +34,11 @@ import re
 import onnx_ir as ir
 
 from slimgraph.frontends.onnx.nodes import (
-    CONST_MAX_ELEMENTS, _attr, _constant_attr, _dtype_str, _meta, _parse_list,
+    CONST_MAX_ELEMENTS, attr_value, constant_attr_value, dtype_name, metadata_of,
+    parse_list_literal,
 )
 from slimgraph.frontends.onnx.weights import (
-    OnnxParamHandle, _identity, _inverse, _Storage, _Target,
+    OnnxParamHandle, ParamTarget, StoredTensor, identity_perm, inverse_perm,
 )
 
 SIGNATURE_KEY = "pkg.torch.export.ExportedProgram.graph_signature"
@@ -76,39 +77,40 @@ def _fx_arg_names(text: str) -> list[str]:
     return _PLACEHOLDER_RE.findall(a.group(1)) if a else []
 
 
-def _signature(model: ir.Model) -> dict[str, tuple[str, str]]:
+def parse_graph_signature(model: ir.Model) -> dict[str, tuple[str, str]]:
     """Placeholder name -> (FQN, PARAMETER | BUFFER | CONSTANT_TENSOR)."""
-    text = _meta(model.graph).get(SIGNATURE_KEY) or _meta(model).get(SIGNATURE_KEY) or ""
+    text = (metadata_of(model.graph).get(SIGNATURE_KEY)
+            or metadata_of(model).get(SIGNATURE_KEY) or "")
     return {m.group(1): (m.group(3), m.group(2)) for m in _SIG_RE.finditer(text)}
 
 
 
-class _WeightProvenance:
+class WeightProvenance:
     """The importer's part that finds the stored weights and turns them into IR
-    parameters (mixed into :class:`slimgraph.frontends.onnx.importer._Importer`, whose
+    parameters (mixed into :class:`slimgraph.frontends.onnx.importer.OnnxImporter`, whose
     state -- ``g``, ``sig``, ``storages``, ``consts``, ``use_map``, ... -- it fills)."""
 
-    def _collect_storages(self) -> None:
+    def collect_storages(self) -> None:
         fqn_kind = {fqn: kind for fqn, kind in self.sig.values()}
         for v in self.g.initializers.values():
             if v.const_value is not None:
-                self.storages[id(v)] = _Storage(v, None)
+                self.storages[id(v)] = StoredTensor(v, None)
         for node in self.g:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 attr = node.attributes.get("value")
                 if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                    self.storages[id(node.outputs[0])] = _Storage(node.outputs[0], node)
+                    self.storages[id(node.outputs[0])] = StoredTensor(node.outputs[0], node)
                 else:
-                    arr = _constant_attr(node)
+                    arr = constant_attr_value(node)
                     if arr is not None:
                         self.consts[id(node.outputs[0])] = arr
         for s in self.storages.values():
-            md = _meta(s.value)
+            md = metadata_of(s.value)
             if s.name in fqn_kind:
                 s.fqn, s.sig_kind = s.name, fqn_kind[s.name]
             elif md.get(INPUT_KIND_KEY) in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
                 s.fqn, s.sig_kind = s.name, md[INPUT_KIND_KEY]
-            s.folded_from = [str(x) for x in _parse_list(md.get(FOLDED_KEY))]
+            s.folded_from = [str(x) for x in parse_list_literal(md.get(FOLDED_KEY))]
             if s.fqn is None and len(s.folded_from) == 1 and s.folded_from[0] in fqn_kind:
                 s.source_fqn = s.folded_from[0]
         self.fqn_kind = fqn_kind
@@ -121,14 +123,14 @@ class _WeightProvenance:
         self.stored_shape = {s.fqn: s.shape for s in self.storages.values() if s.fqn}
         self.stored_dtype = {s.fqn: s.dtype for s in self.storages.values() if s.fqn}
 
-    def _is_weight(self, s: _Storage) -> bool:
+    def _is_weight(self, s: StoredTensor) -> bool:
         if s.fqn or s.source_fqn:
             return True
         return s.dtype in _FLOAT_TYPES and s.numel() >= 2
 
     def _fx_info(self, node: ir.Node) -> tuple[str | None, list[str]]:
         """(FX op target, FQNs of the placeholders its arguments name)."""
-        text = _meta(node).get(FX_NODE_KEY)
+        text = metadata_of(node).get(FX_NODE_KEY)
         if not text:
             return None, []
         t = _FX_TARGET_RE.search(text)
@@ -136,8 +138,9 @@ class _WeightProvenance:
         return (t.group(1) if t else None), list(dict.fromkeys(fqns))
 
     def _module_alias(self, node: ir.Node, fqn: str) -> str | None:
-        md = _meta(node)
-        scopes, classes = _parse_list(md.get(SCOPES_KEY)), _parse_list(md.get(CLASSES_KEY))
+        md = metadata_of(node)
+        scopes = parse_list_literal(md.get(SCOPES_KEY))
+        classes = parse_list_literal(md.get(CLASSES_KEY))
         if len(scopes) < 2 or len(classes) < 2 or classes[-2] not in _LEAF_MODULES:
             return None
         module, attr = str(scopes[-2]), fqn.rsplit(".", 1)[-1]
@@ -145,7 +148,7 @@ class _WeightProvenance:
             return None
         return f"{module}.{attr}"
 
-    def _resolve_use(self, s: _Storage, node: ir.Node, idx: int):
+    def _resolve_use(self, s: StoredTensor, node: ir.Node, idx: int):
         """(FQN or None, perm) for one use of a stored weight."""
         base = s.fqn or s.source_fqn
         target, fx_fqns = self._fx_info(node)
@@ -158,30 +161,30 @@ class _WeightProvenance:
                 fqn = pick[0]  # a merged (deduplicated) initializer: give the use its own
         rank = len(s.shape)
         if s.fqn is not None:
-            return fqn, _identity(rank)
+            return fqn, identity_perm(rank)
         if s.source_fqn is None:
-            return None, _identity(rank)
+            return None, identity_perm(rank)
         # folded from one parameter: which transform? Only what the FX op proves.
         known = self.stored_shape.get(s.source_fqn)
         if (rank == 2 and target == "torch.ops.aten.linear.default"
                 and node.op_type in ("MatMul", "Gemm") and idx == 1
-                and not (node.op_type == "Gemm" and _attr(node, "transB", 0))):
+                and not (node.op_type == "Gemm" and attr_value(node, "transB", 0))):
             perm = (1, 0)
             if known is None or known == (s.shape[1], s.shape[0]):
                 return fqn, perm
         if (rank == 2 and target == "torch.ops.aten.linear.default" and node.op_type == "Gemm"
-                and idx == 1 and _attr(node, "transB", 0)):
+                and idx == 1 and attr_value(node, "transB", 0)):
             if known is None or known == s.shape:
-                return fqn, _identity(rank)
+                return fqn, identity_perm(rank)
         if rank == 2 and self._folded_transpose(s, node, idx, target):
             if known is None or known == (s.shape[1], s.shape[0]):
                 return fqn, (1, 0)  # Falcon's ``x @ W.T``: W.T folded into ``permute_N``
         if known is not None and known == s.shape and (
                 s.dtype == self.stored_dtype.get(s.source_fqn)):
-            return fqn, _identity(rank)  # e.g. an Identity folded away
-        return None, _identity(rank)
+            return fqn, identity_perm(rank)  # e.g. an Identity folded away
+        return None, identity_perm(rank)
 
-    def _folded_transpose(self, s: _Storage, node: ir.Node, idx: int,
+    def _folded_transpose(self, s: StoredTensor, node: ir.Node, idx: int,
                           target: str | None) -> bool:
         """True when ``s`` is a linear's weight transposed (``W.T``, stored ``[in, out]``)
         and folded into a constant: the right operand of a ``MatMul`` from
@@ -194,12 +197,12 @@ class _WeightProvenance:
                 or idx != 1 or s.source_fqn is None or not s.source_fqn.endswith(".weight")
                 or not _PERMUTE_NODE_RE.match(s.name)):
             return False
-        args = _fx_arg_names(_meta(node).get(FX_NODE_KEY) or "")
+        args = _fx_arg_names(metadata_of(node).get(FX_NODE_KEY) or "")
         return len(args) == 2 and args[1] == s.name
 
-    def _make_params(self) -> None:
+    def make_params(self) -> None:
         # FQN (or "onnx:<name>" when none is recovered) -> its stored copies, in order of use
-        groups: dict[str, list[_Target]] = {}
+        groups: dict[str, list[ParamTarget]] = {}
         first_alias: dict[str, list[str]] = {}
         merged_note: dict[str, str] = {}
         for node in self.g:  # uses inside subgraphs are not imported
@@ -217,7 +220,7 @@ class _WeightProvenance:
                         t.uses.append((node, idx))
                         break
                 else:
-                    targets.append(_Target(s, perm, [(node, idx)]))
+                    targets.append(ParamTarget(s, perm, [(node, idx)]))
                 if fqn is not None:
                     names = first_alias.setdefault(key, [])
                     alias = self._module_alias(node, fqn)
@@ -231,15 +234,15 @@ class _WeightProvenance:
         for s in self.storages.values():
             if self._is_weight(s) and id(s) not in used:
                 key = s.fqn or f"onnx:{s.name}"
-                groups.setdefault(key, []).append(_Target(s, _identity(len(s.shape)), []))
+                groups.setdefault(key, []).append(ParamTarget(s, identity_perm(len(s.shape)), []))
         for key, targets in groups.items():
             self._add_param(key, targets, first_alias.get(key, []), merged_note.get(key))
 
-    def _add_param(self, key: str, targets: list[_Target], aliases: list[str],
+    def _add_param(self, key: str, targets: list[ParamTarget], aliases: list[str],
                    merged: str | None) -> None:
         # every target must describe the same original shape; split off those that do not
-        def orig(t: _Target) -> tuple[int, ...]:
-            return tuple(t.storage.shape[i] for i in _inverse(t.perm))
+        def orig(t: ParamTarget) -> tuple[int, ...]:
+            return tuple(t.storage.shape[i] for i in inverse_perm(t.perm))
 
         shape = orig(targets[0])
         dtype = targets[0].storage.dtype
@@ -257,17 +260,17 @@ class _WeightProvenance:
             name = s0.name
             kind = self._unrecovered_kind(s0)
         notes = []
-        if any(t.perm != _identity(len(t.perm)) for t in same):
+        if any(t.perm != identity_perm(len(t.perm)) for t in same):
             notes.append("stored transposed as " + ", ".join(
                 f"{t.storage.name!r} (perm {list(t.perm)})" for t in same
-                if t.perm != _identity(len(t.perm))))
+                if t.perm != identity_perm(len(t.perm))))
         if merged:
             notes.append(merged)
         if not recovered and s0.folded_from:
             notes.append(f"constant folded by the exporter from {s0.folded_from}")
         if not recovered and s0.source_fqn:
             notes.append(f"derived from {s0.source_fqn!r} by an unknown transform")
-        handle = OnnxParamHandle(self._unique(name), shape, _dtype_str(s0.dtype), same, self.g,
+        handle = OnnxParamHandle(self.unique_name(name), shape, dtype_name(s0.dtype), same, self.g,
                                  kind, aliases if recovered else [], "; ".join(notes))
         value = self.graph.add_param(handle.name, handle)
         if notes:
@@ -277,7 +280,7 @@ class _WeightProvenance:
             for node, idx in t.uses:
                 self.use_map[(id(node), idx)] = (value, t.perm)
 
-    def _unrecovered_kind(self, s: _Storage) -> str:
+    def _unrecovered_kind(self, s: StoredTensor) -> str:
         """A weight without an FQN: a plain initializer is a parameter; a constant the
         exporter computed (folded from several values) or a Constant node is a buffer."""
         if s.source_fqn is not None:

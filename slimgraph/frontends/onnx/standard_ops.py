@@ -7,7 +7,7 @@ of the original weight, however it is stored), norms, reductions, ``Gather`` of 
 constant bounds, opset-23 ``Attention``. ``RotaryEmbedding`` (opset 23) is emitted as what
 it does to channels (the rotated halves swapped and combined elementwise), so heads pass
 through it. An input that does not fit a converter's assumptions makes it raise
-``_Unsupported``: the node becomes a barrier, never a guess.
+``UnsupportedNode``: the node becomes a barrier, never a guess.
 """
 
 from __future__ import annotations
@@ -16,77 +16,79 @@ from typing import Callable
 
 import numpy as np
 
-from slimgraph.frontends.onnx.context import Converted, _Ctx, _set_shape, _Unsupported
-from slimgraph.frontends.onnx.nodes import _dtype_str, _pylist
+from slimgraph.frontends.onnx.context import (
+    ConversionContext, Converted, UnsupportedNode, record_output_shape,
+)
+from slimgraph.frontends.onnx.nodes import as_python, dtype_name
 from slimgraph.ir.graph import OpKind, Value
 
 
-def _all(kind: OpKind) -> Callable[[_Ctx], Converted]:
-    def conv(ctx: _Ctx) -> Converted:
+def all_inputs_as(kind: OpKind) -> Callable[[ConversionContext], Converted]:
+    def conv(ctx: ConversionContext) -> Converted:
         return kind, ctx.all_inputs(), {}
 
     return conv
 
 
-def _first(kind: OpKind) -> Callable[[_Ctx], Converted]:
-    def conv(ctx: _Ctx) -> Converted:
+def first_input_as(kind: OpKind) -> Callable[[ConversionContext], Converted]:
+    def conv(ctx: ConversionContext) -> Converted:
         return kind, [ctx.inp(0)], {}
 
     return conv
 
 
-def _with_const(kind: OpKind, attr: str) -> Callable[[_Ctx], Converted]:
+def with_const_input_as(kind: OpKind, attr: str) -> Callable[[ConversionContext], Converted]:
     """``kind`` on input 0; the constant input 1 (a target shape, axes) kept as ``attr``."""
 
-    def conv(ctx: _Ctx) -> Converted:
+    def conv(ctx: ConversionContext) -> Converted:
         c = ctx.const(1) if ctx.n_inputs > 1 else None
         if c is None and ctx.attr(attr) is not None:  # older opsets: an attribute
             c = np.asarray(ctx.attr(attr))
-        return kind, [ctx.inp(0)], ({attr: _pylist(c)} if c is not None else {})
+        return kind, [ctx.inp(0)], ({attr: as_python(c)} if c is not None else {})
 
     return conv
 
 
-def _linear_attrs(w: Value, perm: tuple[int, ...], transposed: bool) -> dict[str, int]:
+def linear_attrs(w: Value, perm: tuple[int, ...], transposed: bool) -> dict[str, int]:
     """dims of the original ``w`` that hold input (K) and output (N) channels."""
     k, n = (1, 0) if transposed else (0, 1)
     return {"w_in": perm[k], "w_out": perm[n]}
 
 
-def _matmul(ctx: _Ctx) -> Converted:
+def convert_matmul(ctx: ConversionContext) -> Converted:
     a = ctx.inp(0)
     p = ctx.param_at(1)
     if p is not None and p[0].rank == 2 and (ctx.rank(0) or 0) >= 1:
         w, perm = p
-        return OpKind.LINEAR, [a, w], _linear_attrs(w, perm, False)
+        return OpKind.LINEAR, [a, w], linear_attrs(w, perm, False)
     return OpKind.MATMUL, [a, ctx.inp(1)], {}
 
 
-def _gemm(ctx: _Ctx) -> Converted:
+def convert_gemm(ctx: ConversionContext) -> Converted:
     if ctx.attr("transA", 0):
-        raise _Unsupported("Gemm with transA")
+        raise UnsupportedNode("Gemm with transA")
     trans_b = bool(ctx.attr("transB", 0))
     a = ctx.inp(0)
     c = ctx.inp(2) if ctx.n_inputs > 2 else None
     p = ctx.param_at(1)
     if p is None or p[0].rank != 2:
         if trans_b or c is not None:
-            raise _Unsupported("Gemm without a weight parameter")
+            raise UnsupportedNode("Gemm without a weight parameter")
         return OpKind.MATMUL, [a, ctx.inp(1)], {}
     w, perm = p
-    attrs = _linear_attrs(w, perm, trans_b)
+    attrs = linear_attrs(w, perm, trans_b)
     if c is None or c.rank == 1:
         return OpKind.LINEAR, [a, w, c], attrs
     out = ctx.node.outputs[0]
-    y = ctx.emit(OpKind.LINEAR, [a, w], ctx.out_shape(0), _dtype_str(out.dtype), attrs)
+    y = ctx.emit(OpKind.LINEAR, [a, w], ctx.out_shape(0), dtype_name(out.dtype), attrs)
     return OpKind.ELEMENTWISE, [y, c], {}
 
 
-def _norm(stat: str, n_params: int) -> Callable[[_Ctx], Converted]:
-    def conv(ctx: _Ctx) -> Converted:
+def norm_converter(stat: str, n_params: int) -> Callable[[ConversionContext], Converted]:
+    def conv(ctx: ConversionContext) -> Converted:
         rank = ctx.rank(0)
         if rank is None:
-            raise _Unsupported("input rank unknown")
+            raise UnsupportedNode("input rank unknown")
         axis = ctx.attr("axis", -1)
         axis = axis + rank if axis < 0 else axis
         axes = list(range(axis - rank, 0))
@@ -96,14 +98,14 @@ def _norm(stat: str, n_params: int) -> Callable[[_Ctx], Converted]:
     return conv
 
 
-def _reduction(op: str) -> Callable[[_Ctx], Converted]:
-    def conv(ctx: _Ctx) -> Converted:
+def reduction_converter(op: str) -> Callable[[ConversionContext], Converted]:
+    def conv(ctx: ConversionContext) -> Converted:
         keep = bool(ctx.attr("keepdims", 1))
         axes = ctx.attr("axes")
         if axes is None and ctx.n_inputs > 1 and ctx.node.inputs[1] is not None:
             c = ctx.const(1)
             if c is None:
-                raise _Unsupported("reduction axes are not constant")
+                raise UnsupportedNode("reduction axes are not constant")
             axes = c.reshape(-1).tolist()
         axes = list(axes) if axes is not None else []
         if not axes:
@@ -115,8 +117,8 @@ def _reduction(op: str) -> Callable[[_Ctx], Converted]:
     return conv
 
 
-def _arg_reduction(op: str) -> Callable[[_Ctx], Converted]:
-    def conv(ctx: _Ctx) -> Converted:
+def arg_reduction_converter(op: str) -> Callable[[ConversionContext], Converted]:
+    def conv(ctx: ConversionContext) -> Converted:
         keep = bool(ctx.attr("keepdims", 1))
         return OpKind.REDUCTION, [ctx.inp(0)], {"axes": [ctx.attr("axis", 0)], "keepdim": keep,
                                                 "op": op}
@@ -124,15 +126,15 @@ def _arg_reduction(op: str) -> Callable[[_Ctx], Converted]:
     return conv
 
 
-def _softmax(ctx: _Ctx) -> Converted:
+def convert_softmax(ctx: ConversionContext) -> Converted:
     rank = ctx.rank(0)
     axis = ctx.attr("axis", -1 if ctx.imp.opset >= 13 else 1)
     if ctx.imp.opset < 13 and rank is not None and (axis % max(rank, 1)) != rank - 1:
-        raise _Unsupported("opset < 13 softmax flattens to 2-D")
+        raise UnsupportedNode("opset < 13 softmax flattens to 2-D")
     return OpKind.SOFTMAX, [ctx.inp(0)], {"axis": axis}
 
 
-def _gather(ctx: _Ctx) -> Converted:
+def convert_gather(ctx: ConversionContext) -> Converted:
     axis = ctx.attr("axis", 0)
     p = ctx.param_at(0)
     rank_idx = ctx.rank(1)
@@ -141,28 +143,28 @@ def _gather(ctx: _Ctx) -> Converted:
     c = ctx.const(1)
     if rank_idx == 0 and c is not None:
         return OpKind.SELECT, [ctx.inp(0)], {"axis": axis}
-    raise _Unsupported("gather with non-scalar indices")
+    raise UnsupportedNode("gather with non-scalar indices")
 
 
-def _transpose(ctx: _Ctx) -> Converted:
+def convert_transpose(ctx: ConversionContext) -> Converted:
     rank = ctx.rank(0)
     perm = ctx.attr("perm")
     if perm is None:
         if rank is None:
-            raise _Unsupported("rank unknown")
+            raise UnsupportedNode("rank unknown")
         perm = list(range(rank))[::-1]
     return OpKind.TRANSPOSE, [ctx.inp(0)], {"perm": [int(p) for p in perm]}
 
 
-def _concat(ctx: _Ctx) -> Converted:
+def convert_concat(ctx: ConversionContext) -> Converted:
     return OpKind.CONCAT, ctx.all_inputs(), {"axis": ctx.attr("axis")}
 
 
-def _split(ctx: _Ctx) -> Converted:
+def convert_split(ctx: ConversionContext) -> Converted:
     axis = ctx.attr("axis", 0)
     shape = ctx.in_shape(0)
     if shape is None:
-        raise _Unsupported("shape unknown")
+        raise UnsupportedNode("shape unknown")
     sizes = None
     c = ctx.const(1) if ctx.n_inputs > 1 and ctx.node.inputs[1] is not None else None
     if c is not None:
@@ -174,14 +176,14 @@ def _split(ctx: _Ctx) -> Converted:
         if all(o is not None and isinstance(o[axis], int) for o in outs):
             sizes = [o[axis] for o in outs]
     if sizes is None or len(sizes) != len(ctx.node.outputs):
-        raise _Unsupported("split sizes unknown")
+        raise UnsupportedNode("split sizes unknown")
     return OpKind.SPLIT, [ctx.inp(0)], {"axis": axis, "sizes": sizes}
 
 
-def _slice(ctx: _Ctx) -> Converted:
+def convert_slice(ctx: ConversionContext) -> Converted:
     shape = ctx.in_shape(0)
     if shape is None:
-        raise _Unsupported("shape unknown")
+        raise UnsupportedNode("shape unknown")
     if ctx.imp.opset < 10:
         starts, ends, axes = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes")
         steps = None
@@ -192,7 +194,7 @@ def _slice(ctx: _Ctx) -> Converted:
         if starts is None or ends is None or (
                 ctx.n_inputs > 3 and ctx.node.inputs[3] is not None and axes is None) or (
                 ctx.n_inputs > 4 and ctx.node.inputs[4] is not None and steps is None):
-            raise _Unsupported("slice bounds are not constant")
+            raise UnsupportedNode("slice bounds are not constant")
     starts = [int(x) for x in np.reshape(starts, -1)]
     ends = [int(x) for x in np.reshape(ends, -1)]
     axes = [int(x) for x in np.reshape(axes, -1)] if axes is not None else list(range(len(starts)))
@@ -209,10 +211,10 @@ def _slice(ctx: _Ctx) -> Converted:
     if not real:
         return OpKind.IDENTITY, [ctx.inp(0)], {}
     if len(real) > 1:
-        raise _Unsupported("slice along several axes")
+        raise UnsupportedNode("slice along several axes")
     ax, st, en, sp = real[0]
     if sp < 1:
-        raise _Unsupported("slice with a negative step")
+        raise UnsupportedNode("slice with a negative step")
     size = shape[ax]
     if isinstance(size, int):
         en = min(en, size)
@@ -220,7 +222,7 @@ def _slice(ctx: _Ctx) -> Converted:
     return OpKind.SLICE, [ctx.inp(0)], {"axis": ax, "start": st, "end": en, "step": sp}
 
 
-def _attention(ctx: _Ctx) -> Converted:
+def convert_attention(ctx: ConversionContext) -> Converted:
     """``Attention`` (opset 23) on ``[B, H, L, E]`` inputs, or on 3-D ``[B, L, H*E]`` ones
     (``q_num_heads`` / ``kv_num_heads``): those are viewed as ``[B, L, H, E]``, transposed
     to ``[B, H, L, E]`` for the attention, and the result is transposed back and
@@ -228,26 +230,26 @@ def _attention(ctx: _Ctx) -> Converted:
     (and GQA KV-groups) as on the 4-D form."""
     ranks = [ctx.rank(i) for i in range(3)]
     if any(i < ctx.n_inputs and ctx.node.inputs[i] is not None for i in (4, 5, 6)):
-        raise _Unsupported("attention with a KV cache or padding lengths")
+        raise UnsupportedNode("attention with a KV cache or padding lengths")
     if any(o is not None and (o.uses() or o in ctx.imp.g.outputs)
            for o in ctx.node.outputs[1:]):
-        raise _Unsupported("attention whose present key/value or qk output is read")
+        raise UnsupportedNode("attention whose present key/value or qk output is read")
     mask = ctx.inp(3) if ctx.n_inputs > 3 else None
     if ranks == [4, 4, 4]:
         q, k = ctx.in_shape(0), ctx.in_shape(1)
         return OpKind.ATTENTION, [ctx.inp(0), ctx.inp(1), ctx.inp(2), mask], {"gqa": q[1] != k[1]}
     if ranks != [3, 3, 3]:
-        raise _Unsupported("attention inputs are not [B, H, L, E] or [B, L, H*E]")
+        raise UnsupportedNode("attention inputs are not [B, H, L, E] or [B, L, H*E]")
     heads = {0: ctx.attr("q_num_heads", 0), 1: ctx.attr("kv_num_heads", 0)}
     heads[2] = heads[1]
     if not heads[0] or not heads[1]:
-        raise _Unsupported("3-D attention inputs without q_num_heads / kv_num_heads")
-    dtype = _dtype_str(ctx.node.inputs[0].dtype)
+        raise UnsupportedNode("3-D attention inputs without q_num_heads / kv_num_heads")
+    dtype = dtype_name(ctx.node.inputs[0].dtype)
     views, sizes = [], []
     for i in range(3):
         b, length, width = ctx.in_shape(i)
         if not isinstance(width, int) or width % heads[i]:
-            raise _Unsupported(f"3-D attention input {i} of width {width} with {heads[i]} heads")
+            raise UnsupportedNode(f"3-D attention input {i} of width {width} with {heads[i]} heads")
         e = width // heads[i]
         x = ctx.emit(OpKind.RESHAPE, [ctx.inp(i)], (b, length, heads[i], e), dtype)
         views.append(ctx.emit(OpKind.TRANSPOSE, [x], (b, heads[i], length, e), dtype,
@@ -261,7 +263,7 @@ def _attention(ctx: _Ctx) -> Converted:
     return OpKind.RESHAPE, [yt], {}
 
 
-def _rotary(ctx: _Ctx) -> Converted:
+def convert_rotary(ctx: ConversionContext) -> Converted:
     """``RotaryEmbedding`` (opset 23): elementwise over its input, but rotating pairs of
     channels within each head (``i`` with ``i + r/2``, or ``2i`` with ``2i + 1`` when
     interleaved). Emitted as what it computes on channels -- slices, the swapped halves
@@ -271,33 +273,33 @@ def _rotary(ctx: _Ctx) -> Converted:
     positions, not channels, and are left out."""
     shape = ctx.in_shape(0)
     if shape is None or len(shape) not in (3, 4):
-        raise _Unsupported("rotary input is not [B, H, S, D] or [B, S, H*D]")
-    dtype = _dtype_str(ctx.node.inputs[0].dtype)
+        raise UnsupportedNode("rotary input is not [B, H, S, D] or [B, S, H*D]")
+    dtype = dtype_name(ctx.node.inputs[0].dtype)
     x = ctx.inp(0)
     if len(shape) == 3:
         heads, hidden = ctx.attr("num_heads", 0), shape[2]
         if not heads or not isinstance(hidden, int) or hidden % heads:
-            raise _Unsupported(f"3-D rotary input of size {hidden} with num_heads={heads}")
+            raise UnsupportedNode(f"3-D rotary input of size {hidden} with num_heads={heads}")
         lead = (shape[0], shape[1], heads)
         d = hidden // heads
         x = ctx.emit(OpKind.RESHAPE, [x], (*lead, d), dtype)
     else:
         lead, d = tuple(shape[:3]), shape[3]
     if not isinstance(d, int):
-        raise _Unsupported("head size unknown")
+        raise UnsupportedNode("head size unknown")
     r = ctx.attr("rotary_embedding_dim", 0) or d
-    _set_shape(ctx, 0, shape)
-    y = _rotate(ctx, x, lead, d, r, bool(ctx.attr("interleaved", 0)), dtype)
+    record_output_shape(ctx, 0, shape)
+    y = emit_rotation(ctx, x, lead, d, r, bool(ctx.attr("interleaved", 0)), dtype)
     return (OpKind.RESHAPE if len(shape) == 3 else OpKind.IDENTITY), [y], {}
 
 
-def _rotate(ctx: _Ctx, x: Value, lead: tuple, d: int, r: int, interleaved: bool,
+def emit_rotation(ctx: ConversionContext, x: Value, lead: tuple, d: int, r: int, interleaved: bool,
             dtype) -> Value:
     """What a rotary embedding does to the channels of ``x`` (``[*lead, d]``, the last
     dim one head): the first ``r`` channels are rotated in pairs (``i`` with ``i + r/2``,
     or ``2i`` with ``2i + 1`` when interleaved), the rest pass through."""
     if r % 2 or r > d:
-        raise _Unsupported(f"rotary dim {r} with head size {d}")
+        raise UnsupportedNode(f"rotary dim {r} with head size {d}")
     k = len(lead)
 
     def part(v, axis, lo, hi, shp):
@@ -322,5 +324,5 @@ def _rotate(ctx: _Ctx, x: Value, lead: tuple, d: int, r: int, interleaved: bool,
     return y
 
 
-def _dropout(ctx: _Ctx) -> Converted:
+def convert_dropout(ctx: ConversionContext) -> Converted:
     return OpKind.IDENTITY, [ctx.inp(0)], {}

@@ -3,7 +3,7 @@
 Initializers (and ``Constant`` nodes) that hold weights become IR parameters whose
 handle (:class:`OnnxParamHandle`) writes back into the ``onnx_ir`` model, so a backend
 can save the pruned model. One parameter may be stored several times, each copy
-possibly transposed (a :class:`_Target`); one stored tensor may serve several
+possibly transposed (a :class:`ParamTarget`); one stored tensor may serve several
 parameters (identical initializers merged by the exporter's optimizer), in which case
 writing one of them first detaches its uses onto an initializer of its own. Which
 stored tensor is which parameter is worked out by
@@ -21,11 +21,13 @@ import torch
 from slimgraph.ir.params import ArrayParamHandle
 
 
-def _identity(rank: int) -> tuple[int, ...]:
+def identity_perm(rank: int) -> tuple[int, ...]:
+    """The permutation that keeps all ``rank`` dims in place."""
     return tuple(range(rank))
 
 
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+def inverse_perm(perm: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes ``perm``."""
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
         inv[p] = i
@@ -73,7 +75,7 @@ class _BufferWriter:
 
 
 @dataclass(eq=False)
-class _Storage:
+class StoredTensor:
     """A tensor stored in the file: an initializer, or the value of a Constant node."""
 
     value: ir.Value  # the initializer / the Constant's output
@@ -125,10 +127,10 @@ class _Storage:
 
 
 @dataclass(eq=False)
-class _Target:
+class ParamTarget:
     """One stored copy of an IR parameter: ``storage = param.transpose(perm)``."""
 
-    storage: _Storage
+    storage: StoredTensor
     perm: tuple[int, ...]
     uses: list[tuple[ir.Node, int]]
 
@@ -144,7 +146,7 @@ class OnnxParamHandle(ArrayParamHandle):
     detached onto a new initializer of its own.
     """
 
-    def __init__(self, name: str, shape, dtype: str, targets: list[_Target], graph: ir.Graph,
+    def __init__(self, name: str, shape, dtype: str, targets: list[ParamTarget], graph: ir.Graph,
                  kind: str, aliases: list[str], provenance: str = ""):
         super().__init__(name, None, shape, dtype, setter=self._write_back, kind=kind)
         self.targets = targets
@@ -158,7 +160,7 @@ class OnnxParamHandle(ArrayParamHandle):
 
     @property
     def permuted(self) -> bool:
-        return any(t.perm != _identity(len(t.perm)) for t in self.targets)
+        return any(t.perm != identity_perm(len(t.perm)) for t in self.targets)
 
     @property
     def onnx_names(self) -> list[str]:
@@ -176,7 +178,7 @@ class OnnxParamHandle(ArrayParamHandle):
         if not self.targets:  # a parameter stored nowhere in the model keeps its own array
             return self._array
         t = self.targets[0]
-        return np.transpose(t.storage.array(), _inverse(t.perm))
+        return np.transpose(t.storage.array(), inverse_perm(t.perm))
 
     def read(self) -> torch.Tensor:
         arr = np.array(self._load(), order="C")  # a copy: the model's array is not handed out
@@ -210,10 +212,10 @@ class OnnxParamHandle(ArrayParamHandle):
             else:
                 t.storage.write(stored)
 
-    def _detach(self, t: _Target, arr: np.ndarray) -> _Storage:
+    def _detach(self, t: ParamTarget, arr: np.ndarray) -> StoredTensor:
         taken = {v.name for v in self.onnx_graph.initializers.values()}
         taken |= {o.name for n in self.onnx_graph for o in n.outputs}
-        base = self.name if not t.perm or t.perm == _identity(len(t.perm)) else f"{self.name}.T"
+        base = self.name if not t.perm or t.perm == identity_perm(len(t.perm)) else f"{self.name}.T"
         name, k = base, 1
         while name in taken:
             k += 1
@@ -223,4 +225,4 @@ class OnnxParamHandle(ArrayParamHandle):
         self.onnx_graph.register_initializer(value)
         for node, i in t.uses:
             node.replace_input_with(i, value)
-        return _Storage(value, None, fqn=self.name)
+        return StoredTensor(value, None, fqn=self.name)
