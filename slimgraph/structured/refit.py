@@ -101,13 +101,15 @@ def refit_columns_to(weight: torch.Tensor, H: torch.Tensor, target_cross: torch.
                      damp: float = 0.01) -> tuple[torch.Tensor, dict]:
     """Refit the kept columns of ``weight`` towards given target outputs ``t`` (one per
     calibration token) instead of the layer's own outputs: ``min ‖W_S' x_S - t‖²``, so
-    ``W_S' = T_{:,S} H_SS⁻¹``.
+    ``W_S' = T_{:,S} H_SS⁻¹``. The damping ``Λ`` pulls towards the current kept weights
+    (``min ‖W_S' x_S - t‖² + ‖(W_S' - W_S) Λ^½‖²``: ``W_S' = (T_S + W_S Λ)(H_SS + Λ)⁻¹``),
+    not towards zero: for ``t = W x`` this is exactly :func:`refit_columns`, damping
+    included.
 
     ``H = Σ x xᵀ`` (the inputs the layer sees: the pruned model's), ``target_cross =
     T = Σ t xᵀ`` (``[C_out, C_in]``) and ``target_energy = Σ ‖t‖²``, all with the same
     scale. The dense layer's outputs on the dense model's inputs are ``t = W x_d``:
-    ``T = W Σ x_d xᵀ``, ``Σ ‖t‖² = tr(W H_d Wᵀ)``; with ``x_d = x`` and no damping this is
-    :func:`refit_columns`. Returns the new weight (removed columns exactly 0) and the info
+    ``T = W Σ x_d xᵀ``, ``Σ ‖t‖² = tr(W H_d Wᵀ)``. Returns the new weight (removed columns exactly 0) and the info
     of :func:`refit_columns`, errors measured against the targets: ``error_no_update`` is
     the weight with the columns zeroed, ``error_refit`` the refitted one, ``energy`` the
     targets' energy."""
@@ -133,8 +135,11 @@ def refit_columns_to(weight: torch.Tensor, H: torch.Tensor, target_cross: torch.
     zeroed[:, P] = 0
     out = zeroed.clone()
     if len(S) and float(Hp.diagonal().mean()) > 0:
-        L = torch.linalg.cholesky(damped(Hp, damp)[S][:, S])
-        out[:, S] = torch.cholesky_solve(T[:, S].T, L).T  # T_:S H_SS⁻¹
+        Hd = damped(Hp, damp)
+        lam = (Hd - Hp).diagonal()[S]  # the damping, per kept column
+        L = torch.linalg.cholesky(Hd[S][:, S])
+        # ridge towards the current weights, not towards 0: (T_:S + W_S Λ)(H_SS + Λ)⁻¹
+        out[:, S] = torch.cholesky_solve((T[:, S] + W[:, S] * lam).T, L).T
     info = {"removed": len(P), "kept": len(S), "error_no_update": error(zeroed),
             "error_refit": error(out), "energy": float(target_energy)}
     return out.to(dtype=weight.dtype, device=weight.device), info
