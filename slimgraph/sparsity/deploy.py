@@ -17,6 +17,7 @@ Two exact realisations (ALGORITHMS.md section 3.3), chosen per linear:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
@@ -44,23 +45,51 @@ def foldable(group: ChannelGroup) -> bool:
     return all(r == HEAD_DIM_REASON for r in group.reasons)
 
 
-def fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
-               ) -> tuple[ChannelGroup | None, str]:
+SHARED_SPACE = "shared-space"  # FoldChoice.reason: the input space is every layer's
+NOT_FOLDABLE = "not-foldable"
+MISALIGNED = "misaligned"
+NO_GROUP = "no-group"
+
+
+@dataclass(frozen=True)
+class FoldChoice:
+    """How a permutation of a weight's inputs can be folded: ``group`` (None when it
+    cannot), ``why`` (the report's words) and ``reason`` (a code: ``""`` when it folds,
+    else :data:`SHARED_SPACE` -- the input is a space shared by every layer, which only
+    ``permute=space`` (or a gather) reorders --, :data:`NOT_FOLDABLE`, :data:`MISALIGNED`
+    or :data:`NO_GROUP`)."""
+
+    group: ChannelGroup | None
+    why: str = ""
+    reason: str = ""
+
+
+def fold_choice(result: DependencyResult, weight: str, m: int, dim: int = 1) -> FoldChoice:
     """The group whose unit permutation realises a permutation of ``weight``'s inputs
-    (its dim ``dim``: 1 for a torch ``[out, in]`` weight)."""
+    (its dim ``dim``: 1 for a torch ``[out, in]`` weight), or why there is none."""
     for g in result.groups:
         pos = unit_positions(g, weight, dim)
         if pos is None:
             continue
         if g.layer is None:
-            return None, (f"its input is the {g.kind} space shared by every layer (only a "
-                          "whole-space or gather permutation could reorder it)")
+            return FoldChoice(None, f"its input is the {g.kind} space shared by every layer "
+                              "(only a whole-space or gather permutation could reorder it)",
+                              SHARED_SPACE)
         if not foldable(g):
-            return None, f"group {g.id} ({g.kind}) cannot be permuted: {'; '.join(g.reasons)}"
+            return FoldChoice(None, f"group {g.id} ({g.kind}) cannot be permuted: "
+                              f"{'; '.join(g.reasons)}", NOT_FOLDABLE)
         if g.units % m or int(pos[0].remainder(m).max()) != 0:
-            return None, f"group {g.id} units do not align with groups of {m}"
-        return g, ""
-    return None, "no channel group covers its input channels unit by unit"
+            return FoldChoice(None, f"group {g.id} units do not align with groups of {m}",
+                              MISALIGNED)
+        return FoldChoice(g)
+    return FoldChoice(None, "no channel group covers its input channels unit by unit", NO_GROUP)
+
+
+def fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
+               ) -> tuple[ChannelGroup | None, str]:
+    """``(group, why)`` of :func:`fold_choice`."""
+    choice = fold_choice(result, weight, m, dim)
+    return choice.group, choice.why
 
 
 def free_fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
@@ -69,7 +98,7 @@ def free_fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
     input channel per unit (MLP channels for down_proj), so folding loses nothing
     against a gather. ``None`` when folding would restrict the permutation (o_proj's
     head_dim: one permutation shared by every head) or is impossible."""
-    group, _ = fold_group(result, weight, m, dim)
+    group = fold_choice(result, weight, m, dim).group
     if group is None:
         return None
     pos = unit_positions(group, weight, dim)
