@@ -32,7 +32,9 @@ linears equals ``sparsity``; the per-layer values are in the report.
 
 The pruned linears are the decoder-block linears of ``slimgraph/ir/blocks.py`` (named
 inside a numbered block; not found through the channel groups, so k/v of a one-KV-head
-model are pruned too); the block walk is ``sparsity/block_prune.py``. A block linear left
+model are pruned too); the block walk is ``sparsity/block_prune.py``, the per-linear step
+(score, permutation, mask or update) ``sparsity/prune_step.py``, one for both paths; this
+module holds the options, their checks and the driver of both paths. A block linear left
 as it is (input size not divisible by M, not an nn.Linear) is listed in the report's
 ``skipped`` with the reason. ``ensures`` checks the claim: every block linear is pruned or
 skipped, and under ``pattern=N:M`` every pruned one holds N:M (else the compile fails).
@@ -49,10 +51,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from slimgraph.errors import PipelineError
 from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
+
+if TYPE_CHECKING:
+    from slimgraph.sparsity.options import PruneOptions
 
 SCORES = ("magnitude", "wanda", "ri", "ria", "sparsegpt")  # sparsegpt: its own saliency
 PERMUTE_MODES = ("none", "mask-only", "fold", "space", "gather")
@@ -216,20 +222,30 @@ class Sparsify(Pass):
 
     def needs_stats(self) -> bool:
         """The pruning pass observes each block's linear inputs."""
-        from slimgraph.sparsity.scores import SCORES_NEED_DATA
+        from slimgraph.sparsity.options import needs_stats
 
-        return self.score in SCORES_NEED_DATA or self.needs_hessian()
+        return needs_stats(self.score, self.reconstruct)
 
     def needs_hessian(self) -> bool:
         """SparseGPT's weight update (reconstruct=true or score=sparsegpt) needs the Gram
         matrix of each linear's inputs."""
-        return self.reconstruct or self.score == "sparsegpt"
+        from slimgraph.sparsity.options import needs_hessian
+
+        return needs_hessian(self.score, self.reconstruct)
+
+    def prune_options(self) -> PruneOptions:
+        """The options the sparsity library reads (a
+        :class:`~slimgraph.sparsity.options.PruneOptions`)."""
+        from slimgraph.sparsity.options import PruneOptions
+
+        return PruneOptions(score=self.score, nm=self.nm(), sparsity=self.sparsity,
+                            scope=self.scope, a=self.a, reconstruct=self.reconstruct,
+                            permute=self.permute, search=self.search,
+                            gather_share=self.gather_share)
 
     def requires(self, state: CompileState) -> None:
-        from slimgraph.sparsity import onnx_path
-
         if state.is_onnx:
-            onnx_path.check_onnx_input(self, state)
+            self.requires_onnx(state)
             return
         self.require_torch(state)
         if self.needs_data() and state.loaded.tokenizer is None and (self.calib or state.calib.get(
@@ -242,6 +258,35 @@ class Sparsify(Pass):
 
             self.check_layer_count(len(find_blocks(state.graph)))
 
+    def requires_onnx(self, state: CompileState) -> None:
+        """Refuse what only the PyTorch path supports, naming the option."""
+        from slimgraph.sparsity.onnx_path import onnx_tokenizer
+
+        if state.graph is None or state.graph.meta.get("onnx_model") is None:
+            raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
+        if self.schedule_name() != "uniform":
+            from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
+            from slimgraph.sparsity.onnx_targets import find_targets
+
+            targets, _ = find_targets(state.analysis())
+            try:
+                layers = target_layers(state.analysis(), targets)
+            except SegmentError as e:
+                raise self.option_error("schedule", f"per-layer schedules need the layer of "
+                                        f"every pruned linear: {e}") from None
+            if self.schedule_name() == "explicit":
+                self.check_layer_count(len(set(layers.values())))
+        if self.needs_data():
+            if str(self.calib_source(state)) == "self":
+                raise self.option_error("calib", f"score '{self.score}' needs calibration data; "
+                                        "'self' (text sampled from the model) needs the PyTorch "
+                                        "model: give a calibration file (calib=PATH or "
+                                        "--calib-file)")
+            if onnx_tokenizer(state) is None:
+                raise PipelineError(f"pass '{self.name}': score '{self.score}' needs calibration "
+                                    f"data and there is no tokenizer next to "
+                                    f"{state.loaded.onnx_path}")
+
     def check_layer_count(self, n_blocks: int) -> None:
         """``layer_sparsity`` has one value per decoder block."""
         n_values = len(self.layer_values())
@@ -250,40 +295,120 @@ class Sparsify(Pass):
                                     f"{'s' if n_values != 1 else ''} given; the model has "
                                     f"{n_blocks} decoder blocks (give one value per block)")
 
+    def calib_source(self, state: CompileState):
+        return self.calib or state.calib.get("file") or "self"
+
+    def calib_windows(self, tokenizer_of: Callable, source, model, samples: int, seqlen: int):
+        """The calibration windows ``[samples, seqlen]`` (None when no data is needed)."""
+        from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
+
+        if not self.needs_data():
+            return None
+        tokens = calibration_tokens(tokenizer_of(), source, model, seqlen=seqlen,
+                                    samples=samples, seed=self.seed)
+        return sample_windows(tokens, samples, seqlen, self.seed)
+
     def run(self, state: CompileState) -> PassResult:
         import torch
 
         from slimgraph.ir.blocks import find_blocks
-        from slimgraph.sparsity import onnx_path
-        from slimgraph.sparsity.block_prune import BlockPruner
-        from slimgraph.sparsity.calibration import (block_sequential, calibration_tokens,
-                                                    sample_windows)
+        from slimgraph.sparsity.block_prune import BlockPruner, permute_residual_space
+        from slimgraph.sparsity.calibration import block_sequential
 
         if state.is_onnx:
-            return onnx_path.sparsify_onnx(self, state)
+            return self.run_onnx(state)
+        opts = self.prune_options()
         result = state.analysis()
         samples = self.samples or state.calib.get("samples", 64)
         seqlen = self.seqlen or state.calib.get("seqlen", 512)
-        source = self.calib or state.calib.get("file") or "self"
-        if self.needs_data():
-            tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
-                                        seqlen=seqlen, samples=samples, seed=self.seed)
-            windows = sample_windows(tokens, samples, seqlen, self.seed)
-        else:
+        source = self.calib_source(state)
+        windows = self.calib_windows(lambda: state.loaded.tokenizer, source, state.model,
+                                     samples, seqlen)
+        if windows is None:
             windows = torch.zeros((1, 2), dtype=torch.long)
         # magnitude / RI need no activations: one tiny window drives the block walk
         prune_windows = windows if self.needs_stats() else torch.zeros((1, 2), dtype=torch.long)
         space_info = None
         if self.permute == "space":
-            space_info = permute_residual_space(self, state, result, windows)
+            space_info = permute_residual_space(opts, state.model, result, windows)
         plan = None
         if self.pattern is None:
             plan = self.layer_plan(state, find_blocks(result), windows)
-        pruner = BlockPruner(self, state.model, result,
+        pruner = BlockPruner(opts, state.model, result,
                              plan["by_layer"] if plan is not None else None)
         reports = block_sequential(state.model, result, prune_windows, pruner, batch=self.batch,
                                    progress=state.progress, lazy=state.offload)
         layers = [r for rep in reports for r in rep["layers"]]
+        calibration = {"source": str(source) if self.needs_data() else None,
+                       "samples": samples if self.needs_data() else 0, "seqlen": seqlen}
+        report, pruned = self.build_report(layers, calibration, plan, reports, space_info)
+        if any(r.get("permutation", {}).get("realised") == "gather" for r in pruned):
+            state.gathers.extend(r["name"] for r in pruned
+                                 if r.get("permutation", {}).get("realised") == "gather")
+            state.retrace()
+        return PassResult(True, report)
+
+    def run_onnx(self, state: CompileState) -> PassResult:
+        """The pass on ONNX input (``sparsity/onnx_path.py``: calibration and pruning in
+        the ``onnx_ir`` model)."""
+        from slimgraph.sparsity import onnx_path
+        from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
+        from slimgraph.sparsity.onnx_targets import find_targets
+
+        opts = self.prune_options()
+        result = state.analysis()
+        model = state.graph.meta["onnx_model"]
+        targets, untargeted = find_targets(result)
+        if not targets:
+            raise PipelineError(f"pass '{self.name}': no decoder-block linear with a stored "
+                                "weight was found in the ONNX model"
+                                + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
+                                   if untargeted else ""))
+        samples = self.samples or state.calib.get("samples", 64)
+        seqlen = self.seqlen or state.calib.get("seqlen", 512)
+        source = str(self.calib_source(state))
+        windows = self.calib_windows(lambda: onnx_path.onnx_tokenizer(state), source, None,
+                                     samples, seqlen)
+        plan, layer_of = None, {}
+        if self.pattern is None and self.schedule_name() != "uniform":
+            layer_of = target_layers(result, targets)
+            layers = sorted(set(layer_of.values()))
+            plan = self.schedule_plan(layers, onnx_path.layer_params(targets, layer_of, layers),
+                                      lambda: onnx_path.owl_ratios(
+                                          model, targets, layer_of, layers, windows,
+                                          self.owl_threshold(), batch=self.batch,
+                                          tmp_parent=state.out_dir))
+        sparsity = {t.name: plan["by_layer"][layer_of[t.name]] for t in targets} if plan else {}
+        space_info = None
+        if self.permute == "space":
+            space_info = onnx_path.permute_space(opts, result, model, targets, windows,
+                                                 batch=self.batch, tmp_parent=state.out_dir)
+        try:
+            done, method, notes = onnx_path.prune_targets(
+                opts, result, model, targets, windows, sparsity, batch=self.batch,
+                tmp_parent=state.out_dir, progress=state.progress)
+        except SegmentError as e:  # the reconstruction needs the graph cut into layers
+            raise PipelineError(f"pass '{self.name}': {e}") from None
+        layers = [done[t.name] for t in targets] + untargeted
+        by_layer: dict[int, list[dict]] = {}
+        for t in targets if plan is not None else ():
+            by_layer.setdefault(layer_of[t.name], []).append(done[t.name])
+        data = self.needs_data()
+        calibration = {"method": method, "source": source if data else None,
+                       "samples": samples if data else 0, "seqlen": seqlen}
+        report, _ = self.build_report(layers, calibration, plan,
+                                      [{"layer": k, "layers": v} for k, v in by_layer.items()],
+                                      space_info, notes=notes)
+        state.graph.meta["onnx_modified"] = True
+        return PassResult(True, report)
+
+    def build_report(self, layers: list[dict], calibration: dict, plan: dict | None,
+                     reports: list[dict], space_info: dict | None,
+                     notes: list[str] | None = None) -> tuple[dict, list[dict]]:
+        """The pass's report from the per-linear entries (``reports``: per block, for the
+        schedule; ``notes`` given on ONNX input) and the pruned entries."""
+        from slimgraph.sparsity.prune_step import permutation_summary
+
         skipped = [r for r in layers if r.get("skipped")]
         pruned = [r for r in layers if not r.get("skipped")]
         if not pruned:
@@ -292,49 +417,41 @@ class Sparsify(Pass):
         total = sum(r["numel"] for r in pruned)
         zeros = sum(r["zeros"] for r in pruned)
         report = {"score": self.score, "pattern": self.pattern, "sparsity_target": self.sparsity,
-                  "reconstruct": self.reconstruct, "calibration": {
-                      "source": str(source) if self.needs_data() else None,
-                      "samples": samples if self.needs_data() else 0, "seqlen": seqlen},
-                  "layers": layers, "skipped": [f"{r['name']}: {r['skipped']}" for r in skipped],
-                  "sparsity": zeros / total}
+                  "reconstruct": self.reconstruct}
+        if notes is not None:
+            report["input"] = "onnx"
+        report.update(calibration=calibration, layers=layers,
+                      skipped=[f"{r['name']}: {r['skipped']}" for r in skipped],
+                      sparsity=zeros / total)
+        if notes is not None:
+            report["notes"] = notes
         if plan is not None:
             report["sparsity_target"] = plan["target"]
             report["schedule"] = self.schedule_report(plan, reports)
         if self.permute != "none":
-            report["permutation"] = self.permutation_summary(pruned)
+            report["permutation"] = permutation_summary(self.prune_options(), pruned)
             if space_info is not None:
                 report["permutation"]["space"] = space_info
-        if any(r.get("permutation", {}).get("realised") == "gather" for r in pruned):
-            state.gathers.extend(r["name"] for r in pruned
-                                 if r.get("permutation", {}).get("realised") == "gather")
-            state.retrace()
-        return PassResult(True, report)
+        return report, pruned
 
     def ensures(self, state: CompileState, result: PassResult) -> None:
         """Every decoder-block linear is in the report (pruned, or skipped with the reason);
         under ``pattern=N:M`` each one reported pruned holds N:M in its stored weight
         (:class:`~slimgraph.sparsity.block_prune.SparsityClaimError` otherwise)."""
-        from slimgraph.sparsity import block_prune, onnx_path
+        from slimgraph.sparsity import block_prune, onnx_targets
 
         if state.is_onnx:
-            expected, weight_of = onnx_path.claimed_weights(state)
+            expected, weight_of = onnx_targets.claimed_weights(state.analysis())
         else:
-            expected, weight_of = block_prune.torch_claims(state)
+            expected, weight_of = block_prune.torch_claims(
+                state.graph, state.model, state.offload.stored if state.offload is not None
+                else None)
         layers = result.report["layers"]
         missing = block_prune.unclaimed(expected, layers)
         nm = self.nm()
         failures = block_prune.nm_claim_failures(layers, nm, weight_of) if nm else []
         if missing or failures:
             raise block_prune.claim_error(self.name, self.pattern, failures, missing)
-
-    def permutation_summary(self, pruned: list[dict]) -> dict:
-        """The report's ``permutation`` entry from the per-linear reports."""
-        perms = [r["permutation"] for r in pruned if "permutation" in r]
-        return {"mode": self.permute, "search": self.search,
-                "seconds": round(sum(p.get("seconds", 0) for p in perms), 2),
-                "layers_permuted": sum(1 for p in perms if p["realised"] != "none"),
-                "layers_unpermuted": [f"{r['name']}: {r['permutation']['why']}" for r in pruned
-                                      if r.get("permutation", {}).get("realised") == "none"]}
 
     def layer_plan(self, state: CompileState, blocks: list, windows) -> dict:
         """Per-block sparsity of an unstructured prune (:meth:`schedule_plan`); OWL's
@@ -398,30 +515,6 @@ class Sparsify(Pass):
         if plan["owl"] is not None:
             out["owl"] = plan["owl"]
         return out
-
-
-def permute_residual_space(opts: Sparsify, state: CompileState, result, windows) -> dict:
-    """One permutation of the residual stream, chosen for all its decoder-block readers.
-
-    The readers' scores (with activation norms from one dense pass over the calibration
-    windows) are stacked; the permutation that maximises the N:M score they keep is
-    applied to the whole hidden group (embedding, norms, readers' columns, writers' rows,
-    tied lm_head): an exact reordering, before block 0 is calibrated.
-    """
-    from slimgraph.ir.blocks import block_linears
-    from slimgraph.sparsity.deploy import permute_hidden_space, unit_positions
-    from slimgraph.structured.importance import consumer_input_norms
-
-    def readers_of(group):
-        names = [lin.weight for lin in block_linears(result.graph)
-                 if lin.w_in == 1 and unit_positions(group, lin.weight, 1) is not None]
-        norms = consumer_input_norms(state.model, result.graph,
-                                     windows[: min(len(windows), 16)]) \
-            if opts.score in ("wanda", "ria") and names else {}
-        return [(name, 1, result.graph.params[name].param.read().float(),
-                 norms[name].sqrt().float() if norms else None) for name in names]
-
-    return permute_hidden_space(opts, result, readers_of)
 
 
 register(Sparsify)

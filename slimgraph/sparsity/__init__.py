@@ -15,6 +15,11 @@
   (heuristic allocation + linear-sum-assignment refinement; exact and fast modes).
 - :mod:`slimgraph.sparsity.check` -- verification of stored sparsity in PyTorch weights
   and ONNX files (TensorRT's axis rules), behind `slimgraph check-sparsity`.
+- :mod:`slimgraph.sparsity.options` -- :class:`PruneOptions`, what the library reads of a
+  ``sparsify`` run (the pass builds it); :mod:`slimgraph.sparsity.prune_step` -- the
+  per-linear step (score, permutation, mask or update, write) both paths share;
+  :mod:`slimgraph.sparsity.block_prune` (PyTorch) and :mod:`slimgraph.sparsity.onnx_path`
+  (ONNX, with ``onnx_targets``, ``onnx_blocks``, ``onnx_permute``) -- the two paths.
 
 Conventions: a linear computes ``y = x Wᵀ``; ``W_ij`` joins input channel ``j`` to
 output channel ``i``; masks are boolean *keep*-masks (``True`` = weight stays).

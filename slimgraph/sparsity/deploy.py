@@ -18,10 +18,15 @@ Two exact realisations (ALGORITHMS.md section 3.3), chosen per linear:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from slimgraph.ir.dependency import HEAD_DIM_REASON, ChannelGroup, DependencyResult
+
+if TYPE_CHECKING:
+    from slimgraph.sparsity.options import PruneOptions
 
 
 def unit_positions(group: ChannelGroup, param: str, dim: int) -> torch.Tensor | None:
@@ -163,16 +168,16 @@ def permute_group(result: DependencyResult, group: ChannelGroup, perm: torch.Ten
     return applied
 
 
-def permute_hidden_space(opts, result: DependencyResult, readers_of) -> dict:
+def permute_hidden_space(opts: PruneOptions, result: DependencyResult, readers_of) -> dict:
     """One permutation of the hidden (residual) space for all its readers: their scores
-    (``opts.score``; SparseGPT's saliency falls back to magnitude) stacked per unit, the
+    (``opts.ranking_score``: SparseGPT's saliency falls back to magnitude) stacked per unit, the
     permutation that keeps the most N:M score applied to the whole hidden group.
     ``readers_of(group)`` lists ``(param, in dim, weight [out, in], act_norm or None)``.
     Returns the report's ``space`` entry (``realised: none`` with why, when impossible)."""
     from slimgraph.sparsity.permutation import search_permutation
     from slimgraph.sparsity.scores import score
 
-    n, m = opts.nm()
+    n, m = opts.nm
     hidden = [g for g in result.groups if g.kind == "hidden" and g.layer is None]
     if len(hidden) != 1 or hidden[0].units % m:
         return {"realised": "none", "why": "no single hidden space whose size divides by M"}
@@ -182,8 +187,7 @@ def permute_hidden_space(opts, result: DependencyResult, readers_of) -> dict:
     readers = readers_of(group)
     if not readers:
         return {"realised": "none", "why": "no pruned linear reads the hidden space"}
-    kind = "magnitude" if opts.score == "sparsegpt" else opts.score
-    parts = [stacked_scores(score(w, kind, act_norm=act, a=opts.a),
+    parts = [stacked_scores(score(w, opts.ranking_score, act_norm=act, a=opts.a),
                             unit_positions(group, name, dim)).float()
              for name, dim, w, act in readers]
     res = search_permutation(torch.cat(parts), n, m, mode=opts.search)

@@ -54,7 +54,7 @@ from slimgraph.errors import PipelineError, SlimgraphError
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-    from slimgraph.sparsity.onnx_path import Target
+    from slimgraph.sparsity.onnx_targets import Target
     from slimgraph.sparsity.reconstruct import GramAccumulator
 
 NOT_NEEDED = 1 << 30

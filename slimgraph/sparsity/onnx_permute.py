@@ -2,7 +2,8 @@
 
 The permutation search is the PyTorch path's (:func:`~slimgraph.sparsity.permutation.
 search_permutation` on the layer's scores); what differs is how it is made real in the
-ONNX model:
+ONNX model (the per-linear step itself is the PyTorch path's,
+:func:`~slimgraph.sparsity.prune_step.prune_linear`, on a :class:`TargetSite`):
 
 - ``mask-only``: the N:M mask chosen in permuted order, applied in the stored order (the
   stored weight is not N:M; RIA's "mask only" use).
@@ -33,71 +34,52 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from slimgraph.passes.sparsify import Sparsify
-    from slimgraph.sparsity.onnx_path import Target
-
-ONNX_MODES = ("none", "mask-only", "fold", "gather")
+    from slimgraph.sparsity.onnx_targets import Target
+    from slimgraph.sparsity.options import PruneOptions
 
 
-def plan_gathers(opts: Sparsify, result, targets: list[Target], score_of) -> dict:
+class TargetSite:
+    """A target as :func:`~slimgraph.sparsity.prune_step.prune_linear` sees it (a
+    :class:`~slimgraph.sparsity.prune_step.LinearSite`): read and written through its
+    handle, a gather installed in front of every MatMul/Gemm that reads it."""
+
+    def __init__(self, t: Target) -> None:
+        self.t = t
+        self.label = t.label or t.name
+        self.param = t.name
+        self.w_in = t.w_in
+
+    def read(self) -> torch.Tensor:
+        return self.t.weight()
+
+    def write(self, new: torch.Tensor) -> int:
+        self.t.handle.write((new if self.w_in == 1 else new.T).contiguous())
+        return int((self.t.handle.read() == 0).sum())
+
+    def gather(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        install_gathers(self.t, _activation_inputs(self.t), idx)
+        return w[:, idx]
+
+    def gather_blocker(self) -> str | None:
+        uses = _activation_inputs(self.t)
+        return uses if isinstance(uses, str) else None
+
+
+def plan_gathers(opts: PruneOptions, result, targets: list[Target], score_of) -> dict:
     """``permute=gather``: the permutation of each target a gather can serve, or with
     ``gather_share`` one per set of targets that read the same activations
-    (:func:`~slimgraph.sparsity.deploy.search_shared`, ``score_of(target)`` their
+    (:func:`~slimgraph.sparsity.prune_step.gather_plans`, ``score_of(target)`` their
     ``[out, in]`` scores); targets folded at no cost
     (:func:`~slimgraph.sparsity.deploy.free_fold_group`) are left out."""
-    from slimgraph.sparsity.deploy import free_fold_group, input_sets, search_shared
+    from slimgraph.sparsity.deploy import free_fold_group
+    from slimgraph.sparsity.prune_step import gather_plans
 
-    n, m = opts.nm()
+    m = opts.nm[1]
     by_name = {t.name: t for t in targets}
     input_of = {t.name: "\n".join(t.inputs) for t in targets
                 if t.in_features % m == 0 and not isinstance(_activation_inputs(t), str)
                 and free_fold_group(result, t.name, m, dim=t.w_in) is None}
-    return search_shared(input_sets(input_of, opts.gather_share),
-                         lambda name: score_of(by_name[name]), n, m, opts.search)
-
-
-def permute_target(opts: Sparsify, result, t: Target, w: torch.Tensor, s: torch.Tensor,
-                   act: torch.Tensor | None, hess: torch.Tensor | None, nm: tuple[int, int],
-                   plan: tuple | None = None):
-    """Search and realise a permutation of ``t``'s input channels (``w``, ``s`` are
-    ``[out, in]``; ``plan``: its entry of :func:`plan_gathers` under ``gather``). Returns
-    ``(w, s, act, hess, fixed_mask, info)``: the weight, scores and statistics in the new
-    stored column order, or a mask in the original order for mask-only."""
-    from slimgraph.sparsity.deploy import fold_group, permute_group, stacked_scores, unit_positions
-    from slimgraph.sparsity.permutation import permuted_nm_mask, search_permutation
-
-    n, m = nm
-    info: dict = {"realised": "none"}
-    if opts.permute == "mask-only":
-        res = search_permutation(s, n, m, mode=opts.search)
-        info.update(realised="mask-only", kept_before=res.kept_before,
-                    kept_after=res.kept_after, seconds=round(res.seconds, 3),
-                    perm=res.perm.tolist())  # the order in which the stored weight is N:M
-        return w, s, act, hess, permuted_nm_mask(s, res.perm, n, m), info
-    if opts.permute == "gather" and plan is not None:
-        idx, shared = plan
-        install_gathers(t, _activation_inputs(t), idx)
-        w = w[:, idx]
-        info.update(realised="gather", **shared)
-    else:  # fold / space, or gather folded at no cost
-        group, why = fold_group(result, t.name, m, dim=t.w_in)
-        if group is None:
-            if opts.permute == "space" and "shared by every layer" in why:
-                info.update(realised="space")  # its input space was permuted up front
-            else:
-                uses = _activation_inputs(t)
-                info["why"] = uses if opts.permute == "gather" and isinstance(uses, str) else why
-            return w, s, act, hess, None, info
-        pos = unit_positions(group, t.name, t.w_in)
-        res = search_permutation(stacked_scores(s, pos), n, m, mode=opts.search)
-        idx = permute_group(result, group, res.perm)[(t.name, t.w_in)]
-        raw = t.handle.read().float()
-        w = raw if t.w_in == 1 else raw.T
-        info.update(realised="fold", group=group.id, group_kind=group.kind,
-                    perm=res.perm.tolist(), kept_before=res.kept_before,
-                    kept_after=res.kept_after, seconds=round(res.seconds, 3))
-    return (w, s[:, idx], act[idx] if act is not None else None,
-            hess[idx][:, idx] if hess is not None else None, None, info)
+    return gather_plans(opts, input_of, lambda name: score_of(by_name[name]))
 
 
 def _activation_inputs(t: Target) -> list[tuple[object, int]] | str:
@@ -132,20 +114,15 @@ def install_gathers(t: Target, uses, perm: torch.Tensor) -> None:
                                                 node, label))
 
 
-def permute_space(opts: Sparsify, result, targets: list[Target], stats: dict | None) -> dict:
+def permute_space(opts: PruneOptions, result, targets: list[Target], stats: dict | None
+                  ) -> dict:
     """One permutation of the hidden (residual) space for every target that reads it
     (:func:`~slimgraph.sparsity.deploy.permute_hidden_space`; ``stats``: dense input
     statistics by target name, for Wanda / RIA), applied to the whole hidden group."""
     from slimgraph.sparsity.deploy import permute_hidden_space, unit_positions
 
     def readers_of(group):
-        out = []
-        for t in targets:
-            if unit_positions(group, t.name, t.w_in) is None:
-                continue
-            raw = t.handle.read().float()
-            out.append((t.name, t.w_in, raw if t.w_in == 1 else raw.T,
-                        stats[t.name].act_norm() if stats else None))
-        return out
+        return [(t.name, t.w_in, t.weight(), stats[t.name].act_norm() if stats else None)
+                for t in targets if unit_positions(group, t.name, t.w_in) is not None]
 
     return permute_hidden_space(opts, result, readers_of)

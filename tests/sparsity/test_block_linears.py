@@ -170,11 +170,11 @@ def test_linears_left_dense_are_listed_as_skipped(tmp_path, capsys):
 
 
 def test_a_wrong_nm_claim_fails_the_compile(tmp_path, capsys, monkeypatch):
-    from slimgraph.sparsity import block_prune
+    from slimgraph.sparsity import prune_step
 
     d = tmp_path / "m"
     one_kv("gemma3").save_pretrained(d)
-    monkeypatch.setattr(block_prune, "masked_weight", lambda opts, w, *a, **k: w)  # no mask
+    monkeypatch.setattr(prune_step, "masked_weight", lambda opts, w, *a, **k: w)  # no mask
     rc = main(["compile", str(d), "-p", "sparsify{score=magnitude,pattern=2:4}", "-o",
                str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -240,7 +240,7 @@ def test_gqa_ratios_every_block_linear_pruned(heads, ratio, data):
     assert [len(b.linears) for b in blocks] == [7, 7]
     opts = Sparsify(score="magnitude", pattern="2:4")
     reports = block_sequential(model, result, torch.zeros((1, 2), dtype=torch.long),
-                               BlockPruner(opts, model, result))
+                               BlockPruner(opts.prune_options(), model, result))
     layers = [r for rep in reports for r in rep["layers"]]
     assert len(layers) == 14 and not [r for r in layers if r.get("skipped")]
     for b in blocks:

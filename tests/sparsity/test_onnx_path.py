@@ -22,7 +22,8 @@ from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.ir.dependency import analyze
 from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 from slimgraph.sparsity.masks import is_nm
-from slimgraph.sparsity.onnx_path import CALIBRATION, ONE_SHOT, find_targets, input_stats
+from slimgraph.sparsity.onnx_path import CALIBRATION, ONE_SHOT, input_stats
+from slimgraph.sparsity.onnx_targets import find_targets
 from tests import zoo
 
 ort = pytest.importorskip("onnxruntime")
