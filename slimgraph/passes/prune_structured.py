@@ -33,6 +33,16 @@ masked model. The report's ``reconstruct`` lists the refitted linears (``refitte
 what is not refitted (``not_refitted``) and per linear the calibration output error of
 zeroing the columns without and with the refit (``rel_error_no_update``,
 ``rel_error_refit``, relative to the linear's output energy).
+``refit_to``: what the refit aims at. ``pruned`` (default): the layer's own outputs on
+the pruned model's inputs (the formula above). ``dense``: the dense model's outputs of the
+layer -- the block is run on the dense model's inputs as well (a second stream of hidden
+states carried block to block), and the kept columns are fitted to ``W x_dense`` from the
+pruned inputs (``W_S' = (T_S + W_S L)(H_SS + L)^-1``, ``T = sum W x_dense x^T``, ``L`` the
+damping), so each layer also makes up for what the blocks before it lost. ``residual``:
+as dense, and the block's last writer to the residual stream (down_proj) is fitted to
+what brings the block's output back to the dense block's output; checked per block (a
+block whose output is not ``rest + down_proj(x)`` falls back to dense; the report's
+``target`` per linear says which).
 Calibration: ``samples`` windows of ``seqlen`` tokens (default: --calib-samples, 64, when
 the blocks are walked or scored -- reconstruct, obs, global; 16 for act alone, as before).
 
