@@ -10,11 +10,21 @@ and whose ``report`` says what it changed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from slimgraph.errors import PipelineError
+
+if TYPE_CHECKING:  # heavy (torch, transformers): for the annotations only
+    import torch
+    from transformers import PretrainedConfig
+
+    from slimgraph.frontends.loading import LoadedModel
+    from slimgraph.ir.dependency import DependencyResult
+    from slimgraph.ir.graph import Graph
+    from slimgraph.sparsity.offload import Offload
 
 
 def split_names(text: str) -> list[str]:
@@ -32,8 +42,8 @@ class PassResult:
 class CompileState:
     """Everything a pipeline works on: the model, its graph, analysis, outputs."""
 
-    loaded: Any  # slimgraph.frontends.loading.LoadedModel
-    graph: Any = None  # slimgraph.ir.graph.Graph
+    loaded: LoadedModel
+    graph: Graph | None = None
     # where passes write their outputs: a compile's staging folder inside OUTDIR,
     # committed into OUTDIR only after every pass succeeded (slimgraph.outdir)
     out_dir: Path | None = None
@@ -49,15 +59,16 @@ class CompileState:
     gathers: list[str] = field(default_factory=list)  # linears turned into GatherLinear
     notes: list[str] = field(default_factory=list)
     calib: dict[str, Any] = field(default_factory=dict)  # file, samples, seqlen defaults
-    progress: Any = None  # callable(done, total) for long passes, set by the driver
-    original_config: Any = None  # the HF config before any pass changed it
+    # (done, total[, unit, info]) for long passes, set by the driver
+    progress: Callable[..., None] | None = None
+    original_config: PretrainedConfig | None = None  # the HF config before any pass changed it
     # a frozen copy of the model as loaded, kept when a pass asks for it
     # (Pass.uses_input_model: a distillation teacher)
-    input_model: Any = None
-    # compile --offload: the weights' whereabouts (slimgraph.sparsity.offload.Offload);
-    # blocks not being worked on stay on the meta device
-    offload: Any = None
-    _analysis: Any = None
+    input_model: torch.nn.Module | None = None
+    # compile --offload: the weights' whereabouts; blocks not being worked on stay on
+    # the meta device
+    offload: Offload | None = None
+    _analysis: DependencyResult | None = None
 
     def __post_init__(self) -> None:
         import copy
@@ -66,7 +77,8 @@ class CompileState:
             self.original_config = copy.deepcopy(self.loaded.config)
 
     @property
-    def model(self):
+    def model(self) -> torch.nn.Module | None:
+        """The PyTorch model (None for ONNX input)."""
         return self.loaded.model
 
     @property
@@ -74,7 +86,7 @@ class CompileState:
         """True when the input is an ONNX file (no PyTorch model behind it)."""
         return self.model is None and getattr(self.loaded, "onnx_path", None) is not None
 
-    def analysis(self):
+    def analysis(self) -> DependencyResult:
         """The dependency analysis of the current graph (computed once, cached)."""
         if self._analysis is None:
             from slimgraph.ir.dependency import analyze
