@@ -248,7 +248,7 @@ class ExportOnnx(Pass):
             if self.opset != DEFAULT_OPSET:
                 raise self.option_error("opset", "the ONNX input is saved with its own opset; "
                                         "opset is for export from PyTorch")
-            if state.graph is None or state.graph.meta.get("onnx_model") is None:
+            if state.graph is None or state.graph.onnx_model is None:
                 raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
             if state.out_dir is None:
                 raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
@@ -284,10 +284,10 @@ class ExportOnnx(Pass):
         from slimgraph.ir.graph import OpKind
         from slimgraph.sparsity.onnx_path import onnx_tokenizer
 
-        path = save_onnx_model(state.graph.meta["onnx_model"], state.out_dir / self.filename)
+        path = save_onnx_model(state.graph.onnx_model, state.out_dir / self.filename)
         report: dict = {"file": str(path), "bytes": _size(path), "source": "the ONNX input, "
                         "as modified by the passes before (saved, not re-exported)",
-                        "modified": bool(state.graph.meta.get("onnx_modified"))}
+                        "modified": state.graph.onnx_modified}
         if self.check:
             tables = [n.inputs[0].shape[0] for n in state.graph.nodes
                       if n.kind is OpKind.EMBEDDING and n.inputs[0].shape]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from slimgraph.ir.params import ParamHandle
+
+if TYPE_CHECKING:
+    import onnx_ir
 
 Dim = int | str  # a concrete size, or the name of a symbolic size
 
@@ -168,6 +171,28 @@ class Graph:
 
     def set_outputs(self, values: list[Value]) -> None:
         self.outputs = list(values)
+
+    # -- the ONNX model behind an imported graph --------------------------------------
+    @property
+    def onnx_model(self) -> onnx_ir.Model | None:
+        """The ``onnx_ir`` model an ONNX import built this graph from (its parameters
+        read and write that model's initializers); None for a PyTorch graph. Kept in
+        ``meta["onnx_model"]``; this is the one place that key is spelled."""
+        return self.meta.get("onnx_model")
+
+    @onnx_model.setter
+    def onnx_model(self, model: onnx_ir.Model | None) -> None:
+        self.meta["onnx_model"] = model
+
+    @property
+    def onnx_modified(self) -> bool:
+        """True once a pass changed :attr:`onnx_model` in memory (weights or shapes), so
+        the input file no longer is the model. Kept in ``meta["onnx_modified"]``."""
+        return bool(self.meta.get("onnx_modified"))
+
+    @onnx_modified.setter
+    def onnx_modified(self, modified: bool) -> None:
+        self.meta["onnx_modified"] = modified
 
     # -- queries ------------------------------------------------------------------
     def param_values(self) -> Iterator[Value]:

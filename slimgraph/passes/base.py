@@ -102,15 +102,15 @@ class CompileState:
         """Re-trace the (modified) model; invalidates the cached analysis."""
         from slimgraph.frontends.build import graph_of
 
-        onnx_model = self.graph.meta.get("onnx_model") if self.graph is not None else None
-        if self.model is None and onnx_model is not None:
+        onnx_model = self.graph.onnx_model if self.graph is not None else None
+        if self.is_onnx and onnx_model is not None:
             # ONNX input: the model in memory (as the passes left it), not the input file
             from slimgraph.frontends.onnx_import import import_onnx_model
 
-            modified = self.graph.meta.get("onnx_modified")
+            modified = self.graph.onnx_modified
             self.graph = import_onnx_model(onnx_model, self.graph.meta["onnx_path"])
             if modified:
-                self.graph.meta["onnx_modified"] = True
+                self.graph.onnx_modified = True
         else:
             self.graph = graph_of(self.loaded, seq=self.seq)
         self._analysis = None

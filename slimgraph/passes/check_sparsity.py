@@ -61,7 +61,7 @@ class CheckSparsity(Pass):
         if state.model is not None:
             reports.append(check_torch(state.model, pattern, targets=targets,
                                        name=f"{state.loaded.spec} (in memory)"))
-        elif state.graph is not None and state.graph.meta.get("onnx_modified"):
+        elif state.graph is not None and state.graph.onnx_modified:
             # the input file no longer is the model: check what export-onnx wrote from it
             notes.append(f"{state.loaded.onnx_path} (the input) was modified in memory by an "
                          "earlier pass; only the ONNX files written since are checked")

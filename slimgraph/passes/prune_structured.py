@@ -285,7 +285,7 @@ class PruneStructured(Pass):
         if self.allocation == "global":
             raise self.option_error("allocation", "'global' is not supported for ONNX input "
                                     "(use uniform)")
-        if state.graph is None or state.graph.meta.get("onnx_model") is None:
+        if state.graph is None or state.graph.onnx_model is None:
             raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
         if self.ratios().get("heads") or self.ratios().get("qheads"):
             from slimgraph.structured.onnx_removal import check_contrib_attention

@@ -262,7 +262,7 @@ class Sparsify(Pass):
         """Refuse what only the PyTorch path supports, naming the option."""
         from slimgraph.sparsity.onnx_path import onnx_tokenizer
 
-        if state.graph is None or state.graph.meta.get("onnx_model") is None:
+        if state.graph is None or state.graph.onnx_model is None:
             raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
         if self.schedule_name() != "uniform":
             from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
@@ -357,7 +357,7 @@ class Sparsify(Pass):
 
         opts = self.prune_options()
         result = state.analysis()
-        model = state.graph.meta["onnx_model"]
+        model = state.graph.onnx_model
         targets, untargeted = find_targets(result)
         if not targets:
             raise PipelineError(f"pass '{self.name}': no decoder-block linear with a stored "
@@ -399,7 +399,7 @@ class Sparsify(Pass):
         report, _ = self.build_report(layers, calibration, plan,
                                       [{"layer": k, "layers": v} for k, v in by_layer.items()],
                                       space_info, notes=notes)
-        state.graph.meta["onnx_modified"] = True
+        state.graph.onnx_modified = True
         return PassResult(True, report)
 
     def build_report(self, layers: list[dict], calibration: dict, plan: dict | None,

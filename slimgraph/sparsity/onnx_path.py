@@ -8,7 +8,7 @@ The imported IR (``slimgraph.frontends.onnx_import``) holds the weights as
 :class:`~slimgraph.frontends.onnx_import.OnnxParamHandle` s: ``read()`` gives a weight in
 its module layout (``[out, in]`` for a linear whose provenance was recovered; the node's
 ``attrs["w_in"]`` says which dim is the input dim either way) and ``write()`` puts it back
-into the ``onnx_ir`` model (``Graph.meta["onnx_model"]``), transposed storage included.
+into the ``onnx_ir`` model (``Graph.onnx_model``), transposed storage included.
 ``export-onnx`` then saves that model as ``OUTDIR/model.onnx``. Each target is pruned by
 the step the PyTorch path uses (:func:`slimgraph.sparsity.prune_step.prune_linear`: the
 same scores, masks, SparseGPT update and permutation search), N:M along the input dim.

@@ -219,7 +219,7 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
                 for d in range(len(new))]
         v.shape = ir.Shape(dims)
     report["shape_check"] = verify_shapes(model, plan.new_shape, pass_name)
-    graph.meta["onnx_modified"] = True
+    graph.onnx_modified = True
     report["params_before"] = before
     report["params_after"] = graph.num_parameters()
     return report

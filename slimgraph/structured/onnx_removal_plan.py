@@ -131,7 +131,7 @@ class RemovalPlan:
     def __init__(self, result: DependencyResult, selection: dict[int, list[int]]) -> None:
         self.result = result
         self.graph = result.graph
-        self.model = self.graph.meta["onnx_model"]
+        self.model = self.graph.onnx_model
         by_id = {g.id: g for g in result.groups}
         self.sel = [(by_id[gid], units) for gid, units in selection.items() if units]
         self.names: dict[str, str] = self.graph.meta.get("onnx_values", {})

@@ -112,8 +112,8 @@ class OnnxImporter(WeightProvenance):
             self._lower(node, index)
         outs = [self.value_of(v) for v in self.g.outputs]
         self.graph.set_outputs([v for v in outs if v is not None and v.is_tensor])
+        self.graph.onnx_model = self.model
         self.graph.meta.update({
-            "onnx_model": self.model,
             "onnx_path": str(self.path),
             "opset": self.opset,
             "producer": " ".join(x for x in (self.model.producer_name,
