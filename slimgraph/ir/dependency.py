@@ -58,14 +58,12 @@ class ChannelGroup:
     prunable: bool
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # removal only approximates the masked model: a LayerNorm's statistics span these
+    # channels (its mean moves when some go; RMS norms are corrected exactly); set by
+    # the norm rule with its note (ChannelSpaces.note)
+    approximate: bool = False
     queries_per_unit: int = 1  # query heads carried by one kv-group unit
     space: int = -1
-
-    @property
-    def approximate(self) -> bool:
-        """Removal only approximates the masked model: a LayerNorm's statistics span these
-        channels (its mean moves when some go; RMS norms are corrected exactly)."""
-        return any(n.startswith("layer norm statistics") for n in self.notes)
 
     def to_json(self, name_of=None) -> dict[str, Any]:
         name_of = name_of or (lambda s: f"s{s}")
@@ -170,7 +168,7 @@ def analyze(graph: Graph) -> DependencyResult:
     for s, mems in members.items():
         if all(graph.params[m.param].param.kind == "buffer" for m in mems):
             continue  # only buffers (position ids, rotary tables): nothing to prune
-        reasons, tags, notes = sp.inherited(s, owners)
+        reasons, tags, notes, approximate = sp.inherited(s, owners)
         reasons, notes = list(reasons), list(notes)
         # a replica space with weights: the query heads of every KV-group (GQA's repeated
         # kv heads themselves have no weights); unit j = the j-th query head of each group
@@ -197,7 +195,8 @@ def analyze(graph: Graph) -> DependencyResult:
             ChannelGroup(
                 id=-1, kind=kind, layer=layer_of([m.param for m in mems]), units=sp.size[s],
                 unit=unit, members=mems, params_per_unit=per_unit, prunable=not reasons,
-                reasons=reasons, notes=notes, queries_per_unit=q_per, space=s,
+                reasons=reasons, notes=notes, approximate=approximate,
+                queries_per_unit=q_per, space=s,
             )
         )
     groups.sort(key=lambda g: (g.layer if g.layer is not None else 1 << 30,

@@ -136,7 +136,9 @@ def rule_norm(node: Node, ctx) -> None:
     stat = node.attrs.get("stat", "layer")
     for ax in axes:
         ctx.spaces.tag(lx[ax], "normed")
-        ctx.spaces.note(lx[ax], f"{stat} norm statistics over these channels at {node.name}")
+        # a LayerNorm's mean moves when channels go (RMS norms are corrected exactly)
+        ctx.spaces.note(lx[ax], f"{stat} norm statistics over these channels at {node.name}",
+                        approximate=stat == "layer")
     ctx.set(node.outputs[0], list(lx))
     for extra in node.outputs[1:]:  # mean / rstd outputs of native_layer_norm
         ctx.set_fresh(extra)

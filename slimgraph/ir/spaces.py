@@ -88,6 +88,9 @@ class ChannelSpaces:
         self.tags: dict[int, set[str]] = {}
         self.reasons: dict[int, list[str]] = {}
         self.notes: dict[int, list[str]] = {}
+        # spaces with a note saying removal only approximates the masked model (a
+        # LayerNorm's statistics span them): set where that note is recorded
+        self.approximate: set[int] = set()
         self.replica: set[int] = set()
         # size-0 spaces of symbolic dims (dynamic axes): the dim they stand for, e.g.
         # "batch" or "4*batch" (see ``symdims``), so a reshape can split products of them
@@ -128,6 +131,8 @@ class ChannelSpaces:
                     dst.extend(r for r in store.pop(other) if r not in dst)
         if other in self.replica:
             self.replica.add(into)
+        if other in self.approximate:
+            self.approximate.add(into)
         if other in self.symbol:  # two symbolic dims made one: keep the name if they agree
             name = self.symbol.pop(other)
             if self.symbol.setdefault(into, name) != name:
@@ -308,12 +313,17 @@ class ChannelSpaces:
         for s in self.flatten(layout):
             self.tags.setdefault(s, set()).add(tag)
 
-    def note(self, layout: Layout, note: str) -> None:
+    def note(self, layout: Layout, note: str, *, approximate: bool = False) -> None:
+        """Record ``note`` on the spaces of ``layout`` (at most 8 notes a space);
+        ``approximate``: the note says removal there only approximates the masked model,
+        and the space is marked so (:attr:`approximate`) wherever the note is kept."""
         for s in layout:
             r = self.find(s)
             lst = self.notes.setdefault(r, [])
             if note not in lst and len(lst) < 8:
                 lst.append(note)
+            if approximate and note in lst:
+                self.approximate.add(r)
 
     # -- results -------------------------------------------------------------------
     def tree(self, layout: Layout) -> Tree:
@@ -342,11 +352,14 @@ class ChannelSpaces:
                     own.setdefault(self.find(c), set()).add(s)
         return own
 
-    def inherited(self, space: int, owners: dict[int, set[int]]):
-        """(reasons, tags, notes) of a space and of every space it was refined from."""
+    def inherited(self, space: int, owners: dict[int, set[int]]
+                  ) -> tuple[list[str], set[str], list[str], bool]:
+        """(reasons, tags, notes, approximate) of a space and of every space it was
+        refined from (approximate: any of them is marked :attr:`approximate`)."""
         reasons: list[str] = []
         tags: set[str] = set()
         notes: list[str] = []
+        approximate = False
         seen: set[int] = set()
         stack = [self.find(space)]
         while stack:
@@ -357,5 +370,6 @@ class ChannelSpaces:
             reasons.extend(r for r in self.reasons.get(s, []) if r not in reasons)
             tags |= self.tags.get(s, set())
             notes.extend(n for n in self.notes.get(s, []) if n not in notes)
+            approximate = approximate or s in self.approximate
             stack.extend(self.find(o) for o in owners.get(s, ()))
-        return reasons, tags, notes
+        return reasons, tags, notes, approximate
