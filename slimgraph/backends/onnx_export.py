@@ -244,7 +244,7 @@ class ExportOnnx(Pass):
                                     f"default {DEFAULT_OPSET})")
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None and getattr(state.loaded, "onnx_path", None) is not None:
+        if state.is_onnx:
             if self.opset != DEFAULT_OPSET:
                 raise self.option_error("opset", "the ONNX input is saved with its own opset; "
                                         "opset is for export from PyTorch")
@@ -258,7 +258,7 @@ class ExportOnnx(Pass):
     def run(self, state: CompileState) -> PassResult:
         import onnx
 
-        if state.model is None:
+        if state.is_onnx:
             return self.save_onnx_input(state)
         vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
         report: dict = {}

@@ -44,10 +44,10 @@ class CheckSparsity(Pass):
         self.nm()
 
     def requires(self, state: CompileState) -> None:
-        if state.model is None:
-            if getattr(state.loaded, "onnx_path", None) is None:
-                raise PipelineError(f"pass '{self.name}' needs a PyTorch model or an ONNX file")
+        if state.is_onnx:
             return
+        if state.model is None:
+            raise PipelineError(f"pass '{self.name}' needs a PyTorch model or an ONNX file")
         self.require_torch(state)
 
     def run(self, state: CompileState) -> PassResult:
@@ -58,7 +58,7 @@ class CheckSparsity(Pass):
         reports = []
         notes: list[str] = []
         checked: set[Path] = set()
-        if state.model is not None:
+        if not state.is_onnx:
             reports.append(check_torch(state.model, pattern, targets=targets,
                                        name=f"{state.loaded.spec} (in memory)"))
         elif state.graph is not None and state.graph.onnx_modified:

@@ -25,7 +25,7 @@ class Remove(Pass):
     def run(self, state: CompileState) -> PassResult:
         if not state.selection:
             return PassResult(False, {"note": "no units were selected; nothing removed"})
-        if state.model is None:
+        if state.is_onnx:
             from slimgraph.structured.onnx_removal import remove_units_onnx
 
             report = remove_units_onnx(state.analysis(), state.selection, self.name)
