@@ -210,7 +210,8 @@ class PruneStructured(Pass):
     def run(self, state: CompileState) -> PassResult:
         from slimgraph.structured.recovery import BLOCK_KINDS
         from slimgraph.structured.removal import remove_units
-        from slimgraph.structured.selection import choose, counts_for_params, plan_counts
+        from slimgraph.structured.selection import (NothingToPruneError, choose,
+                                                    counts_for_params, plan_counts)
 
         result = state.analysis()
         params_plan = {}
@@ -227,8 +228,8 @@ class PruneStructured(Pass):
             else:
                 counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
                                               parse_layers(self.protect, self.name), self.name)
-        except PipelineError as e:
-            if state.model is None and ("unprunable" in str(e) or "has no" in str(e)):
+        except NothingToPruneError as e:
+            if state.is_onnx:  # either reason: no group of the kind, or none prunable
                 raise PipelineError(f"{e}; on ONNX input, groups are tracked exactly on files "
                                     "exported with static shapes (dynamic batch/sequence axes "
                                     "can hide head counts and channels behind run-time shape "
@@ -261,7 +262,7 @@ class PruneStructured(Pass):
         if not self.remove:
             state.selection.update(selection)
             return PassResult(False, report)
-        if state.model is None:
+        if state.is_onnx:
             from slimgraph.structured.onnx_removal import remove_units_onnx
 
             report.update(remove_units_onnx(result, selection, self.name))

@@ -11,11 +11,27 @@ Every group a ratio applies to but which is left alone gets a reason in the repo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from slimgraph.errors import PipelineError
 from slimgraph.ir.dependency import ChannelGroup
+
+
+class NothingToPruneError(PipelineError):
+    """A ratio names a group kind with nothing to prune (:func:`plan_counts`): ``reason``
+    is ``"no-groups"`` (the analysis found no group of ``kind``) or ``"unprunable"``
+    (every group of ``kind`` is refused). Callers branch on ``reason``, not the text."""
+
+    def __init__(self, message: str, kind: str,
+                 reason: Literal["no-groups", "unprunable"]) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (str(self), self.kind, self.reason)
 
 
 @dataclass
@@ -45,12 +61,12 @@ def plan_counts(groups: list[ChannelGroup], ratios: dict[str, float], round_to: 
             continue
         targets = [g for g in groups if g.kind == kind]
         if not targets:
-            raise PipelineError(f"pass '{pass_name}', option '{kind}': the model has no "
-                                f"{kind} groups")
+            raise NothingToPruneError(f"pass '{pass_name}', option '{kind}': the model has no "
+                                      f"{kind} groups", kind, "no-groups")
         if not any(g.prunable for g in targets):
             why = targets[0].reasons[0] if targets[0].reasons else "unprunable"
-            raise PipelineError(f"pass '{pass_name}', option '{kind}': every {kind} group is "
-                                f"unprunable ({why})")
+            raise NothingToPruneError(f"pass '{pass_name}', option '{kind}': every {kind} group "
+                                      f"is unprunable ({why})", kind, "unprunable")
         for g in targets:
             where = f"{kind} group {g.id}" + (f" (layer {g.layer})" if g.layer is not None else "")
             if not g.prunable:
