@@ -283,6 +283,9 @@ class PruneStructured(Pass):
                                     "down_proj block by block in the PyTorch model; it is not "
                                     "supported for ONNX input (reconstruct=false, or compile "
                                     "the PyTorch/HF model)")
+        if self.refit_to != "pruned":
+            raise self.option_error("refit_to", f"'{self.refit_to}' runs the PyTorch model on "
+                                    "calibration data; it is not supported for ONNX input")
         if self.allocation == "global":
             raise self.option_error("allocation", "'global' is not supported for ONNX input "
                                     "(use uniform)")

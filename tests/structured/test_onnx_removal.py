@@ -219,6 +219,7 @@ def test_cli_dynamic_axes_mlp(files, tmp_path):
     ("llama", "prune-structured{mlp=0.5,importance=act}", "option 'importance'"),
     ("llama", "prune-structured{mlp=0.5,reconstruct=true}", "option 'reconstruct'"),
     ("llama", "prune-structured{mlp=0.5,allocation=global}", "option 'allocation'"),
+    ("llama", "prune-structured{mlp=0.5,refit_to=dense}", "option 'refit_to'"),
 ])
 def test_unsupported_is_refused_before_anything_is_written(files, tmp_path, capsys, name,
                                                            pipeline, needle):
