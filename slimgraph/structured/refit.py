@@ -64,6 +64,16 @@ def _output_error(delta: torch.Tensor, H: torch.Tensor) -> float:
     return float(((delta @ H) * delta).sum())
 
 
+def removed_and_kept(c_in: int, removed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted removed column indices ``P`` and the kept ones ``S`` of ``c_in`` columns."""
+    P = torch.tensor(sorted(set(int(i) for i in removed)), dtype=torch.long)
+    if len(P) and (int(P[0]) < 0 or int(P[-1]) >= c_in):
+        raise ValueError(f"removed columns must lie in [0, {c_in})")
+    keep = torch.ones(c_in, dtype=torch.bool)
+    keep[P] = False
+    return P, torch.nonzero(keep).flatten()
+
+
 def refit_columns(weight: torch.Tensor, H: torch.Tensor, removed: Sequence[int], *,
                   damp: float = 0.01) -> tuple[torch.Tensor, dict]:
     """Refit the kept columns of ``weight`` for the removal of the columns ``removed``.
@@ -73,13 +83,7 @@ def refit_columns(weight: torch.Tensor, H: torch.Tensor, removed: Sequence[int],
     output error ``tr(Δ H Δᵀ)`` of zeroing the columns without and with the update, and
     the output energy ``tr(W H Wᵀ)`` (their scale). ``H`` is not modified."""
     _check(weight, H)
-    c_in = weight.shape[1]
-    P = torch.tensor(sorted(set(int(i) for i in removed)), dtype=torch.long)
-    if len(P) and (int(P[0]) < 0 or int(P[-1]) >= c_in):
-        raise ValueError(f"removed columns must lie in [0, {c_in})")
-    keep = torch.ones(c_in, dtype=torch.bool)
-    keep[P] = False
-    S = torch.nonzero(keep).flatten()
+    P, S = removed_and_kept(weight.shape[1], removed)
     W = weight.detach().to(torch.float64)
     H64 = H.detach().to(torch.float64, copy=True)
     out = W.clone()
@@ -117,13 +121,7 @@ def refit_columns_to(weight: torch.Tensor, H: torch.Tensor, target_cross: torch.
     if tuple(target_cross.shape) != tuple(weight.shape):
         raise ValueError(f"target_cross must be {list(weight.shape)}, got "
                          f"{list(target_cross.shape)}")
-    c_in = weight.shape[1]
-    P = torch.tensor(sorted(set(int(i) for i in removed)), dtype=torch.long)
-    if len(P) and (int(P[0]) < 0 or int(P[-1]) >= c_in):
-        raise ValueError(f"removed columns must lie in [0, {c_in})")
-    keep = torch.ones(c_in, dtype=torch.bool)
-    keep[P] = False
-    S = torch.nonzero(keep).flatten()
+    P, S = removed_and_kept(weight.shape[1], removed)
     W = weight.detach().to(torch.float64)
     Hp = H.detach().to(torch.float64)
     T = target_cross.detach().to(torch.float64)
