@@ -365,10 +365,6 @@ def try_tokenizer(path: Path) -> Any | None:
             return None
 
 
-# temporary alias of the former private name (sparsity/onnx_path.py now imports
-# try_tokenizer): remove once nothing imports _try_tokenizer
-_try_tokenizer = try_tokenizer
-
 
 # --------------------------------------------------------------------------- GGUF
 
