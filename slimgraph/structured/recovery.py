@@ -99,10 +99,6 @@ def observe_pair(module: torch.nn.Module, linears: dict[str, torch.nn.Module],
             lambda _m, _a, y: out_of.__setitem__("y", y.detach())))
     sums: dict[str, dict] = {}
     tokens, residual_ok = 0, residual is not None
-
-    def first(y):
-        return (y[0] if isinstance(y, (tuple, list)) else y).detach()
-
     try:
         with torch.no_grad():
             for j, ((dargs, dkw), (args, kw)) in enumerate(zip(dense_inputs, inputs)):
@@ -111,34 +107,39 @@ def observe_pair(module: torch.nn.Module, linears: dict[str, torch.nn.Module],
                 dense_inputs[j] = next_inputs(out_d, dargs, dkw)
                 xd = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
                 seen.clear()
-                out_p = first(module(*args, **kw))
-                for n, x in seen.items():  # float32 products per batch, float64 sums
-                    xp = x.reshape(-1, x.shape[-1]).float()
+                out_p = block_output(module(*args, **kw))
+                xps = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
+                for n, xp in xps.items():  # float32 products per batch, float64 sums
                     acc = sums.setdefault(n, {"H": 0, "C": 0, "H_dense": 0})
                     acc["H"] = acc["H"] + (xp.T @ xp).double()
                     acc["C"] = acc["C"] + (xd[n].T @ xp).double()
                     acc["H_dense"] = acc["H_dense"] + (xd[n].T @ xd[n]).double()
-                    rows = xp.shape[0]
-                tokens += rows
+                tokens += next(iter(xps.values())).shape[0] if xps else 0
                 if residual_ok:
                     y = out_of["y"]
                     if j == 0:
                         residual_ok = _adds_to_output(module, linears[residual], args, kw,
                                                       out_p, y)
                     if residual_ok:
-                        e = (first(out_d) - out_p + y).reshape(-1, y.shape[-1]).float()
-                        xp = seen[residual].reshape(-1, seen[residual].shape[-1]).float()
+                        e = (block_output(out_d) - out_p + y).reshape(-1, y.shape[-1]).float()
                         acc = sums[residual]
-                        acc["T"] = acc.get("T", 0) + (e.T @ xp).double()
+                        acc["T"] = acc.get("T", 0) + (e.T @ xps[residual]).double()
                         acc["E"] = acc.get("E", 0.0) + float((e.double() ** 2).sum())
     finally:
         for h in hooks:
             h.remove()
+    if not tokens:
+        raise ValueError("the block's linears saw no calibration tokens")
     scale = 2.0 / tokens
     out = {n: {k: v * scale for k, v in acc.items()} for n, acc in sums.items()}
     if residual is not None:
         out[residual]["residual_ok"] = residual_ok
     return out
+
+
+def block_output(y) -> torch.Tensor:
+    """A decoder block's hidden-state output (blocks may return a tuple)."""
+    return (y[0] if isinstance(y, (tuple, list)) else y).detach()
 
 
 def _adds_to_output(module, linear, args, kw, out, y) -> bool:
@@ -149,7 +150,7 @@ def _adds_to_output(module, linear, args, kw, out, y) -> bool:
         moved = module(*args, **kw)
     finally:
         handle.remove()
-    moved = moved[0] if isinstance(moved, (tuple, list)) else moved
+    moved = block_output(moved)
     if moved.shape != out.shape or y.shape != out.shape:
         return False
     return bool(torch.allclose(moved - out, y, rtol=1e-3, atol=1e-4 * float(y.abs().max())))
