@@ -9,7 +9,11 @@ Over every module of ``slimgraph/``:
     (``from slimgraph.x import _y``): a name used by another module is public, so it
     gets a public name;
 (c) no module over ``MAX_LINES`` lines;
-(d) every module has a module docstring.
+(d) every module has a module docstring;
+(e) no module of ``slimgraph/passes/`` branches on the model kind: none reads
+    ``is_onnx`` or ``onnx_model`` or imports an ``onnx*`` module outside ``backends/``
+    (the ONNX-input implementations; writing ONNX files is an output); a pass asks the model
+    interface (``state.kind``, :mod:`slimgraph.models`) where the kinds differ.
 
 Nothing here imports slimgraph or any heavy library: the test reads and parses files.
 ``python tests/test_architecture.py`` prints every violation (all four rules) and exits
@@ -244,6 +248,29 @@ def modules_without_docstring(mods: dict[str, Path] | None = None) -> list[str]:
             if not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))]
 
 
+KIND_ATTRIBUTES = ("is_onnx", "onnx_model")
+
+
+def kind_branches(mods: dict[str, Path] | None = None, package: str = PACKAGE) -> list[str]:
+    """Rule (e): the places in ``PACKAGE.passes`` that ask for the model kind directly."""
+    mods = module_files() if mods is None else mods
+    bad = []
+    for name, path in mods.items():
+        if not name.startswith(f"{package}.passes"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in KIND_ATTRIBUTES:
+                bad.append(f"{name}:{node.lineno} reads .{node.attr}")
+        for node, _ in _import_nodes(tree):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [a.name for a in node.names]
+            if any(t.rsplit(".", 1)[-1].startswith("onnx") and
+                   not t.startswith(f"{package}.backends") for t in targets):
+                bad.append(f"{name}:{node.lineno} imports an ONNX module")
+    return bad
+
+
 # -- the tests ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -279,6 +306,12 @@ def test_no_module_is_too_long():
 def test_every_module_has_a_docstring():
     bad = modules_without_docstring()
     assert not bad, "modules without a module docstring:\n  " + "\n  ".join(bad)
+
+
+def test_no_pass_branches_on_the_model_kind():
+    bad = kind_branches()
+    assert not bad, ("passes that ask for the model kind directly (ask state.kind, "
+                     "slimgraph.models):\n  " + "\n  ".join(bad))
 
 
 # -- the checker itself, on a small package written for the test --------------------------
@@ -323,11 +356,26 @@ def test_checker_ignores_type_checking_imports_but_not_their_else(tmp_path):
     assert modules_without_docstring(mods) == ["pkg.d"]
 
 
+def test_checker_finds_kind_branches_in_passes_only(tmp_path):
+    mods = _package(tmp_path, {
+        "__init__.py": '"""p"""\n',
+        "passes/__init__.py": '"""s"""\n',
+        "passes/a.py": '"""a"""\ndef f(state):\n    if state.is_onnx:\n        pass\n',
+        "passes/b.py": '"""b"""\ndef g():\n    from pkg.sparsity import onnx_path\n',
+        "passes/c.py": ('"""c"""\nfrom pkg.backends.onnx_export import w\n'
+                        'def h(state):\n    return state.kind.label\n'),
+        "models.py": '"""m"""\ndef k(state):\n    return state.graph.onnx_model\n',
+    })
+    assert kind_branches(mods, "pkg") == ["pkg.passes.a:3 reads .is_onnx",
+                                          "pkg.passes.b:3 imports an ONNX module"]
+
+
 if __name__ == "__main__":
     all_imports = imports()
     problems = {
         "import cycles": [describe_cycle(c, all_imports) for c in import_cycles(all_imports)],
         "private imports": private_imports(all_imports),
+        "kind branches in passes": kind_branches(),
         f"modules over {MAX_LINES} lines": long_modules(),
         "modules without a docstring": modules_without_docstring(),
     }

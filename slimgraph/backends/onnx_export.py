@@ -1,4 +1,4 @@
-"""`export-onnx`: the (slimmed) PyTorch model as an ONNX file for ONNX Runtime.
+"""The (slimmed) model as an ONNX file for ONNX Runtime (what `export-onnx` writes).
 
 Dynamo export with dynamic batch and sequence axes, input ``input_ids`` and output
 ``logits``; the ONNX checker runs on the file, and ONNX Runtime's output is compared
@@ -20,17 +20,16 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimgraph.io import make_temp_dir
-from slimgraph.errors import PipelineError, SlimgraphError
-from slimgraph.passes.base import CompileState, Pass, PassResult
-from slimgraph.passes.registry import register
+from slimgraph.errors import SlimgraphError
 
-if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
+if TYPE_CHECKING:  # annotations only: importing this module does not import PyTorch
     import torch
+
+    from slimgraph.passes.base import CompileState
 
 TWO_GB = 2 * 1024**3
 # Opset 23 has fused Attention, RMSNormalization and RotaryEmbedding ops: ONNX Runtime
@@ -226,80 +225,6 @@ def compare_with_torch(model: torch.nn.Module, path: Path, *, vocab: int, seq: i
             "providers": sess.get_providers()}
 
 
-@dataclass
-class ExportOnnx(Pass):
-    name = "export-onnx"
-    summary = "write OUTDIR/model.onnx (dynamic batch and sequence), checked against PyTorch"
-    writes_files = True
-    filename: str = "model.onnx"
-    opset: int = DEFAULT_OPSET
-    check: bool = True
-    tolerance: float = 1e-4
-
-    def check_options(self) -> None:
-        if not self.filename.endswith(".onnx") or "/" in self.filename:
-            raise self.option_error("filename", f"{self.filename!r} must be a plain *.onnx name")
-        if self.opset and not 17 <= self.opset <= 25:
-            raise self.option_error("opset", f"{self.opset} is not a supported opset (17-25; "
-                                    f"default {DEFAULT_OPSET})")
-
-    def requires(self, state: CompileState) -> None:
-        if state.is_onnx:
-            if self.opset != DEFAULT_OPSET:
-                raise self.option_error("opset", "the ONNX input is saved with its own opset; "
-                                        "opset is for export from PyTorch")
-            if state.graph is None or state.graph.onnx_model is None:
-                raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
-            if state.out_dir is None:
-                raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
-            return
-        self.require_torch(state, out_dir=True)
-
-    def run(self, state: CompileState) -> PassResult:
-        import onnx
-
-        if state.is_onnx:
-            return self.save_onnx_input(state)
-        vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
-        report: dict = {}
-        path = export_onnx(state.model, state.out_dir / self.filename, vocab=vocab,
-                           opset=self.opset or None, report=report)
-        onnx.checker.check_model(str(path))
-        report.update(file=str(path), bytes=_size(path))
-        if self.check:
-            cmp = compare_with_torch(state.model, path, vocab=vocab)
-            report["ort_vs_torch"] = cmp
-            if not cmp["finite"]:
-                raise SlimgraphError("the model's output has non-finite values (NaN or "
-                                     "infinity): nothing usable to export")
-            if not cmp["rel_error"] <= self.tolerance:  # NaN fails too
-                raise SlimgraphError(f"ONNX Runtime output differs from PyTorch (relative error "
-                                     f"{cmp['rel_error']:.2e} > {self.tolerance})")
-        state.files.append(str(path))
-        if state.loaded.tokenizer is not None:
-            save_tokenizer(state.loaded.tokenizer, state.out_dir, state)
-        return PassResult(False, report)
-
-    def save_onnx_input(self, state: CompileState) -> PassResult:
-        from slimgraph.ir.graph import OpKind
-        from slimgraph.sparsity.onnx_path import onnx_tokenizer
-
-        path = save_onnx_model(state.graph.onnx_model, state.out_dir / self.filename)
-        report: dict = {"file": str(path), "bytes": _size(path), "source": "the ONNX input, "
-                        "as modified by the passes before (saved, not re-exported)",
-                        "modified": state.graph.onnx_modified}
-        if self.check:
-            tables = [n.inputs[0].shape[0] for n in state.graph.nodes
-                      if n.kind is OpKind.EMBEDDING and n.inputs[0].shape]
-            vocab = tables[0] if tables and isinstance(tables[0], int) else 2
-            report["ort_check"] = ort_smoke_test(path, vocab=vocab)
-        state.files.append(str(path))
-        tokenizer = onnx_tokenizer(state)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, state.out_dir, state)
-        return PassResult(False, report)
-
-
 def save_tokenizer(tokenizer, out_dir: Path, state: CompileState | None = None) -> None:
     """Tokenizer files next to the model (written to a temp dir, then moved)."""
     tmpdir = make_temp_dir(out_dir, ".tok-")
@@ -313,10 +238,9 @@ def save_tokenizer(tokenizer, out_dir: Path, state: CompileState | None = None) 
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _size(path: Path) -> int:
+def onnx_bytes(path: Path) -> int:
+    """The size of an ONNX file with its external data file, if any."""
     total = path.stat().st_size
     data = path.with_name(path.name + ".data")
     return total + (data.stat().st_size if data.exists() else 0)
 
-
-register(ExportOnnx)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # heavy (torch, transformers): for the annotations only
     from slimgraph.frontends.loading import LoadedModel
     from slimgraph.ir.dependency import DependencyResult
     from slimgraph.ir.graph import Graph
+    from slimgraph.models.base import ModelKind
     from slimgraph.sparsity.offload import Offload
 
 
@@ -82,9 +83,11 @@ class CompileState:
         return self.loaded.model
 
     @property
-    def is_onnx(self) -> bool:
-        """True when the input is an ONNX file (no PyTorch model behind it)."""
-        return self.model is None and getattr(self.loaded, "onnx_path", None) is not None
+    def kind(self) -> ModelKind:
+        """What differs between a PyTorch and an ONNX model (:mod:`slimgraph.models`)."""
+        from slimgraph.models import kind_of
+
+        return kind_of(self.loaded)
 
     def analysis(self) -> DependencyResult:
         """The dependency analysis of the current graph (computed once, cached)."""
@@ -100,19 +103,7 @@ class CompileState:
 
     def retrace(self) -> None:
         """Re-trace the (modified) model; invalidates the cached analysis."""
-        from slimgraph.frontends.build import graph_of
-
-        onnx_model = self.graph.onnx_model if self.graph is not None else None
-        if self.is_onnx and onnx_model is not None:
-            # ONNX input: the model in memory (as the passes left it), not the input file
-            from slimgraph.frontends.onnx_import import import_onnx_model
-
-            modified = self.graph.onnx_modified
-            self.graph = import_onnx_model(onnx_model, self.graph.meta["onnx_path"])
-            if modified:
-                self.graph.onnx_modified = True
-        else:
-            self.graph = graph_of(self.loaded, seq=self.seq)
+        self.graph = self.kind.retrace(self)
         self._analysis = None
 
 
@@ -163,13 +154,9 @@ class Pass:
     def require_torch(self, state: CompileState, *, weights: bool = True,
                       out_dir: bool = False) -> None:
         """The common preconditions: a PyTorch model, with weights, and an OUTDIR."""
-        if state.model is None:
-            raise PipelineError(f"pass '{self.name}' needs a PyTorch model (ONNX input is not "
-                                "supported by this pass yet)")
-        if weights and state.loaded.meta and state.offload is None:
-            raise PipelineError(f"pass '{self.name}' needs weights; the model was loaded with --meta")
-        if out_dir and state.out_dir is None:
-            raise PipelineError(f"pass '{self.name}' needs an output directory (-o OUTDIR)")
+        from slimgraph.models.torch_model import TorchModel
+
+        TorchModel().check_input(state, self.name, weights=weights, out_dir=out_dir)
 
     def option_error(self, option: str, message: str) -> PipelineError:
         return PipelineError(f"pass '{self.name}', option '{option}': {message}")

@@ -44,31 +44,16 @@ class CheckSparsity(Pass):
         self.nm()
 
     def requires(self, state: CompileState) -> None:
-        if state.is_onnx:
-            return
-        if state.model is None:
+        if state.model is None and getattr(state.loaded, "onnx_path", None) is None:
             raise PipelineError(f"pass '{self.name}' needs a PyTorch model or an ONNX file")
-        self.require_torch(state)
+        state.kind.check_input(state, self.name)
 
     def run(self, state: CompileState) -> PassResult:
-        from slimgraph.sparsity.check import check_onnx, check_torch, format_pattern
+        from slimgraph.sparsity.check import check_onnx, format_pattern
 
         pattern = self.nm()
         targets = "all-linear" if self.all_linear else "blocks"
-        reports = []
-        notes: list[str] = []
-        checked: set[Path] = set()
-        if not state.is_onnx:
-            reports.append(check_torch(state.model, pattern, targets=targets,
-                                       name=f"{state.loaded.spec} (in memory)"))
-        elif state.graph is not None and state.graph.onnx_modified:
-            # the input file no longer is the model: check what export-onnx wrote from it
-            notes.append(f"{state.loaded.onnx_path} (the input) was modified in memory by an "
-                         "earlier pass; only the ONNX files written since are checked")
-        else:
-            path = Path(state.loaded.onnx_path).resolve()
-            checked.add(path)
-            reports.append(check_onnx(path, pattern, targets=targets))
+        reports, notes, checked = state.kind.input_sparsity_reports(state, pattern, targets)
         if self.onnx:
             for f in state.files:
                 path = Path(f).resolve()

@@ -160,9 +160,10 @@ class Distill(Pass):
                             "with --offload; distill the saved OUTDIR/hf in a second compile")
 
     def requires(self, state: CompileState) -> None:
-        if state.is_onnx:
-            raise PipelineError(f"pass '{self.name}' trains PyTorch modules and cannot run on ONNX "
-                                "input; distill the PyTorch model, then export-onnx")
+        if not state.kind.trains:
+            raise PipelineError(f"pass '{self.name}' trains PyTorch modules and cannot run on "
+                                f"{state.kind.label} input; distill the PyTorch model, then "
+                                "export-onnx")
         self.require_torch(state)
         if state.loaded.tokenizer is None:
             raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read its "

@@ -178,10 +178,11 @@ class PruneStructured(Pass):
         parse_layers(self.protect, self.name)
 
     def requires(self, state: CompileState) -> None:
-        if state.is_onnx:
-            self._check_onnx(state)
-            return
-        self.require_torch(state)
+        state.kind.check_input(state, self.name)
+        if not state.kind.observes_blocks:
+            self._refuse_observation(state)
+        if self.ratios().get("heads") or self.ratios().get("qheads"):
+            state.kind.check_head_removal(state, self.name)
         if self.uses_data(state) and state.loaded.tokenizer is None and \
                 (state.calib.get("file") or "self") != "self":
             why = f"importance={self.importance}" if self.importance in ("act", "obs") else \
@@ -192,10 +193,11 @@ class PruneStructured(Pass):
     def reconstructs(self, state: CompileState) -> bool:
         """``reconstruct`` as given, else on whenever the pass has calibration data
         (importance act/obs, or a calibration text -- the default --calib-file -- and a
-        tokenizer to read it); never on ONNX input."""
+        tokenizer to read it); never on a model kind that cannot observe its blocks
+        (ONNX input)."""
         if self.reconstruct is not None:
             return self.reconstruct
-        if state.is_onnx:
+        if not state.kind.observes_blocks:
             return False
         if self.importance in ("act", "obs"):
             return True
@@ -209,7 +211,6 @@ class PruneStructured(Pass):
 
     def run(self, state: CompileState) -> PassResult:
         from slimgraph.structured.recovery import BLOCK_KINDS
-        from slimgraph.structured.removal import remove_units
         from slimgraph.structured.selection import (NothingToPruneError, choose,
                                                     counts_for_params, plan_counts)
 
@@ -229,12 +230,8 @@ class PruneStructured(Pass):
                 counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
                                               parse_layers(self.protect, self.name), self.name)
         except NothingToPruneError as e:
-            if state.is_onnx:  # either reason: no group of the kind, or none prunable
-                raise PipelineError(f"{e}; on ONNX input, groups are tracked exactly on files "
-                                    "exported with static shapes (dynamic batch/sequence axes "
-                                    "can hide head counts and channels behind run-time shape "
-                                    "arithmetic; see slimgraph inspect MODEL.onnx --all)"
-                                    ) from None
+            if state.kind.no_groups_hint:  # either reason: no group of the kind, or none prunable
+                raise PipelineError(f"{e}{state.kind.no_groups_hint}") from None
             raise
         by_id = {g.id: g for g in result.groups}
         windows = self._windows(state) if counts and self.uses_data(state) else None
@@ -262,39 +259,30 @@ class PruneStructured(Pass):
         if not self.remove:
             state.selection.update(selection)
             return PassResult(False, report)
-        if state.is_onnx:
-            from slimgraph.structured.onnx_removal import remove_units_onnx
-
-            report.update(remove_units_onnx(result, selection, self.name))
-        else:
-            report.update(remove_units(state.model, result, selection))
+        report.update(state.kind.remove_units(state, result, selection, self.name))
         state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
 
-    def _check_onnx(self, state: CompileState) -> None:
-        """ONNX input: what only the PyTorch path supports is refused here, by option."""
+    def _refuse_observation(self, state: CompileState) -> None:
+        """A model kind that cannot run blocks on calibration data (ONNX input): the
+        options that need it are refused here, by name."""
+        kind = state.kind.label
         if self.importance in ("act", "obs"):
             raise self.option_error("importance", f"'{self.importance}' runs the PyTorch model "
-                                    "on calibration data; it is not supported for ONNX input "
-                                    "(use l1 or l2)")
+                                    f"on calibration data; it is not supported for {kind} "
+                                    "input (use l1 or l2)")
         if self.reconstruct:
             raise self.option_error("reconstruct", "the refit observes the inputs of o_proj / "
                                     "down_proj block by block in the PyTorch model; it is not "
-                                    "supported for ONNX input (reconstruct=false, or compile "
+                                    f"supported for {kind} input (reconstruct=false, or compile "
                                     "the PyTorch/HF model)")
         if self.refit_to != "pruned":
             raise self.option_error("refit_to", f"'{self.refit_to}' runs the PyTorch model on "
-                                    "calibration data; it is not supported for ONNX input")
+                                    f"calibration data; it is not supported for {kind} input")
         if self.allocation == "global":
-            raise self.option_error("allocation", "'global' is not supported for ONNX input "
+            raise self.option_error("allocation", f"'global' is not supported for {kind} input "
                                     "(use uniform)")
-        if state.graph is None or state.graph.onnx_model is None:
-            raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
-        if self.ratios().get("heads") or self.ratios().get("qheads"):
-            from slimgraph.structured.onnx_removal import check_contrib_attention
-
-            check_contrib_attention(state.graph, self.name)
 
     def _windows(self, state: CompileState):
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows

@@ -14,9 +14,9 @@ _MODULES = {
     "distill": "slimgraph.passes.distill",
     "sparsify": "slimgraph.passes.sparsify",
     "check-sparsity": "slimgraph.passes.check_sparsity",
-    "export-onnx": "slimgraph.backends.onnx_export",
-    "export-trt": "slimgraph.backends.trt_export",
-    "save-hf": "slimgraph.backends.hf_checkpoint",
+    "export-onnx": "slimgraph.passes.export_onnx",
+    "export-trt": "slimgraph.passes.export_trt",
+    "save-hf": "slimgraph.passes.save_hf",
 }
 _CLASSES: dict[str, type] = {}
 

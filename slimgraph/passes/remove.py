@@ -14,25 +14,12 @@ class Remove(Pass):
     summary = "slice out the units selected by an earlier pass"
 
     def requires(self, state: CompileState) -> None:
-        from slimgraph.structured.onnx_removal import check_selection
-
-        if state.is_onnx:
-            if state.selection:
-                check_selection(state.analysis(), state.selection, self.name)
-            return
-        self.require_torch(state)
+        state.kind.check_selection(state, state.selection, self.name)
 
     def run(self, state: CompileState) -> PassResult:
         if not state.selection:
             return PassResult(False, {"note": "no units were selected; nothing removed"})
-        if state.is_onnx:
-            from slimgraph.structured.onnx_removal import remove_units_onnx
-
-            report = remove_units_onnx(state.analysis(), state.selection, self.name)
-        else:
-            from slimgraph.structured.removal import remove_units
-
-            report = remove_units(state.model, state.analysis(), state.selection)
+        report = state.kind.remove_units(state, state.analysis(), state.selection, self.name)
         state.selection = {}
         state.record_removal(report)
         state.retrace()

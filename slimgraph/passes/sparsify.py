@@ -244,48 +244,12 @@ class Sparsify(Pass):
                             gather_share=self.gather_share)
 
     def requires(self, state: CompileState) -> None:
-        if state.is_onnx:
-            self.requires_onnx(state)
-            return
-        self.require_torch(state)
-        if self.needs_data() and state.loaded.tokenizer is None and (self.calib or state.calib.get(
-                "file")) != "self":
+        state.kind.check_sparsify(self, state)
+        if self.needs_data() and (self.calib or state.calib.get("file")) != "self" and \
+                state.kind.tokenizer(state) is None:
             why = f"score '{self.score}'" if self.needs_stats() else "schedule=owl"
             raise PipelineError(f"pass '{self.name}': {why} needs calibration data "
-                                "and the model has no tokenizer")
-        if self.schedule_name() == "explicit":
-            from slimgraph.ir.blocks import find_blocks
-
-            self.check_layer_count(len(find_blocks(state.graph)))
-
-    def requires_onnx(self, state: CompileState) -> None:
-        """Refuse what only the PyTorch path supports, naming the option."""
-        from slimgraph.sparsity.onnx_path import onnx_tokenizer
-
-        if state.graph is None or state.graph.onnx_model is None:
-            raise PipelineError(f"pass '{self.name}': the ONNX model is not loaded")
-        if self.schedule_name() != "uniform":
-            from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
-            from slimgraph.sparsity.onnx_targets import find_targets
-
-            targets, _ = find_targets(state.analysis())
-            try:
-                layers = target_layers(state.analysis(), targets)
-            except SegmentError as e:
-                raise self.option_error("schedule", f"per-layer schedules need the layer of "
-                                        f"every pruned linear: {e}") from None
-            if self.schedule_name() == "explicit":
-                self.check_layer_count(len(set(layers.values())))
-        if self.needs_data():
-            if str(self.calib_source(state)) == "self":
-                raise self.option_error("calib", f"score '{self.score}' needs calibration data; "
-                                        "'self' (text sampled from the model) needs the PyTorch "
-                                        "model: give a calibration file (calib=PATH or "
-                                        "--calib-file)")
-            if onnx_tokenizer(state) is None:
-                raise PipelineError(f"pass '{self.name}': score '{self.score}' needs calibration "
-                                    f"data and there is no tokenizer next to "
-                                    f"{state.loaded.onnx_path}")
+                                f"and {state.kind.missing_tokenizer(state)}")
 
     def check_layer_count(self, n_blocks: int) -> None:
         """``layer_sparsity`` has one value per decoder block."""
@@ -298,109 +262,25 @@ class Sparsify(Pass):
     def calib_source(self, state: CompileState):
         return self.calib or state.calib.get("file") or "self"
 
-    def calib_windows(self, tokenizer_of: Callable, source, model, samples: int, seqlen: int):
-        """The calibration windows ``[samples, seqlen]`` (None when no data is needed)."""
+    def calibration(self, state: CompileState):
+        """``(samples, seqlen, source, windows)``: the calibration windows
+        ``[samples, seqlen]`` (None when no data is needed) read with the model kind's
+        tokenizer."""
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 
-        if not self.needs_data():
-            return None
-        tokens = calibration_tokens(tokenizer_of(), source, model, seqlen=seqlen,
-                                    samples=samples, seed=self.seed)
-        return sample_windows(tokens, samples, seqlen, self.seed)
-
-    def run(self, state: CompileState) -> PassResult:
-        import torch
-
-        from slimgraph.ir.blocks import find_blocks
-        from slimgraph.sparsity.block_prune import BlockPruner, permute_residual_space
-        from slimgraph.sparsity.calibration import block_sequential
-
-        if state.is_onnx:
-            return self.run_onnx(state)
-        opts = self.prune_options()
-        result = state.analysis()
         samples = self.samples or state.calib.get("samples", 64)
         seqlen = self.seqlen or state.calib.get("seqlen", 512)
         source = self.calib_source(state)
-        windows = self.calib_windows(lambda: state.loaded.tokenizer, source, state.model,
-                                     samples, seqlen)
-        if windows is None:
-            windows = torch.zeros((1, 2), dtype=torch.long)
-        # magnitude / RI need no activations: one tiny window drives the block walk
-        prune_windows = windows if self.needs_stats() else torch.zeros((1, 2), dtype=torch.long)
-        space_info = None
-        if self.permute == "space":
-            space_info = permute_residual_space(opts, state.model, result, windows)
-        plan = None
-        if self.pattern is None:
-            plan = self.layer_plan(state, find_blocks(result), windows)
-        pruner = BlockPruner(opts, state.model, result,
-                             plan["by_layer"] if plan is not None else None)
-        reports = block_sequential(state.model, result, prune_windows, pruner, batch=self.batch,
-                                   progress=state.progress, lazy=state.offload)
-        layers = [r for rep in reports for r in rep["layers"]]
-        calibration = {"source": str(source) if self.needs_data() else None,
-                       "samples": samples if self.needs_data() else 0, "seqlen": seqlen}
-        report, pruned = self.build_report(layers, calibration, plan, reports, space_info)
-        if any(r.get("permutation", {}).get("realised") == "gather" for r in pruned):
-            state.gathers.extend(r["name"] for r in pruned
-                                 if r.get("permutation", {}).get("realised") == "gather")
-            state.retrace()
-        return PassResult(True, report)
+        if not self.needs_data():
+            return samples, seqlen, source, None
+        tokens = calibration_tokens(state.kind.tokenizer(state), source,
+                                    state.kind.sampling_model(state), seqlen=seqlen,
+                                    samples=samples, seed=self.seed)
+        return samples, seqlen, source, sample_windows(tokens, samples, seqlen, self.seed)
 
-    def run_onnx(self, state: CompileState) -> PassResult:
-        """The pass on ONNX input (``sparsity/onnx_path.py``: calibration and pruning in
-        the ``onnx_ir`` model)."""
-        from slimgraph.sparsity import onnx_path
-        from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
-        from slimgraph.sparsity.onnx_targets import find_targets
-
-        opts = self.prune_options()
-        result = state.analysis()
-        model = state.graph.onnx_model
-        targets, untargeted = find_targets(result)
-        if not targets:
-            raise PipelineError(f"pass '{self.name}': no decoder-block linear with a stored "
-                                "weight was found in the ONNX model"
-                                + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
-                                   if untargeted else ""))
-        samples = self.samples or state.calib.get("samples", 64)
-        seqlen = self.seqlen or state.calib.get("seqlen", 512)
-        source = str(self.calib_source(state))
-        windows = self.calib_windows(lambda: onnx_path.onnx_tokenizer(state), source, None,
-                                     samples, seqlen)
-        plan, layer_of = None, {}
-        if self.pattern is None and self.schedule_name() != "uniform":
-            layer_of = target_layers(result, targets)
-            layers = sorted(set(layer_of.values()))
-            plan = self.schedule_plan(layers, onnx_path.layer_params(targets, layer_of, layers),
-                                      lambda: onnx_path.owl_ratios(
-                                          model, targets, layer_of, layers, windows,
-                                          self.owl_threshold(), batch=self.batch,
-                                          tmp_parent=state.out_dir))
-        sparsity = {t.name: plan["by_layer"][layer_of[t.name]] for t in targets} if plan else {}
-        space_info = None
-        if self.permute == "space":
-            space_info = onnx_path.permute_space(opts, result, model, targets, windows,
-                                                 batch=self.batch, tmp_parent=state.out_dir)
-        try:
-            done, method, notes = onnx_path.prune_targets(
-                opts, result, model, targets, windows, sparsity, batch=self.batch,
-                tmp_parent=state.out_dir, progress=state.progress)
-        except SegmentError as e:  # the reconstruction needs the graph cut into layers
-            raise PipelineError(f"pass '{self.name}': {e}") from None
-        layers = [done[t.name] for t in targets] + untargeted
-        by_layer: dict[int, list[dict]] = {}
-        for t in targets if plan is not None else ():
-            by_layer.setdefault(layer_of[t.name], []).append(done[t.name])
-        data = self.needs_data()
-        calibration = {"method": method, "source": source if data else None,
-                       "samples": samples if data else 0, "seqlen": seqlen}
-        report, _ = self.build_report(layers, calibration, plan,
-                                      [{"layer": k, "layers": v} for k, v in by_layer.items()],
-                                      space_info, notes=notes)
-        state.graph.onnx_modified = True
-        return PassResult(True, report)
+    def run(self, state: CompileState) -> PassResult:
+        """Block by block on the model kind (:meth:`ModelKind.sparsify`)."""
+        return PassResult(True, state.kind.sparsify(self, state))
 
     def build_report(self, layers: list[dict], calibration: dict, plan: dict | None,
                      reports: list[dict], space_info: dict | None,
@@ -438,33 +318,15 @@ class Sparsify(Pass):
         """Every decoder-block linear is in the report (pruned, or skipped with the reason);
         under ``pattern=N:M`` each one reported pruned holds N:M in its stored weight
         (:class:`~slimgraph.sparsity.block_prune.SparsityClaimError` otherwise)."""
-        from slimgraph.sparsity import block_prune, onnx_targets
+        from slimgraph.sparsity import block_prune
 
-        if state.is_onnx:
-            expected, weight_of = onnx_targets.claimed_weights(state.analysis())
-        else:
-            expected, weight_of = block_prune.torch_claims(
-                state.graph, state.model, state.offload.stored if state.offload is not None
-                else None)
+        expected, weight_of = state.kind.claimed_weights(state)
         layers = result.report["layers"]
         missing = block_prune.unclaimed(expected, layers)
         nm = self.nm()
         failures = block_prune.nm_claim_failures(layers, nm, weight_of) if nm else []
         if missing or failures:
             raise block_prune.claim_error(self.name, self.pattern, failures, missing)
-
-    def layer_plan(self, state: CompileState, blocks: list, windows) -> dict:
-        """Per-block sparsity of an unstructured prune (:meth:`schedule_plan`); OWL's
-        outlier ratios come from one extra dense block-sequential pass."""
-        from slimgraph.sparsity import schedules
-
-        # weights of each block's pruned linears (shapes only: fine on the meta device)
-        params = [sum(state.model.get_submodule(n).weight.numel() for n in b.linears)
-                  for b in blocks]
-        return self.schedule_plan([b.layer for b in blocks], params, lambda: (
-            schedules.owl_outlier_ratios(state.model, blocks, windows, self.owl_threshold(),
-                                         batch=self.batch, progress=state.progress,
-                                         lazy=state.offload)))
 
     def schedule_plan(self, layers: list[int], params: list[int],
                       owl_ratios: Callable[[], list[float]]) -> dict:

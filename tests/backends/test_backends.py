@@ -106,6 +106,7 @@ def test_save_hf_names_a_checkpoint_that_does_not_run(tmp_path, monkeypatch):
     from slimgraph.backends import hf_checkpoint
     from slimgraph.errors import SlimgraphError
     from slimgraph.passes.base import CompileState
+    from slimgraph.passes.save_hf import SaveHF
 
     class Broken(torch.nn.Module):
         def forward(self, **kw):
@@ -116,7 +117,7 @@ def test_save_hf_names_a_checkpoint_that_does_not_run(tmp_path, monkeypatch):
     state = CompileState(loaded=loaded, out_dir=tmp_path)
     monkeypatch.setattr(hf_checkpoint, "load_pruned", lambda path: Broken())
     with pytest.raises(SlimgraphError, match="does not run after reloading.*RuntimeError: mat1"):
-        hf_checkpoint.SaveHF().run(state)
+        SaveHF().run(state)
 
 
 def test_load_pruned_rejects_non_checkpoints(tmp_path):

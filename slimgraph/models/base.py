@@ -1,0 +1,66 @@
+"""The protocol every model kind implements (:class:`ModelKind`).
+
+Passes are written against it: they call these methods where the work differs between a
+PyTorch model (modules and their ``weight`` tensors, traced with torch.export) and an ONNX
+model (an ``onnx_ir`` graph and its initializers). Each method takes the compile state
+and plain arguments; a kind keeps no state of its own, so one instance serves a whole
+compile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from slimgraph.ir.dependency import DependencyResult
+    from slimgraph.ir.graph import Graph
+    from slimgraph.passes.base import CompileState
+
+
+class ModelKind(Protocol):
+    #: "PyTorch" or "ONNX": for messages
+    label: str
+    #: True when the kind can train its modules (``l0``, ``distill``)
+    trains: bool
+    #: True when structured pruning can observe blocks on calibration data (activation /
+    #: OBS importance, the least-squares refit), so reconstruction is on by default
+    observes_blocks: bool
+    #: appended to "nothing to prune" errors: why groups may be missing on this kind
+    no_groups_hint: str
+    #: True when ``export-onnx`` exports at a chosen opset (False: the model keeps its own)
+    exports_with_opset: bool
+
+    def retrace(self, state: CompileState) -> Graph:
+        """The graph of the model as the passes left it."""
+
+    def check_input(self, state: CompileState, pass_name: str, *, weights: bool = True,
+                    out_dir: bool = False) -> None:
+        """Refuse (PipelineError) a state this kind cannot work on: the model not loaded,
+        no weights (unless ``weights=False``), no OUTDIR when ``out_dir``."""
+
+    def tokenizer(self, state: CompileState) -> Any:
+        """The tokenizer that reads calibration text (None when there is none)."""
+
+    def remove_units(self, state: CompileState, analysis: DependencyResult,
+                     selection: dict[int, list[int]], pass_name: str) -> dict[str, Any]:
+        """Physically remove the selected units; the removal report."""
+
+    def check_selection(self, state: CompileState, selection: dict[int, list[int]],
+                        pass_name: str) -> None:
+        """Refuse (PipelineError) a selection this kind cannot remove."""
+
+    def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
+        """The decoder-block linears a sparsity pass must account for, and a function
+        from a report entry's name to the stored weight."""
+
+    def input_sparsity_reports(self, state: CompileState, pattern: tuple[int, int] | None,
+                               targets: str) -> tuple[list[Any], list[str], set[Path]]:
+        """``check-sparsity`` on the model itself: (reports, notes, files checked)."""
+
+    def write_onnx(self, state: CompileState, path: Path, *, opset: int, check: bool,
+                   tolerance: float) -> dict[str, Any]:
+        """``export-onnx``: write the model to ``path`` and check it; the report."""
+
+    def sparsify(self, pss: Any, state: CompileState) -> dict[str, Any]:
+        """``sparsify`` block by block on this kind; the pass's report."""

@@ -1,0 +1,198 @@
+"""The ONNX model kind: an ONNX file loaded as an ``onnx_ir`` model.
+
+Removal slices initializers and rewrites shape constants
+(:mod:`slimgraph.structured.onnx_removal`); sparsity calibrates with ONNX Runtime on
+one segment model per decoder layer (:mod:`slimgraph.sparsity.onnx_path`) and writes the
+stored weights through the parameter handles; the graph is re-imported from the model
+in memory after a pass changed it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimgraph.errors import PipelineError
+
+if TYPE_CHECKING:
+    from slimgraph.ir.dependency import DependencyResult
+    from slimgraph.ir.graph import Graph
+    from slimgraph.passes.base import CompileState
+    from slimgraph.passes.sparsify import Sparsify
+
+
+class OnnxModel:
+    label = "ONNX"
+    trains = False
+    observes_blocks = False
+    no_groups_hint = ("; on ONNX input, groups are tracked exactly on files exported with "
+                      "static shapes (dynamic batch/sequence axes can hide head counts and "
+                      "channels behind run-time shape arithmetic; see slimgraph inspect "
+                      "MODEL.onnx --all)")
+    exports_with_opset = False
+
+    def check_input(self, state: CompileState, pass_name: str, *, weights: bool = True,
+                    out_dir: bool = False) -> None:
+        """The ONNX model is loaded (and an OUTDIR given when ``out_dir``)."""
+        if state.graph is None or state.graph.onnx_model is None:
+            raise PipelineError(f"pass '{pass_name}': the ONNX model is not loaded")
+        if out_dir and state.out_dir is None:
+            raise PipelineError(f"pass '{pass_name}' needs an output directory (-o OUTDIR)")
+
+    def retrace(self, state: CompileState) -> Graph:
+        """The model in memory (as the passes left it), not the input file."""
+        from slimgraph.frontends.build import graph_of
+        from slimgraph.frontends.onnx_import import import_onnx_model
+
+        if state.graph is None or state.graph.onnx_model is None:
+            return graph_of(state.loaded, seq=state.seq)
+        modified = state.graph.onnx_modified
+        graph = import_onnx_model(state.graph.onnx_model, state.graph.meta["onnx_path"])
+        if modified:
+            graph.onnx_modified = True
+        return graph
+
+    def tokenizer(self, state: CompileState) -> Any:
+        from slimgraph.sparsity.onnx_path import onnx_tokenizer
+
+        return onnx_tokenizer(state)
+
+    def missing_tokenizer(self, state: CompileState) -> str:
+        return f"there is no tokenizer next to {state.loaded.onnx_path}"
+
+    def sampling_model(self, state: CompileState) -> Any:
+        """None: sampling calibration text needs the PyTorch model."""
+        return None
+
+    def check_head_removal(self, state: CompileState, pass_name: str) -> None:
+        """Refuse com.microsoft attention nodes the importer could not describe."""
+        from slimgraph.structured.onnx_removal import check_contrib_attention
+
+        check_contrib_attention(state.graph, pass_name)
+
+    def remove_units(self, state: CompileState, analysis: DependencyResult,
+                     selection: dict[int, list[int]], pass_name: str) -> dict[str, Any]:
+        from slimgraph.structured.onnx_removal import remove_units_onnx
+
+        return remove_units_onnx(analysis, selection, pass_name)
+
+    def check_selection(self, state: CompileState, selection: dict[int, list[int]],
+                        pass_name: str) -> None:
+        from slimgraph.structured.onnx_removal import check_selection
+
+        if selection:
+            check_selection(state.analysis(), selection, pass_name)
+
+    def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
+        from slimgraph.sparsity.onnx_targets import claimed_weights
+
+        return claimed_weights(state.analysis())
+
+    def input_sparsity_reports(self, state: CompileState, pattern: tuple[int, int] | None,
+                               targets: str) -> tuple[list[Any], list[str], set[Path]]:
+        """The input file, unless a pass modified the model in memory (then only the
+        ONNX files written since are checked)."""
+        from slimgraph.sparsity.check import check_onnx
+
+        if state.graph is not None and state.graph.onnx_modified:
+            return [], [f"{state.loaded.onnx_path} (the input) was modified in memory by an "
+                        "earlier pass; only the ONNX files written since are checked"], set()
+        path = Path(state.loaded.onnx_path).resolve()
+        return [check_onnx(path, pattern, targets=targets)], [], {path}
+
+    def check_sparsify(self, pss: Sparsify, state: CompileState) -> None:
+        """Refuse what the ONNX path does not support, naming the option."""
+        from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
+        from slimgraph.sparsity.onnx_targets import find_targets
+
+        self.check_input(state, pss.name)
+        if pss.schedule_name() != "uniform":
+            targets, _ = find_targets(state.analysis())
+            try:
+                layers = target_layers(state.analysis(), targets)
+            except SegmentError as e:
+                raise pss.option_error("schedule", f"per-layer schedules need the layer of "
+                                       f"every pruned linear: {e}") from None
+            if pss.schedule_name() == "explicit":
+                pss.check_layer_count(len(set(layers.values())))
+        if pss.needs_data() and str(pss.calib_source(state)) == "self":
+            raise pss.option_error("calib", f"score '{pss.score}' needs calibration data; "
+                                   "'self' (text sampled from the model) needs the PyTorch "
+                                   "model: give a calibration file (calib=PATH or "
+                                   "--calib-file)")
+
+    def write_onnx(self, state: CompileState, path: Path, *, opset: int, check: bool,
+                   tolerance: float) -> dict[str, Any]:
+        """Save the model in memory to ``path`` (checker; an ONNX Runtime run on a random
+        input when ``check``), with the tokenizer next to it; the report. ``opset`` and
+        ``tolerance`` do not apply (the model keeps its opset; nothing to compare with)."""
+        from slimgraph.backends.onnx_export import (onnx_bytes, ort_smoke_test, save_onnx_model,
+                                                    save_tokenizer)
+        from slimgraph.ir.graph import OpKind
+
+        path = save_onnx_model(state.graph.onnx_model, path)
+        report: dict[str, Any] = {"file": str(path), "bytes": onnx_bytes(path),
+                                  "source": "the ONNX input, as modified by the passes before "
+                                  "(saved, not re-exported)",
+                                  "modified": state.graph.onnx_modified}
+        if check:
+            tables = [n.inputs[0].shape[0] for n in state.graph.nodes
+                      if n.kind is OpKind.EMBEDDING and n.inputs[0].shape]
+            vocab = tables[0] if tables and isinstance(tables[0], int) else 2
+            report["ort_check"] = ort_smoke_test(path, vocab=vocab)
+        state.files.append(str(path))
+        tokenizer = self.tokenizer(state)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, state.out_dir, state)
+        return report
+
+    def sparsify(self, pss: Sparsify, state: CompileState) -> dict[str, Any]:
+        """Run ``sparsify`` in the ``onnx_ir`` model (calibration with ONNX Runtime on one
+        segment model per layer); its report."""
+        from slimgraph.sparsity import onnx_path
+        from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
+        from slimgraph.sparsity.onnx_targets import find_targets
+
+        opts = pss.prune_options()
+        result = state.analysis()
+        model = state.graph.onnx_model
+        targets, untargeted = find_targets(result)
+        if not targets:
+            raise PipelineError(f"pass '{pss.name}': no decoder-block linear with a stored "
+                                "weight was found in the ONNX model"
+                                + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
+                                   if untargeted else ""))
+        samples, seqlen, source, windows = pss.calibration(state)
+        source = str(source)
+        plan, layer_of = None, {}
+        if pss.pattern is None and pss.schedule_name() != "uniform":
+            layer_of = target_layers(result, targets)
+            layers = sorted(set(layer_of.values()))
+            plan = pss.schedule_plan(layers, onnx_path.layer_params(targets, layer_of, layers),
+                                     lambda: onnx_path.owl_ratios(
+                                         model, targets, layer_of, layers, windows,
+                                         pss.owl_threshold(), batch=pss.batch,
+                                         tmp_parent=state.out_dir))
+        sparsity = {t.name: plan["by_layer"][layer_of[t.name]] for t in targets} if plan else {}
+        space_info = None
+        if pss.permute == "space":
+            space_info = onnx_path.permute_space(opts, result, model, targets, windows,
+                                                 batch=pss.batch, tmp_parent=state.out_dir)
+        try:
+            done, method, notes = onnx_path.prune_targets(
+                opts, result, model, targets, windows, sparsity, batch=pss.batch,
+                tmp_parent=state.out_dir, progress=state.progress)
+        except SegmentError as e:  # the reconstruction needs the graph cut into layers
+            raise PipelineError(f"pass '{pss.name}': {e}") from None
+        layers = [done[t.name] for t in targets] + untargeted
+        by_layer: dict[int, list[dict]] = {}
+        for t in targets if plan is not None else ():
+            by_layer.setdefault(layer_of[t.name], []).append(done[t.name])
+        data = pss.needs_data()
+        calibration = {"method": method, "source": source if data else None,
+                       "samples": samples if data else 0, "seqlen": seqlen}
+        report, _ = pss.build_report(layers, calibration, plan,
+                                     [{"layer": k, "layers": v} for k, v in by_layer.items()],
+                                     space_info, notes=notes)
+        state.graph.onnx_modified = True
+        return report

@@ -1,0 +1,164 @@
+"""The PyTorch model kind: a Hugging Face / PyTorch model in memory.
+
+Removal slices the modules' tensors and fixes their sizes and head counts
+(:mod:`slimgraph.structured.removal`); sparsity walks the decoder blocks with forward
+hooks (:mod:`slimgraph.sparsity.calibration`) and writes each linear's ``weight``; the
+graph is re-traced with torch.export after a pass changed the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimgraph.errors import PipelineError
+
+if TYPE_CHECKING:
+    from slimgraph.ir.dependency import DependencyResult
+    from slimgraph.ir.graph import Graph
+    from slimgraph.passes.base import CompileState
+    from slimgraph.passes.sparsify import Sparsify
+
+
+class TorchModel:
+    label = "PyTorch"
+    trains = True
+    observes_blocks = True
+    no_groups_hint = ""
+    exports_with_opset = True
+
+    def check_input(self, state: CompileState, pass_name: str, *, weights: bool = True,
+                    out_dir: bool = False) -> None:
+        """A PyTorch model, with weights (unless ``weights=False``), and an OUTDIR when
+        ``out_dir``."""
+        if state.model is None:
+            raise PipelineError(f"pass '{pass_name}' needs a PyTorch model (ONNX input is not "
+                                "supported by this pass yet)")
+        if weights and state.loaded.meta and state.offload is None:
+            raise PipelineError(f"pass '{pass_name}' needs weights; the model was loaded with "
+                                "--meta")
+        if out_dir and state.out_dir is None:
+            raise PipelineError(f"pass '{pass_name}' needs an output directory (-o OUTDIR)")
+
+    def retrace(self, state: CompileState) -> Graph:
+        from slimgraph.frontends.build import graph_of
+
+        return graph_of(state.loaded, seq=state.seq)
+
+    def tokenizer(self, state: CompileState) -> Any:
+        return state.loaded.tokenizer
+
+    def missing_tokenizer(self, state: CompileState) -> str:
+        return "the model has no tokenizer"
+
+    def sampling_model(self, state: CompileState) -> Any:
+        """The model that writes calibration text for ``calib=self``."""
+        return state.model
+
+    def check_head_removal(self, state: CompileState, pass_name: str) -> None:
+        """Heads can be removed from any traced attention."""
+
+    def remove_units(self, state: CompileState, analysis: DependencyResult,
+                     selection: dict[int, list[int]], pass_name: str) -> dict[str, Any]:
+        from slimgraph.structured.removal import remove_units
+
+        return remove_units(state.model, analysis, selection)
+
+    def check_selection(self, state: CompileState, selection: dict[int, list[int]],
+                        pass_name: str) -> None:
+        self.check_input(state, pass_name)
+
+    def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
+        from slimgraph.sparsity.block_prune import torch_claims
+
+        return torch_claims(state.graph, state.model,
+                            state.offload.stored if state.offload is not None else None)
+
+    def input_sparsity_reports(self, state: CompileState, pattern: tuple[int, int] | None,
+                               targets: str) -> tuple[list[Any], list[str], set[Path]]:
+        from slimgraph.sparsity.check import check_torch
+
+        return ([check_torch(state.model, pattern, targets=targets,
+                             name=f"{state.loaded.spec} (in memory)")], [], set())
+
+    def check_sparsify(self, pss: Sparsify, state: CompileState) -> None:
+        """What ``sparsify`` needs beyond its options on a PyTorch model."""
+        self.check_input(state, pss.name)
+        if pss.schedule_name() == "explicit":
+            from slimgraph.ir.blocks import find_blocks
+
+            pss.check_layer_count(len(find_blocks(state.graph)))
+
+    def write_onnx(self, state: CompileState, path: Path, *, opset: int, check: bool,
+                   tolerance: float) -> dict[str, Any]:
+        """Export to ``path`` (checker, then ONNX Runtime against PyTorch when ``check``),
+        with the tokenizer next to it; the report."""
+        import onnx
+
+        from slimgraph.backends.onnx_export import (compare_with_torch, export_onnx,
+                                                    onnx_bytes, save_tokenizer)
+        from slimgraph.errors import SlimgraphError
+
+        vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
+        report: dict[str, Any] = {}
+        path = export_onnx(state.model, path, vocab=vocab, opset=opset or None, report=report)
+        onnx.checker.check_model(str(path))
+        report.update(file=str(path), bytes=onnx_bytes(path))
+        if check:
+            cmp = compare_with_torch(state.model, path, vocab=vocab)
+            report["ort_vs_torch"] = cmp
+            if not cmp["finite"]:
+                raise SlimgraphError("the model's output has non-finite values (NaN or "
+                                     "infinity): nothing usable to export")
+            if not cmp["rel_error"] <= tolerance:  # NaN fails too
+                raise SlimgraphError(f"ONNX Runtime output differs from PyTorch (relative error "
+                                     f"{cmp['rel_error']:.2e} > {tolerance})")
+        state.files.append(str(path))
+        if state.loaded.tokenizer is not None:
+            save_tokenizer(state.loaded.tokenizer, state.out_dir, state)
+        return report
+
+    def sparsify(self, pss: Sparsify, state: CompileState) -> dict[str, Any]:
+        """Run ``sparsify`` block by block (forward hooks on the decoder blocks; each
+        block pruned on the outputs of the blocks already pruned); its report."""
+        import torch
+
+        from slimgraph.ir.blocks import find_blocks
+        from slimgraph.sparsity import schedules
+        from slimgraph.sparsity.block_prune import BlockPruner, permute_residual_space
+        from slimgraph.sparsity.calibration import block_sequential
+
+        opts = pss.prune_options()
+        result = state.analysis()
+        samples, seqlen, source, windows = pss.calibration(state)
+        if windows is None:
+            windows = torch.zeros((1, 2), dtype=torch.long)
+        # magnitude / RI need no activations: one tiny window drives the block walk
+        prune_windows = windows if pss.needs_stats() else torch.zeros((1, 2), dtype=torch.long)
+        space_info = None
+        if pss.permute == "space":
+            space_info = permute_residual_space(opts, state.model, result, windows)
+        plan = None
+        if pss.pattern is None:
+            blocks = find_blocks(result)
+            # weights of each block's pruned linears (shapes only: fine on the meta device)
+            params = [sum(state.model.get_submodule(n).weight.numel() for n in b.linears)
+                      for b in blocks]
+            plan = pss.schedule_plan([b.layer for b in blocks], params, lambda: (
+                schedules.owl_outlier_ratios(state.model, blocks, windows, pss.owl_threshold(),
+                                             batch=pss.batch, progress=state.progress,
+                                             lazy=state.offload)))
+        pruner = BlockPruner(opts, state.model, result,
+                             plan["by_layer"] if plan is not None else None)
+        reports = block_sequential(state.model, result, prune_windows, pruner, batch=pss.batch,
+                                   progress=state.progress, lazy=state.offload)
+        layers = [r for rep in reports for r in rep["layers"]]
+        calibration = {"source": str(source) if pss.needs_data() else None,
+                       "samples": samples if pss.needs_data() else 0, "seqlen": seqlen}
+        report, pruned = pss.build_report(layers, calibration, plan, reports, space_info)
+        gathered = [r["name"] for r in pruned
+                    if r.get("permutation", {}).get("realised") == "gather"]
+        if gathered:
+            state.gathers.extend(gathered)
+            state.retrace()
+        return report
