@@ -148,6 +148,7 @@ def row(args) -> dict:
     out = ROOT / "benchmarks" / "out" / "distill" / args.name
     distill = (f"distill{{steps={args.train_steps},batch={args.batch},seqlen={args.seqlen},"
                f"lr={args.lr},save_every=1000"
+               + (f",precision={args.precision}" if args.precision != "fp32" else "")
                + (f",teacher={MODEL}" if args.student else "") + "}")
     model = str(args.student) if args.student else MODEL
     pipe = f"{args.prune}," if args.prune else ""
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="row: distill's precision option")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib", type=Path, default=ROOT / "slimgraph/data/wikitext2/calib.txt")

@@ -9,7 +9,9 @@ with a teacher, the distillation loss; the λ are trained by gradient ascent
 
 ``distill_train`` (``distill``): the student's weights (all of them, or LoRA) trained on
 ``T² KL(teacher ‖ student)`` (+ ``hidden_weight`` × hidden-state MSE), learning rate with
-linear warm-up and cosine decay; weights that were exactly zero before training (sparsity
+linear warm-up and cosine decay; with ``precision="bf16"`` the forward and backward passes
+(teacher's included) run under bfloat16 autocast, about twice as fast on CPUs with AMX or
+AVX-512 BF16 and on recent GPUs, while weights, optimizer state and losses stay float32; weights that were exactly zero before training (sparsity
 masks) are kept exactly zero: their gradients are masked and they are re-zeroed after
 every step.
 
@@ -63,6 +65,22 @@ class TrainConfig:
     # distillation (with a teacher): temperature, weight of the hidden-state MSE
     temperature: float = 1.0
     hidden_weight: float = 0.0
+    # arithmetic of the forward/backward passes: fp32, or bf16 autocast (weights, optimizer
+    # state and losses stay float32)
+    precision: str = "fp32"
+
+
+def check_precision(precision: str, pass_name: str) -> None:
+    """Refuse a precision this machine cannot run: bf16 on a CUDA device without it."""
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise PipelineError(f"pass '{pass_name}', option 'precision': this GPU has no bfloat16; "
+                            "use precision=fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device`` (disabled for fp32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
 
 
 def target_at(step: int, final: float, cfg: TrainConfig) -> float:
@@ -270,7 +288,8 @@ def _loop(acc, session: Session, opts: list[torch.optim.Optimizer], examples: li
             batch = collate(chosen[rank * per:(rank + 1) * per], pad_id)
             batch = {n: t.to(acc.device) for n, t in batch.items()}
             with acc.accumulate(model):
-                tok_sum, extra, info = objective(model, batch, step, k)
+                with autocast(acc.device, cfg.precision):
+                    tok_sum, extra, info = objective(model, batch, step, k)
                 loss = tok_sum * (world / count)
                 if extra is not None:
                     loss = loss + extra

@@ -19,7 +19,10 @@ sparse model the merged update is masked again: the pattern wins). Data: ``data`
 file, Alpaca JSON/JSONL: KL on the responses, or ``self``: text sampled from the
 teacher); default the compile's --calib-file. ``steps`` optimizer steps of ``batch``
 examples of at most ``seqlen`` tokens (``accum`` micro-batches each), AdamW at ``lr`` with
-``warmup`` linear warm-up steps (default steps/10) and cosine decay to 0.
+``warmup`` linear warm-up steps (default steps/10) and cosine decay to 0. ``precision=bf16``
+runs the forward and backward passes under bfloat16 autocast (weights, optimizer state and
+losses stay float32): about twice the tokens/s on CPUs with AMX / AVX-512 BF16 and on
+recent GPUs; the default fp32 is exact and reproducible to the bit.
 
 Runs on the training loop of ``l0`` (``slimgraph/l0/train.py``: accelerate; several
 processes with ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``, each
@@ -128,6 +131,7 @@ class Distill(Pass):
     lora: str = ""  # empty: full fine-tuning; q_proj+v_proj, or all
     lora_rank: int = 8
     lora_alpha: int = 16
+    precision: str = "fp32"  # or bf16: bfloat16 autocast (about 2x faster where supported)
     seed: int = 0
     save_every: int = 50
     checkpoint: str = ""  # default OUTDIR/distill-checkpoint
@@ -151,6 +155,8 @@ class Distill(Pass):
         for opt in ("hidden_weight", "weight_decay"):
             if getattr(self, opt) < 0:
                 raise self.option_error(opt, f"must be >= 0, got {getattr(self, opt)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise self.option_error("precision", f"{self.precision!r} is not fp32 or bf16")
         if self.teacher.lower().endswith(".onnx"):
             raise self.option_error("teacher", "an ONNX model cannot be the teacher (distill "
                                     "trains PyTorch modules); give a PyTorch / HF model")
@@ -165,6 +171,9 @@ class Distill(Pass):
                                 f"{state.kind.label} input; distill the PyTorch model, then "
                                 "export-onnx")
         self.require_torch(state)
+        from slimgraph.l0.train import check_precision
+
+        check_precision(self.precision, self.name)
         if state.loaded.tokenizer is None:
             raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read its "
                                 "training data")
@@ -190,7 +199,7 @@ class Distill(Pass):
                            schedule="cosine",
                            warmup=self.steps // 10 if self.warmup is None else self.warmup,
                            weight_decay=self.weight_decay, temperature=self.temperature,
-                           hidden_weight=self.hidden_weight)
+                           hidden_weight=self.hidden_weight, precision=self.precision)
 
     def examples(self, state: CompileState, teacher):
         from slimgraph.l0.data import load_examples
@@ -273,6 +282,7 @@ class Distill(Pass):
                   "loss_first": hist[0]["loss"] if hist else None,
                   "loss_last": hist[-1]["loss"] if hist else None, "history": hist,
                   "masked_weights": sum(int(z.sum()) for _, z in masks),
+                  "precision": self.precision,
                   "training": f"lora {'+'.join(self.lora_targets(state.model))}" if self.lora
                   else "full"}
         return PassResult(True, report)

@@ -90,6 +90,7 @@ class L0(Pass):
     distill: bool = False  # loss: KL from the teacher instead of the LM loss
     teacher: str = ""  # distill=true: default the pipeline's input model
     temperature: float = 1.0
+    precision: str = "fp32"  # or bf16: bfloat16 autocast (about 2x faster where supported)
 
     def uses_input_model(self) -> bool:
         return bool(self.distill and not self.teacher)  # the teacher: the model as loaded
@@ -132,6 +133,8 @@ class L0(Pass):
             raise self.option_error("lora", "name at least one linear, e.g. lora=q_proj+v_proj")
         if not self.temperature > 0:
             raise self.option_error("temperature", f"must be > 0, got {self.temperature}")
+        if self.precision not in ("fp32", "bf16"):
+            raise self.option_error("precision", f"{self.precision!r} is not fp32 or bf16")
         if not self.distill and (self.teacher or self.temperature != 1.0):
             raise self.option_error("teacher" if self.teacher else "temperature",
                                     "only used with distill=true")
@@ -141,6 +144,9 @@ class L0(Pass):
 
     def requires(self, state: CompileState) -> None:
         self.require_torch(state)
+        from slimgraph.l0.train import check_precision
+
+        check_precision(self.precision, self.name)
         if state.loaded.tokenizer is None:
             raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read "
                                 "its training data")
@@ -166,7 +172,7 @@ class L0(Pass):
             ramp_steps=self.steps // 2 if self.ramp_steps is None else self.ramp_steps,
             batch=self.batch, accum=self.accum, lr=self.lr, mask_lr=self.mask_lr,
             lambda_lr=self.lambda_lr, seed=self.seed, targets=targets,
-            save_every=self.save_every, temperature=self.temperature)
+            save_every=self.save_every, temperature=self.temperature, precision=self.precision)
 
     def start(self, state: CompileState):
         """Examples, gates and the LoRA-wrapped model: a training session, not yet trained."""

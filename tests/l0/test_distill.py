@@ -248,3 +248,41 @@ def test_two_processes_compute_the_weights_of_one(tiny, tmp_path):
         assert torch.allclose(two[n], one[n], atol=2e-5), (n, float((two[n] - one[n]).abs().max()))
         moved += int((one[n] != start[n]).sum())
     assert moved > 0
+
+
+def test_bf16_runs_the_matmuls_in_bfloat16_keeps_float32_weights_and_masks(tiny):
+    """precision=bf16: the student's and the teacher's linears compute in bfloat16 (autocast),
+    the weights and the optimizer stay float32, the masks stay exactly zero, and training
+    still lowers the KL (about as much as in float32)."""
+    results = {}
+    for precision in ("fp32", "bf16"):
+        state = _run(_state(tiny), "sparsify{score=magnitude,pattern=2:4}")
+        zero = {n: p.detach() == 0 for n, p in state.model.named_parameters() if p.dim() >= 2}
+        p = Distill(data=str(tiny / "train.txt"), seqlen=24, batch=4, steps=12, lr=3e-3,
+                    teacher=str(tiny / "sharp"), precision=precision)
+        session, examples, _ = p.start(state)
+        teacher = session.teacher
+        before = _mean_kl(state.model, teacher, examples)
+        seen: dict[str, set] = {"student": set(), "teacher": set()}
+        hooks = [m.register_forward_hook(lambda mod, i, o, who=who: seen[who].add(o.dtype))
+                 for who, model in (("student", state.model), ("teacher", teacher))
+                 for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        rep = p.run(state).report
+        for h in hooks:
+            h.remove()
+        want = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert seen == {"student": {want}, "teacher": {want}}, seen
+        assert rep["precision"] == precision
+        assert all(t.dtype == torch.float32 for t in state.model.parameters())
+        after_w = dict(state.model.named_parameters())
+        for n, z in zero.items():
+            assert torch.all(after_w[n].detach()[z] == 0), n
+        results[precision] = (before, _mean_kl(state.model, teacher, examples))
+    for precision, (before, after) in results.items():
+        assert after < 0.8 * before, (precision, before, after)
+    gain = {k: b - a for k, (b, a) in results.items()}
+    assert gain["bf16"] > 0.5 * gain["fp32"], gain
+    with pytest.raises(PipelineError, match="option 'precision'"):
+        from_text_or_file("distill{precision=fp16}")
+    with pytest.raises(PipelineError, match="option 'precision'"):
+        from_text_or_file("l0{precision=half}")
