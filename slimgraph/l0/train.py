@@ -11,9 +11,9 @@ with a teacher, the distillation loss; the λ are trained by gradient ascent
 ``T² KL(teacher ‖ student)`` (+ ``hidden_weight`` × hidden-state MSE), learning rate with
 linear warm-up and cosine decay; with ``precision="bf16"`` the forward and backward passes
 (teacher's included) run under bfloat16 autocast, about twice as fast on CPUs with AMX or
-AVX-512 BF16 and on recent GPUs, while weights, optimizer state and losses stay float32; weights that were exactly zero before training (sparsity
-masks) are kept exactly zero: their gradients are masked and they are re-zeroed after
-every step.
+AVX-512 BF16 and on recent GPUs, while weights, optimizer state and losses stay float32;
+weights that were exactly zero before training (sparsity masks) are kept exactly zero:
+their gradients are masked and they are re-zeroed after every step.
 
 Everything random depends only on (seed, micro-batch index): a run resumed from a
 checkpoint equals an uninterrupted one. Several processes (``accelerate launch

@@ -264,7 +264,7 @@ def test_bf16_runs_the_matmuls_in_bfloat16_keeps_float32_weights_and_masks(tiny)
         teacher = session.teacher
         before = _mean_kl(state.model, teacher, examples)
         seen: dict[str, set] = {"student": set(), "teacher": set()}
-        hooks = [m.register_forward_hook(lambda mod, i, o, who=who: seen[who].add(o.dtype))
+        hooks = [m.register_forward_hook(lambda mod, i, o, who=who, seen=seen: seen[who].add(o.dtype))
                  for who, model in (("student", state.model), ("teacher", teacher))
                  for m in model.modules() if isinstance(m, torch.nn.Linear)]
         rep = p.run(state).report
