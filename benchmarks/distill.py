@@ -144,28 +144,31 @@ def quality(args) -> dict:
 
 def row(args) -> dict:
     """One distillation row: prune (``--prune``) or an earlier compile (``--student``),
-    then ``distill``; parameters, perplexity, prune and train time, tokens."""
+    then ``distill`` (``--train-steps 0``: no distill pass; the training figures come from
+    an ``l0`` pass in ``--prune``); parameters, perplexity, prune and train time, tokens."""
     out = ROOT / "benchmarks" / "out" / "distill" / args.name
     distill = (f"distill{{steps={args.train_steps},batch={args.batch},seqlen={args.seqlen},"
                f"lr={args.lr},save_every=1000"
                + (f",precision={args.precision}" if args.precision != "fp32" else "")
-               + (f",teacher={MODEL}" if args.student else "") + "}")
+               + (f",teacher={MODEL}" if args.student else "") + "},")
     model = str(args.student) if args.student else MODEL
     pipe = f"{args.prune}," if args.prune else ""
-    pipe += f"{distill},{args.after}save-hf"
+    pipe += f"{distill if args.train_steps else ''}{args.after}save-hf"
     cli = [sys.executable, "-m", "slimgraph.cli", "compile", model, "-p", pipe, "-o", str(out),
            "--calib-file", str(args.calib), "--overwrite"]
     _, secs = run(cli)
     report = json.loads((out / "report.json").read_text())
     passes = {p["name"]: p for p in report["passes"]}
-    rep = passes["distill"]["report"]
+    trainer = "distill" if args.train_steps else "l0"
+    rep = passes[trainer]["report"]
     result = {"model": model, "pipeline": pipe, "parameters": report["parameters"]["after"],
               "compile_seconds": round(secs, 1),
               "train_seconds": rep["train_seconds"], "tokens_seen": rep["tokens_seen"],
-              "tokens_per_second": rep["tokens_per_second"],
-              "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]}
+              "tokens_per_second": rep["tokens_per_second"]}
+    if trainer == "distill":
+        result.update(loss_first=rep["loss_first"], loss_last=rep["loss_last"])
     first = next(iter(passes))
-    if first != "distill":
+    if first != trainer:
         result["prune_seconds"] = round(passes[first]["seconds"], 1)
     result["ppl"] = evaluate(out, args.eval, args.windows)
     print(args.name, result, flush=True)

@@ -247,7 +247,9 @@ class L0(Pass):
         train(session, examples, cfg, pad_id=pad, checkpoint=self._checkpoint(state, ""),
               fingerprint=fp, progress=state.progress)
         report = {"examples": len(examples), "steps": cfg.steps, "train_seconds":
-                  round(session.seconds, 1), "history": session.history,
+                  round(session.seconds, 1), "tokens_seen": session.tokens,
+                  "tokens_per_second": round(session.tokens / max(session.seconds, 1e-9), 1),
+                  "precision": self.precision, "history": session.history,
                   "expected_sparsity": round(session.sparsity(), 4),
                   "lambdas": {k: [round(float(x), 4) for x in v.detach()]
                               for k, v in session.gates.lambdas.items()},
