@@ -44,8 +44,10 @@ PRUNE = "prune-structured{mlp=0.27,importance=act}"
 RESULT = ROOT / "benchmarks" / "results" / "distill.json"
 
 
-def plain_loop(student, teacher, examples, steps: int, batch: int, lr: float, seed: int) -> tuple[int, float]:
-    """The reference: the same teacher/student work without the pass. Returns (tokens, s)."""
+def plain_loop(student, teacher, examples, steps: int, batch: int, lr: float, seed: int,
+               precision: str = "fp32") -> tuple[int, float]:
+    """The reference: the same teacher/student work without the pass (under bfloat16
+    autocast with ``precision="bf16"``, as the pass runs then). Returns (tokens, s)."""
     import torch
     import torch.nn.functional as F
 
@@ -58,9 +60,10 @@ def plain_loop(student, teacher, examples, steps: int, batch: int, lr: float, se
     for k in range(steps):
         b = collate([examples[i] for i in batch_indices(len(examples), batch, k, seed)], 0)
         kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        with torch.no_grad():
-            t = teacher(**kw).logits[:, :-1]
-        s = student(**kw).logits[:, :-1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.no_grad():
+                t = teacher(**kw).logits[:, :-1]
+            s = student(**kw).logits[:, :-1]
         v = s.shape[-1]
         loss = F.kl_div(F.log_softmax(s.float(), -1).reshape(-1, v),
                         F.log_softmax(t.float(), -1).reshape(-1, v), log_target=True,
@@ -91,7 +94,7 @@ def speed(args) -> dict:
     prune_s = time.perf_counter() - t0
     params = sum(p.numel() for p in state.model.parameters())
     (d,) = from_text_or_file(f"distill{{steps={args.steps},batch={args.batch},seqlen={args.seqlen},"
-                             f"lr={args.lr},warmup=0}}")
+                             f"lr={args.lr},warmup=0,precision={args.precision}}}")
     d.requires(state)
     rounds = {"distill_pass": [], "plain_loop": []}
     for r in range(args.rounds):
@@ -99,7 +102,7 @@ def speed(args) -> dict:
         rounds["distill_pass"].append(round(res["tokens_per_second"], 1))
         session, examples, _ = d.start(state)  # the same teacher (cached) and batches
         tok, secs = plain_loop(state.model, session.teacher, examples, args.steps, args.batch,
-                               args.lr, d.seed)
+                               args.lr, d.seed, args.precision)
         state.model.eval()
         rounds["plain_loop"].append(round(tok / secs, 1))
         print(f"round {r + 1}: pass {rounds['distill_pass'][-1]} tok/s, plain "
@@ -107,7 +110,8 @@ def speed(args) -> dict:
     med = {k: statistics.median(v) for k, v in rounds.items()}
     return {"student": f"{MODEL} {PRUNE}", "parameters": params, "prune_seconds": round(prune_s, 1),
             "steps_per_round": args.steps, "batch": args.batch, "seqlen": args.seqlen,
-            "threads": args.threads, "rounds": rounds, "median_tokens_per_second": med,
+            "threads": args.threads, "precision": args.precision, "rounds": rounds,
+            "median_tokens_per_second": med,
             "ratio_pass_over_plain": round(med["distill_pass"] / med["plain_loop"], 3)}
 
 
@@ -190,7 +194,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="row: distill's precision option")
+                    help="speed, row: distill's precision option")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib", type=Path, default=ROOT / "slimgraph/data/wikitext2/calib.txt")
@@ -198,7 +202,7 @@ def main() -> None:
     args = ap.parse_args()
     new = {}
     if args.part in ("speed", "all"):
-        new["speed"] = speed(args)
+        new["speed" if args.precision == "fp32" else f"speed_{args.precision}"] = speed(args)
     if args.part in ("quality", "all"):
         new["quality"] = quality(args)
     if args.part == "row":
