@@ -283,10 +283,11 @@ def dense_unit_scores(model, result: DependencyResult, groups: list[ChannelGroup
     ids = {g.id for g in groups}
     blocks = [b for b in find_blocks(result)
               if any(g.layer == b.layer and g.id in ids for g in groups)]
-    inputs = capture_block_inputs(model, model.get_submodule(blocks[0].module_name), windows,
-                                  batch)
-    out: dict[int, torch.Tensor] = {}
     all_blocks = find_blocks(result)
+    # the walk starts at the first block (not at the first with groups: protect=0)
+    inputs = capture_block_inputs(model, model.get_submodule(all_blocks[0].module_name),
+                                  windows, batch)
+    out: dict[int, torch.Tensor] = {}
     last = max(all_blocks.index(b) for b in blocks)
     for i, blk in enumerate(all_blocks[: last + 1]):
         module = model.get_submodule(blk.module_name)
