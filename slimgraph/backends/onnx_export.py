@@ -38,6 +38,17 @@ TWO_GB = 2 * 1024**3
 # with pruning is far smaller. `export-onnx{opset=18}` is for older runtimes.
 DEFAULT_OPSET = 23
 
+# The stages of an export, as torch's exporter announces them on stdout (a line that
+# starts with the text), then ours; with the share of the time each takes on a LLaMA-type
+# model (SmolLM2 on 2 CPU cores), so that progress and its ETA advance by time, not by
+# count. The exporter gives no finer fraction than its stages.
+EXPORT_STAGES = (("Obtain model graph", "tracing with torch.export", 25),
+                 ("Run decomposition", "decomposing", 35),
+                 ("Translate the graph", "translating to ONNX", 10),
+                 ("Optimize the ONNX graph", "optimizing", 15),
+                 ("", "saving", 5),
+                 ("", "checking with ONNX Runtime", 10))
+
 
 def __getattr__(name: str):
     # LogitsOnly subclasses torch.nn.Module: it lives in slimgraph.backends.logits_only and
@@ -49,12 +60,41 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class ExportStages(io.StringIO):
+    """Where an export is: fed the exporter's stdout, it calls ``progress(done, 100,
+    unit="%", info=STAGE)`` when a stage starts (``done`` = the time share of the stages
+    before); :meth:`enter` marks our own stages (saving, checking)."""
+
+    def __init__(self, progress) -> None:
+        super().__init__()
+        self.progress = progress
+        self.current = -1
+
+    def enter(self, index: int) -> None:
+        if self.progress is None or index <= self.current:
+            return
+        self.current = index
+        done = sum(w for _, _, w in EXPORT_STAGES[:index])
+        self.progress(done, 100, unit="%", info=EXPORT_STAGES[index][1])
+
+    def write(self, text: str) -> int:
+        line = text.strip()
+        for i, (marker, _, _) in enumerate(EXPORT_STAGES):
+            if marker and line.startswith(marker) and not line.endswith("✅"):
+                self.enter(i)
+        return len(text)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(100, 100, unit="%", info="done")
+
+
 def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | None = None,
-                report: dict | None = None) -> Path:
+                report: dict | None = None, stages: ExportStages | None = None) -> Path:
     """Export ``model`` to ``path`` atomically; returns the path. The input gathers of
     ``permute=gather`` linears are written shared and in ONNX Runtime's fast form
     (:func:`~slimgraph.sparsity.onnx_gathers.rewrite_input_gathers`; counts under
-    ``report["gathers"]`` when there are any)."""
+    ``report["gathers"]`` when there are any). ``stages`` is told where the export is."""
     import torch
 
     from slimgraph.backends.logits_only import LogitsOnly
@@ -67,11 +107,15 @@ def export_onnx(model: torch.nn.Module, path: Path, *, vocab: int, opset: int | 
     kwargs = {"opset_version": opset} if opset else {}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = make_temp_dir(path.parent, ".export-")
+    stages = stages or ExportStages(None)
     try:
-        with _quiet():
+        stages.enter(0)
+        with _quiet(stages):
+            # verbose=None: the exporter announces its stages on stdout (read by ``stages``)
             prog = torch.onnx.export(
                 wrapper, (ids,), dynamo=True, dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-                input_names=["input_ids"], output_names=["logits"], verbose=False, **kwargs)
+                input_names=["input_ids"], output_names=["logits"], verbose=None, **kwargs)
+        stages.enter(4)
         batch_rotary_caches(prog.model)
         gathers = rewrite_input_gathers(prog.model)
         if report is not None and gathers["gathers"]:
@@ -189,14 +233,15 @@ def ort_smoke_test(path: Path, *, vocab: int, seq: int = 13) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The exporter prints progress and warnings; keep the CLI output readable."""
+def _quiet(stdout: io.StringIO | None = None):
+    """The exporter prints progress and warnings; keep the CLI output readable (its stdout
+    goes to ``stdout``, by default nowhere)."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdout or io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -24,6 +24,8 @@ class TorchModel:
     label = "PyTorch"
     trains = True
     observes_blocks = True
+    observes_dense_stream = True
+    scores_hidden_channels = True
     no_groups_hint = ""
     exports_with_opset = True
 
@@ -68,6 +70,22 @@ class TorchModel:
                         pass_name: str) -> None:
         self.check_input(state, pass_name)
 
+    def block_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                       batch: int) -> Any:
+        """Hooks on the decoder blocks' modules (:class:`~slimgraph.structured.torch_blocks.
+        TorchBlocks`)."""
+        from slimgraph.structured.torch_blocks import TorchBlocks
+
+        return TorchBlocks(state.model, analysis, windows, batch=batch)
+
+    def activation_scores(self, state: CompileState, groups: list[Any], windows: Any,
+                          batch: int) -> dict[int, Any]:
+        """One run of the whole model per batch, every linear's inputs seen by hooks."""
+        from slimgraph.structured.importance import activation_scorer
+
+        score_of = activation_scorer(state.model, state.graph, windows.split(batch))
+        return {g.id: score_of(g) for g in groups}
+
     def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
         from slimgraph.sparsity.block_prune import torch_claims
 
@@ -95,16 +113,19 @@ class TorchModel:
         with the tokenizer next to it; the report."""
         import onnx
 
-        from slimgraph.backends.onnx_export import (compare_with_torch, export_onnx,
-                                                    onnx_bytes, save_tokenizer)
+        from slimgraph.backends.onnx_export import (ExportStages, compare_with_torch,
+                                                    export_onnx, onnx_bytes, save_tokenizer)
         from slimgraph.errors import SlimgraphError
 
         vocab = int(getattr(state.loaded.config, "vocab_size", 2) or 2)
         report: dict[str, Any] = {}
-        path = export_onnx(state.model, path, vocab=vocab, opset=opset or None, report=report)
+        stages = ExportStages(state.progress)
+        path = export_onnx(state.model, path, vocab=vocab, opset=opset or None, report=report,
+                           stages=stages)
         onnx.checker.check_model(str(path))
         report.update(file=str(path), bytes=onnx_bytes(path))
         if check:
+            stages.enter(5)
             cmp = compare_with_torch(state.model, path, vocab=vocab)
             report["ort_vs_torch"] = cmp
             if not cmp["finite"]:
@@ -116,6 +137,7 @@ class TorchModel:
         state.files.append(str(path))
         if state.loaded.tokenizer is not None:
             save_tokenizer(state.loaded.tokenizer, state.out_dir, state)
+        stages.finish()
         return report
 
     def sparsify(self, pss: Sparsify, state: CompileState) -> dict[str, Any]:

@@ -44,7 +44,8 @@ class ExportTRT(Pass):
     def run(self, state: CompileState) -> PassResult:
         import torch
 
-        from slimgraph.backends.onnx_export import compare_with_torch, export_onnx, save_tokenizer
+        from slimgraph.backends.onnx_export import (ExportStages, compare_with_torch,
+                                                    export_onnx, save_tokenizer)
         from slimgraph.sparsity.check import check_onnx
         from slimgraph.sparsity.masks import parse_pattern
 
@@ -53,11 +54,15 @@ class ExportTRT(Pass):
         if self.fp16:
             model = copy.deepcopy(model).to(torch.float16)
         report: dict = {}
-        path = export_onnx(model, state.out_dir / self.filename, vocab=vocab, report=report)
+        stages = ExportStages(state.progress)
+        path = export_onnx(model, state.out_dir / self.filename, vocab=vocab, report=report,
+                           stages=stages)
         report.update(file=str(path), fp16=self.fp16)
         if not self.fp16:  # ONNX Runtime's CPU kernels are fp32; TensorRT consumes the fp16 file
+            stages.enter(5)
             report["ort_vs_torch"] = compare_with_torch(model, path, vocab=vocab)
         check = check_onnx(path, parse_pattern(self.pattern))
+        stages.finish()
         report["check"] = {"ok": check.ok, **check.summary()}
         report["layers"] = [{"name": lyr.name, "status": lyr.status, "shape": lyr.shape,
                              "trt_sparse": lyr.trt_sparse, "why_not": lyr.trt_reason}

@@ -146,3 +146,24 @@ def test_export_onnx_dynamic_axes_match_torch(tmp_path, opset):
         with torch.no_grad():
             ref = m(input_ids=ids, use_cache=False).logits.numpy()
         assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+
+
+def test_export_reports_its_stages_in_order_with_a_time_share(tmp_path):
+    """export-onnx has no fraction from the exporter: it reports the exporter's stages
+    (read from its stdout) and ours, in order, as a share of the time, ending at 100%."""
+    from slimgraph.backends.onnx_export import EXPORT_STAGES
+    from slimgraph.models.torch_model import TorchModel
+
+    seen = []
+    state = SimpleNamespace(model=zoo.build("llama", seed=0).eval(), files=[], out_dir=tmp_path,
+                            loaded=SimpleNamespace(config=SimpleNamespace(vocab_size=zoo.VOCAB),
+                                                   tokenizer=None),
+                            progress=lambda done, total, **kw: seen.append((done, total, kw)))
+    report = TorchModel().write_onnx(state, tmp_path / "model.onnx", opset=23, check=True,
+                                     tolerance=1e-4)
+    assert report["ort_vs_torch"]["rel_error"] < 1e-4
+    infos = [kw["info"] for _, _, kw in seen]
+    assert infos == [label for _, label, _ in EXPORT_STAGES] + ["done"], infos
+    dones = [d for d, _, _ in seen]
+    assert dones == sorted(dones) and dones[0] == 0 and dones[-1] == 100
+    assert all(t == 100 and kw["unit"] == "%" for _, t, kw in seen)
