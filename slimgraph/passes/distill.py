@@ -100,13 +100,13 @@ def check_teacher(teacher: torch.nn.Module, student: torch.nn.Module, pass_name:
                                 "were removed); the hidden-state loss needs equal sizes")
 
 
-def self_examples(tokenizer, teacher, seqlen: int, samples: int, seed: int):
+def self_examples(tokenizer, teacher, seqlen: int, samples: int, seed: int, progress=None):
     """Data-free training text: sequences sampled from the teacher, cut into windows."""
     from slimgraph.l0.data import Example
     from slimgraph.sparsity.calibration import calibration_tokens
 
     tokens = calibration_tokens(tokenizer, "self", teacher, seqlen=seqlen, samples=samples,
-                                seed=seed)
+                                seed=seed, progress=progress)
     windows = [tokens[i:i + seqlen] for i in range(0, len(tokens) - 1, seqlen)]
     return [Example(list(w), list(w)) for w in windows if len(w) >= 2]
 
@@ -207,7 +207,7 @@ class Distill(Pass):
         data = self._data(state)
         if data == "self":
             return self_examples(state.loaded.tokenizer, teacher, self.seqlen, self.samples,
-                                 self.seed)
+                                 self.seed, state.progress)
         return load_examples(state.loaded.tokenizer, data, "", self.seqlen, self.name)
 
     def lora_targets(self, model: torch.nn.Module) -> list[str]:

@@ -275,7 +275,7 @@ class Sparsify(Pass):
             return samples, seqlen, source, None
         tokens = calibration_tokens(state.kind.tokenizer(state), source,
                                     state.kind.sampling_model(state), seqlen=seqlen,
-                                    samples=samples, seed=self.seed)
+                                    samples=samples, seed=self.seed, progress=state.progress)
         return samples, seqlen, source, sample_windows(tokens, samples, seqlen, self.seed)
 
     def run(self, state: CompileState) -> PassResult:

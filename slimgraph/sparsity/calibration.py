@@ -74,12 +74,14 @@ def _alpaca_texts(path: Path) -> list[str]:
 
 
 def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int = 512,
-                       samples: int = 64, seed: int = 0) -> list[int]:
-    """All calibration tokens of a source, tokenized without special tokens."""
+                       samples: int = 64, seed: int = 0, progress=None) -> list[int]:
+    """All calibration tokens of a source, tokenized without special tokens. ``self``:
+    ``samples`` sequences of ``seqlen`` tokens sampled from ``model`` (``progress(done,
+    total, unit="tokens")`` is told how far the generation is)."""
     if str(source) == "self":
         if model is None:
             raise CalibrationError("calibration source 'self' needs the model")
-        return _self_generated(model, tokenizer, seqlen, samples, seed)
+        return self_generated(model, tokenizer, seqlen, samples, seed, progress)
     path = Path(source)
     if not path.is_file():
         raise CalibrationError(f"calibration file '{path}' does not exist")
@@ -90,17 +92,39 @@ def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _self_generated(model, tokenizer, seqlen, samples, seed) -> list[int]:
-    """Data-free calibration: sequences sampled from the model itself (KV-cached)."""
+SELF_BATCH = 32  # sequences generated at a time (one KV cache each)
+
+
+def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
+                   progress=None) -> list[int]:
+    """Data-free calibration: ``samples`` sequences of ``seqlen + 2`` tokens sampled from
+    the model itself (from its BOS token, temperature 1, no top-k / top-p), generated
+    ``SELF_BATCH`` at a time with a KV cache; their tokens after BOS, concatenated."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    total = samples * (seqlen + 2)
+    done = [0]
+
+    class Report(StoppingCriteria):  # never stops generation: counts its tokens
+        def __call__(self, input_ids, scores, **kwargs):
+            done[0] += input_ids.shape[0]
+            if progress is not None:
+                progress(done[0], total, unit="tokens", info="generating calibration text")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     torch.manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    n_seq = max(1, min(samples, 8))
-    ids = torch.full((n_seq, 1), start, dtype=torch.long)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             do_sample=True, top_k=0, top_p=1.0, max_new_tokens=seqlen + 2,
-                             min_new_tokens=seqlen + 2, pad_token_id=start)
-    return out[:, 1:].reshape(-1).tolist()
+    out = []
+    for first in range(0, samples, SELF_BATCH):
+        n_seq = min(SELF_BATCH, samples - first)
+        ids = torch.full((n_seq, 1), start, dtype=torch.long)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 do_sample=True, top_k=0, top_p=1.0, max_new_tokens=seqlen + 2,
+                                 min_new_tokens=seqlen + 2, pad_token_id=start,
+                                 stopping_criteria=StoppingCriteriaList([Report()]))
+        out.append(gen[:, 1:])
+    return torch.cat(out).reshape(-1).tolist()
 
 
 def sample_windows(tokens: list[int], samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
