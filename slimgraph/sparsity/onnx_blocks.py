@@ -204,7 +204,7 @@ def segment_model(model: ir.Model, inputs: list[str], outputs: list[str]) -> ir.
                     functions=list(model.functions.values()))
 
 
-class _Runner:
+class SegmentRunner:
     """Saves segment models under one temporary directory and runs them in ORT."""
 
     def __init__(self, model: ir.Model, tmp_parent: Path | None):
@@ -227,6 +227,56 @@ class _Runner:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class SegmentWalk:
+    """What a block-sequential walk over ``segments`` needs between layers: the
+    calibration batches of ``windows`` and, per *stream* (a list with one dict per batch:
+    crossing tensor name -> array), the tensors that cross into later segments. A stream
+    starts empty (:meth:`new_stream`); :meth:`activations` runs a segment model on it and
+    :meth:`propagate` moves it past a segment (with the weights as they are then)."""
+
+    def __init__(self, model: ir.Model, segments: list[Segment], windows: torch.Tensor, *,
+                 batch: int = 8, tmp_parent: Path | None = None) -> None:
+        self.runner = SegmentRunner(model, tmp_parent)
+        try:
+            self.chunks = list(batches(GraphInputs(model.graph), windows, batch))
+        except BaseException:
+            self.runner.close()
+            raise
+        self.last_use = {n: k for s in segments for n, k in s.last_use.items()}
+
+    def new_stream(self) -> list[dict[str, np.ndarray]]:
+        """The crossing tensors before the first segment: none."""
+        return [{} for _ in self.chunks]
+
+    def activations(self, s: Segment, names: list[str], stream: list[dict[str, np.ndarray]]):
+        """Per calibration batch, ``{name: array}`` for the activations ``names`` of
+        segment ``s`` (computed by one segment model from the batch's tokens and the
+        crossing tensors in ``stream``; a crossing tensor itself is taken from there)."""
+        want = [x for x in names if x not in s.inputs]
+        sess = self.runner.session(s.inputs, want) if want else None
+        for chunk, keep in zip(self.chunks, stream, strict=True):
+            outs = dict(zip(want, sess.run(want, segment_feeds(sess, chunk, keep, s.inputs)),
+                            strict=True)) if sess is not None else {}
+            yield {name: outs[name] if name in outs else keep[name] for name in names}
+
+    def propagate(self, s: Segment, stream: list[dict[str, np.ndarray]]) -> None:
+        """Move ``stream`` past segment ``s``: add what ``s`` computes for later segments,
+        drop what no later segment reads."""
+        if s.outputs:
+            sess = self.runner.session(s.inputs, s.outputs)
+            for chunk, keep in zip(self.chunks, stream, strict=True):
+                keep.update(zip(s.outputs, sess.run(s.outputs, segment_feeds(sess, chunk, keep,
+                                                                              s.inputs)),
+                                strict=True))
+            del sess
+        for keep in stream:
+            for name in [n for n in keep if self.last_use[n] <= s.layer]:
+                del keep[name]
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: torch.Tensor,
                           prune_layer: Callable[[Segment, dict[str, GramAccumulator]], None], *,
                           hessian: bool = False, batch: int = 8, tmp_parent: Path | None = None,
@@ -237,39 +287,23 @@ def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: tor
     matrix too with ``hessian``), shared by targets that read the same activations."""
     from slimgraph.sparsity.reconstruct import GramAccumulator
 
-    runner = _Runner(model, tmp_parent)
+    walk = SegmentWalk(model, segments, windows, batch=batch, tmp_parent=tmp_parent)
     try:
-        chunks = list(batches(_GraphInputs(model.graph), windows, batch))
-        last_use = {n: k for s in segments for n, k in s.last_use.items()}
-        stored: list[dict[str, np.ndarray]] = [{} for _ in chunks]
+        stored = walk.new_stream()
         for i, s in enumerate(segments):
-            want = [x for x in s.observe if x not in s.inputs]
-            sess = runner.session(s.inputs, want) if want else None
             accs = {tuple(t.inputs): GramAccumulator(t.in_features, hessian=hessian)
                     for t in s.targets}
-            for chunk, keep in zip(chunks, stored, strict=True):
-                outs = dict(zip(want, sess.run(want, _feeds(sess, chunk, keep, s.inputs)),
-                                strict=True)) if sess is not None else {}
+            for acts in walk.activations(s, s.observe, stored):
                 for names, acc in accs.items():
                     for name in names:
-                        observe(acc, name, outs[name] if name in outs else keep[name])
-            del sess
+                        observe(acc, name, acts[name])
             prune_layer(s, {t.name: accs[tuple(t.inputs)] for t in s.targets})
             del accs
-            if s.outputs:
-                sess = runner.session(s.inputs, s.outputs)
-                for chunk, keep in zip(chunks, stored, strict=True):
-                    keep.update(zip(s.outputs, sess.run(s.outputs, _feeds(sess, chunk, keep,
-                                                                             s.inputs)),
-                                    strict=True))
-                del sess
-            for keep in stored:  # drop what no later segment reads
-                for name in [n for n in keep if last_use[n] <= s.layer]:
-                    del keep[name]
+            walk.propagate(s, stored)
             if progress:
                 progress(i + 1, len(segments), "blocks")
     finally:
-        runner.close()
+        walk.close()
 
 
 def observe(acc: GramAccumulator, name: str, arr: np.ndarray) -> None:
@@ -302,7 +336,7 @@ def batches(sess, windows: torch.Tensor, batch: int):
         yield ids[i : i + batch]
 
 
-def _feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[str]
+def segment_feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[str]
            ) -> dict[str, np.ndarray]:
     """The token feeds (ids, mask, positions) of the segment model plus its crossing
     inputs for this batch."""
@@ -313,7 +347,7 @@ def _feeds(sess, chunk: np.ndarray, keep: dict[str, np.ndarray], inputs: list[st
     return feeds
 
 
-class _GraphInputs:
+class GraphInputs:
     """The model's inputs in the shape of ``InferenceSession.get_inputs()`` (name, shape)
     for :func:`batches`, without building a session."""
 
