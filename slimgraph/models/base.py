@@ -26,6 +26,12 @@ class ModelKind(Protocol):
     #: True when structured pruning can observe blocks on calibration data (activation /
     #: OBS importance, the least-squares refit), so reconstruction is on by default
     observes_blocks: bool
+    #: True when the block walk of structured pruning can also carry the dense model's
+    #: hidden states beside the pruned ones (``refit_to=dense|residual``)
+    observes_dense_stream: bool
+    #: True when activation-aware scores can be computed for every channel group,
+    #: hidden channels (read by every layer and the LM head) included
+    scores_hidden_channels: bool
     #: appended to "nothing to prune" errors: why groups may be missing on this kind
     no_groups_hint: str
     #: True when ``export-onnx`` exports at a chosen opset (False: the model keeps its own)
@@ -61,6 +67,18 @@ class ModelKind(Protocol):
     def write_onnx(self, state: CompileState, path: Path, *, opset: int, check: bool,
                    tolerance: float) -> dict[str, Any]:
         """``export-onnx``: write the model to ``path`` and check it; the report."""
+
+    def block_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                       batch: int) -> Any:
+        """The decoder blocks on calibration ``windows`` for calibrated structured removal
+        (a :class:`~slimgraph.structured.observer.BlockObserver`; close it after use);
+        :class:`~slimgraph.structured.observer.ObserverError` when they cannot be
+        observed."""
+
+    def activation_scores(self, state: CompileState, groups: list[Any], windows: Any,
+                          batch: int) -> dict[int, Any]:
+        """``importance=act`` without the block walk: per group id, every unit's score
+        from the dense model's activations on ``windows``."""
 
     def sparsify(self, pss: Any, state: CompileState) -> dict[str, Any]:
         """``sparsify`` block by block on this kind; the pass's report."""

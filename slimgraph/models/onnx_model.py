@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 class OnnxModel:
     label = "ONNX"
     trains = False
-    observes_blocks = False
+    observes_blocks = True
+    observes_dense_stream = False
+    scores_hidden_channels = False
     no_groups_hint = ("; on ONNX input, groups are tracked exactly on files exported with "
                       "static shapes (dynamic batch/sequence axes can hide head counts and "
                       "channels behind run-time shape arithmetic; see slimgraph inspect "
@@ -82,6 +84,43 @@ class OnnxModel:
 
         if selection:
             check_selection(state.analysis(), selection, pass_name)
+
+    def block_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                       batch: int) -> Any:
+        """One segment model per decoder layer, run in ONNX Runtime
+        (:class:`~slimgraph.structured.onnx_observer.OnnxBlocks`); the weights it changes
+        are the model's in memory, so the model no longer is the input file."""
+        from slimgraph.sparsity.onnx_blocks import SegmentError
+        from slimgraph.structured.observer import ObserverError
+        from slimgraph.structured.onnx_observer import OnnxBlocks
+
+        try:
+            observer = OnnxBlocks(state.graph.onnx_model, analysis, windows, batch=batch,
+                                  tmp_parent=state.out_dir)
+        except SegmentError as e:
+            raise ObserverError(f"calibration runs one decoder layer at a time and the ONNX "
+                                f"graph cannot be cut into layers ({e})") from None
+        state.graph.onnx_modified = True
+        return observer
+
+    def activation_scores(self, state: CompileState, groups: list[Any], windows: Any,
+                          batch: int) -> dict[int, Any]:
+        """One dense pass over the decoder layers (ONNX Runtime, a segment model per
+        layer), each layer's readers of the groups' channels observed; the groups of one
+        layer (heads, qheads, mlp), not hidden channels."""
+        from slimgraph.structured.recovery import dense_unit_scores
+
+        hidden = [g for g in groups if g.layer is None]
+        if hidden:
+            raise PipelineError(f"activation scores of {hidden[0].kind} channels need the whole "
+                                "PyTorch model")
+        modified = state.graph.onnx_modified
+        observer = self.block_observer(state, state.analysis(), windows, batch)
+        try:
+            return dense_unit_scores(observer, groups, "act", progress=state.progress)
+        finally:
+            observer.close()
+            state.graph.onnx_modified = modified  # observed, not changed
 
     def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
         from slimgraph.sparsity.onnx_targets import claimed_weights

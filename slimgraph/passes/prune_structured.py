@@ -62,8 +62,14 @@ The units themselves are then chosen in the walk as above. Not with ``round_to``
 ONNX input (``compile model.onnx -p "prune-structured{mlp=0.5},export-onnx"``): heads,
 mlp and hidden units are removed from the ONNX model in memory
 (``slimgraph.structured.onnx_removal``: initializers sliced through the handles, shape
-constants rewritten, means and norms over hidden channels corrected, shapes re-checked);
-``importance=act|obs`` and ``reconstruct=true`` are refused (they run the PyTorch model).
+constants rewritten, means and norms over hidden channels corrected, shapes re-checked).
+The calibrated parts -- act / obs, the refit, global allocation -- run through the model
+kind's block observer (``state.kind.block_observer``; ``structured/observer.py``), on ONNX
+input one segment model per decoder layer in ONNX Runtime, with the tokenizer found beside
+the file. What a kind cannot observe is refused by option: on ONNX input
+``refit_to=dense|residual`` and act / obs for hidden channels. Where the blocks cannot be
+observed (an ONNX graph that cannot be cut into layers), the default refit of l1 / l2
+removal is left out and the report's ``reconstruct.note`` says why.
 """
 
 from __future__ import annotations
@@ -181,14 +187,37 @@ class PruneStructured(Pass):
         state.kind.check_input(state, self.name)
         if not state.kind.observes_blocks:
             self._refuse_observation(state)
+        self._refuse_by_capability(state)
         if self.ratios().get("heads") or self.ratios().get("qheads"):
             state.kind.check_head_removal(state, self.name)
-        if self.uses_data(state) and state.loaded.tokenizer is None and \
-                (state.calib.get("file") or "self") != "self":
-            why = f"importance={self.importance}" if self.importance in ("act", "obs") else \
-                "reconstruct=true"
-            raise PipelineError(f"pass '{self.name}': {why} needs calibration data "
-                                "and the model has no tokenizer")
+        source = state.calib.get("file") or "self"
+        if self.uses_data(state) and source != "self" and state.kind.tokenizer(state) is None:
+            raise PipelineError(f"pass '{self.name}': {self._data_use()} needs calibration data "
+                                f"and {state.kind.missing_tokenizer(state)}")
+        if self.uses_data(state) and source == "self" and \
+                state.kind.sampling_model(state) is None:
+            raise PipelineError(f"pass '{self.name}': {self._data_use()} needs calibration data; "
+                                f"text sampled from the model (self) needs the PyTorch model: "
+                                "give a calibration file (--calib-file)")
+
+    def _data_use(self) -> str:
+        return f"importance={self.importance}" if self.importance in ("act", "obs") else \
+            "reconstruct=true"
+
+    def _refuse_by_capability(self, state: CompileState) -> None:
+        """What this model kind's block walk cannot do, refused by option."""
+        kind = state.kind.label
+        if self.refit_to != "pruned" and not state.kind.observes_dense_stream:
+            raise self.option_error("refit_to", f"'{self.refit_to}' carries the dense model's "
+                                    "hidden states beside the pruned ones; it is not supported "
+                                    f"for {kind} input (use refit_to=pruned)")
+        if self.importance in ("act", "obs") and self.ratios().get("hidden") and \
+                not state.kind.scores_hidden_channels:
+            raise self.option_error("importance", f"'{self.importance}' for hidden channels "
+                                    "observes every layer and the LM head in one run of the "
+                                    f"PyTorch model; it is not supported for {kind} input "
+                                    "(use l1 or l2 with hidden=, or remove hidden channels in "
+                                    "a pass of their own)")
 
     def reconstructs(self, state: CompileState) -> bool:
         """``reconstruct`` as given, else on whenever the pass has calibration data
@@ -203,8 +232,9 @@ class PruneStructured(Pass):
             return True
         # a calibration text needs a tokenizer to be data ('self' samples from the model)
         source = state.calib.get("file") or "self"
-        return bool(state.calib.get("file")) and (source == "self" or
-                                                  state.loaded.tokenizer is not None)
+        if source == "self":
+            return bool(state.calib.get("file")) and state.kind.sampling_model(state) is not None
+        return bool(state.calib.get("file")) and state.kind.tokenizer(state) is not None
 
     def uses_data(self, state: CompileState) -> bool:
         return self.importance in ("act", "obs") or self.reconstructs(state)
@@ -235,24 +265,36 @@ class PruneStructured(Pass):
             raise
         by_id = {g.id: g for g in result.groups}
         windows = self._windows(state) if counts and self.uses_data(state) else None
-        if counts and self.allocation == "global":
-            counts = self._global_counts(state, result, counts, windows, ratios)
         walk = self.reconstructs(state) or self.importance == "obs"
-        later = {gid: n for gid, n in counts.items() if walk and by_id[gid].kind in BLOCK_KINDS}
-        walk = bool(later)
-        selection: dict[int, list[int]] = {}
-        now = {gid: n for gid, n in counts.items() if gid not in later}
-        score_of = self._scorer(state, windows) if now else None
-        for gid, n in now.items():
-            selection[gid] = choose(score_of(by_id[gid]), n)
-        report = {"skipped": skipped, "importance": self.importance,
-                  "allocation": self.allocation}
-        if params_plan:
-            report["params_target"] = params_plan
-        if walk:
-            report["reconstruct"] = self._walk(state, result, later, selection, windows)
-        else:
-            report["reconstruct"] = {"enabled": False}
+        blocks = any(by_id[gid].kind in BLOCK_KINDS for gid in counts)
+        observer, note = None, None
+        if blocks and (walk or (self.allocation == "global" and
+                                self.importance in ("act", "obs"))):
+            observer, note = self._observer(state, result, windows)
+            walk = walk and observer is not None
+        try:
+            if counts and self.allocation == "global":
+                counts = self._global_counts(state, result, counts, windows, ratios, observer)
+            later = {gid: n for gid, n in counts.items()
+                     if walk and by_id[gid].kind in BLOCK_KINDS}
+            walk = bool(later)
+            selection: dict[int, list[int]] = {}
+            now = {gid: n for gid, n in counts.items() if gid not in later}
+            scores = self._scores(state, [by_id[gid] for gid in now], windows) if now else {}
+            for gid, n in now.items():
+                selection[gid] = choose(scores[gid], n)
+            report = {"skipped": skipped, "importance": self.importance,
+                      "allocation": self.allocation}
+            if params_plan:
+                report["params_target"] = params_plan
+            if walk:
+                report["reconstruct"] = self._walk(state, result, later, selection, windows,
+                                                   observer)
+            else:
+                report["reconstruct"] = {"enabled": False, **({"note": note} if note else {})}
+        finally:
+            if observer is not None:
+                observer.close()
         report["selected_units"] = {str(k): v for k, v in sorted(selection.items())}
         if not selection:
             return PassResult(False, report)
@@ -289,8 +331,9 @@ class PruneStructured(Pass):
 
         samples = self.samples_used(state)
         source = state.calib.get("file") or "self"
-        tokens = calibration_tokens(state.loaded.tokenizer, source, state.model,
-                                    seqlen=self.seqlen, samples=samples)
+        tokens = calibration_tokens(state.kind.tokenizer(state), source,
+                                    state.kind.sampling_model(state), seqlen=self.seqlen,
+                                    samples=samples)
         return sample_windows(tokens, samples, self.seqlen, 0)
 
     def samples_used(self, state: CompileState) -> int:
@@ -302,18 +345,30 @@ class PruneStructured(Pass):
             return state.calib.get("samples", 64)
         return 16
 
-    def _scorer(self, state: CompileState, windows):
+    def _observer(self, state: CompileState, result, windows):
+        """The model kind's block observer, and None with a note for the report where the
+        blocks cannot be observed and nothing asked for it explicitly (the default refit
+        of l1/l2 removal is then left out); else that is an error."""
+        from slimgraph.structured.observer import ObserverError
+
+        try:
+            return state.kind.block_observer(state, result, windows, self.batch), None
+        except ObserverError as e:
+            if self.reconstruct is None and self.importance in ("l1", "l2"):
+                return None, f"no refit: {e}"
+            raise PipelineError(f"pass '{self.name}': {self._data_use()}: {e}") from None
+
+    def _scores(self, state: CompileState, groups: list, windows) -> dict:
+        """Per group id, its units' scores when chosen outside the block walk."""
         from slimgraph.structured.importance import group_importance
 
         if self.importance in ("l1", "l2"):
-            return lambda g: group_importance(state.graph, g, self.importance)
-        from slimgraph.structured.importance import activation_scorer
-
+            return {g.id: group_importance(state.graph, g, self.importance) for g in groups}
         # hidden channels with obs: scored by activation energy (obs is per block)
-        return activation_scorer(state.model, state.graph, windows.split(self.batch))
+        return state.kind.activation_scores(state, groups, windows, self.batch)
 
     def _global_counts(self, state, result, counts: dict[int, int], windows,
-                       ratios: dict[str, float]) -> dict[int, int]:
+                       ratios: dict[str, float], observer) -> dict[int, int]:
         from slimgraph.structured.recovery import BLOCK_KINDS, dense_unit_scores
         from slimgraph.structured.selection import global_counts
 
@@ -321,14 +376,14 @@ class PruneStructured(Pass):
         groups = [by_id[gid] for gid in counts]
         scores = {}
         block_groups = [g for g in groups if g.kind in BLOCK_KINDS]
-        if block_groups:
-            scores.update(dense_unit_scores(state.model, result, block_groups, self.importance,
-                                            windows, batch=self.batch, damp=self.damp,
-                                            progress=state.progress))
+        if block_groups and self.importance in ("l1", "l2"):
+            scores.update(self._scores(state, block_groups, windows))
+        elif block_groups:
+            scores.update(dense_unit_scores(observer, block_groups, self.importance,
+                                            damp=self.damp, progress=state.progress))
         rest = [g for g in groups if g.kind not in BLOCK_KINDS]
         if rest:
-            score_of = self._scorer(state, windows)
-            scores.update({g.id: score_of(g) for g in rest})
+            scores.update(self._scores(state, rest, windows))
         out = {}
         for kind in {g.kind for g in groups}:
             ratio = ratios[kind]
@@ -340,11 +395,11 @@ class PruneStructured(Pass):
         return out
 
     def _walk(self, state, result, counts: dict[int, int], selection: dict[int, list[int]],
-              windows) -> dict:
-        """Block-sequential choice (and refit) of the heads / qheads / mlp units; the units
-        chosen before (hidden) are masked first, so the blocks see the masked model."""
-        from slimgraph.sparsity.calibration import block_sequential
-        from slimgraph.structured.recovery import BlockRemover
+              windows, observer) -> dict:
+        """Block-sequential choice (and refit) of the heads / qheads / mlp units on the
+        model kind's block ``observer``; the units chosen before (hidden) are masked
+        first, so the blocks see the masked model."""
+        from slimgraph.structured.recovery import BlockRemover, walk_blocks
         from slimgraph.structured.removal import mask_units
 
         reconstruct = self.reconstructs(state)
@@ -352,9 +407,8 @@ class PruneStructured(Pass):
             mask_units(result, selection)
         remover = BlockRemover(result, counts, self.importance, reconstruct=reconstruct,
                                damp=self.damp, obs_steps=self.obs_steps,
-                               target=self.refit_to)
-        block_sequential(state.model, result, windows, remover, batch=self.batch,
-                         progress=state.progress)
+                               target=self.refit_to, observer=observer)
+        walk_blocks(observer, remover.visit, progress=state.progress)
         selection.update(remover.selection)
         by_id = {g.id: g for g in result.groups}
         hidden = [gid for gid in selection if by_id[gid].kind == "hidden"]

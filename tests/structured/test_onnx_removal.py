@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import warnings
 
 import numpy as np
@@ -215,10 +216,28 @@ def test_cli_dynamic_axes_mlp(files, tmp_path):
     assert [d.dim_param for d in inp] == ["batch", "seq"]
 
 
+@pytest.mark.parametrize("options", ["mlp=0.5,importance=act", "mlp=0.5,reconstruct=true",
+                                     "mlp=0.5,allocation=global"])
+def test_calibrated_options_run_on_onnx_input(files, tmp_path, options):
+    """importance=act, the refit and global allocation run on ONNX input (calibration in
+    ONNX Runtime, one segment model per layer; test_onnx_recovery.py compares them with
+    the PyTorch path); the static export's tokenizer is put beside a copy of it."""
+    from tests.zoo import tiny_text, tiny_tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(files["llama"].parent, src)
+    tiny_tokenizer().save_pretrained(src)
+    (tmp_path / "calib.txt").write_text(tiny_text(1000, seed=1))
+    out = tmp_path / "out"
+    assert main(["compile", str(src / "model.onnx"), "-p", f"prune-structured{{{options},"
+                 f"samples=4,seqlen={SEQ}}},export-onnx", "-o", str(out), "--calib-file",
+                 str(tmp_path / "calib.txt")]) == 0
+    rep = json.loads((out / "report.json").read_text())["passes"][0]["report"]
+    assert rep["reconstruct"]["enabled"] is True  # the default with calibration text
+    assert _ort(out / "model.onnx", _ids()).shape == (1, SEQ, zoo.VOCAB)
+
+
 @pytest.mark.parametrize("name,pipeline,needle", [
-    ("llama", "prune-structured{mlp=0.5,importance=act}", "option 'importance'"),
-    ("llama", "prune-structured{mlp=0.5,reconstruct=true}", "option 'reconstruct'"),
-    ("llama", "prune-structured{mlp=0.5,allocation=global}", "option 'allocation'"),
     ("llama", "prune-structured{mlp=0.5,refit_to=dense}", "option 'refit_to'"),
 ])
 def test_unsupported_is_refused_before_anything_is_written(files, tmp_path, capsys, name,

@@ -1,0 +1,109 @@
+"""What calibrated structured removal asks of a model kind: a *block observer*.
+
+The block walk of :mod:`slimgraph.structured.recovery` (choose, mask and refit the units
+of one decoder block at a time, each block seen on the outputs of the blocks already
+pruned) is written once, against this small interface; each model kind implements it:
+
+- :class:`~slimgraph.structured.torch_blocks.TorchBlocks` -- a PyTorch model: the inputs
+  of block 0 captured by a hook, the blocks run as modules, the linears' inputs seen by
+  forward hooks (``sparsity/calibration.py``);
+- :class:`~slimgraph.structured.onnx_observer.OnnxBlocks` -- an ONNX model: the graph cut
+  into one segment model per layer and run in ONNX Runtime (``sparsity/onnx_blocks.py``).
+
+*Inputs* are whatever the kind carries from block to block (the hidden states of every
+calibration batch); the walk only hands them back. Weights are read and written through
+the graph's parameter handles, which both kinds have, as ``[out, in]`` matrices.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from slimgraph.errors import PipelineError
+from slimgraph.ir.graph import OpKind
+
+if TYPE_CHECKING:
+    from slimgraph.ir.blocks import Block
+    from slimgraph.ir.dependency import DependencyResult
+
+
+class ObserverError(PipelineError):
+    """The model's decoder blocks cannot be observed one at a time (say, an ONNX graph
+    that cannot be cut into layers)."""
+
+
+def linear_inputs(result: DependencyResult) -> dict[str, int]:
+    """Weight name -> the dim of that weight that is the linear's input."""
+    return {n.inputs[1].name: n.attrs["w_in"] for n in result.graph.nodes
+            if n.kind is OpKind.LINEAR}
+
+
+class BlockObserver:
+    """One model's decoder blocks on calibration data (see the module docstring).
+
+    A subclass sets ``blocks`` (the decoder blocks in the order of the residual stream)
+    and implements :meth:`first_inputs`, :meth:`grams` and :meth:`propagate`;
+    ``pairs`` is True when it also implements :meth:`observe_pair` (``refit_to=dense`` and
+    ``residual``)."""
+
+    pairs = False
+
+    def __init__(self, result: DependencyResult) -> None:
+        self.result = result
+        self.w_in = linear_inputs(result)
+        self.blocks: list[Block] = []
+
+    # -- calibration --------------------------------------------------------------------
+
+    def first_inputs(self) -> Any:
+        """The inputs of the first block, for every calibration batch."""
+        raise NotImplementedError
+
+    def grams(self, block: Block, inputs: Any, params: set[str], *, advance: bool = False
+              ) -> tuple[dict[str, torch.Tensor], Any]:
+        """Run ``block`` on ``inputs`` and return, per weight name in ``params`` (linears
+        of the block), the Gram matrix of that linear's inputs ``(2/N) Σ x xᵀ`` (float64,
+        sums of float32 products as :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`
+        keeps them) -- and with ``advance`` the block's outputs as the next block's inputs
+        (from the same weights), else None."""
+        raise NotImplementedError
+
+    def propagate(self, block: Block, inputs: Any) -> Any:
+        """The next block's inputs: ``block`` run (with its weights as they are now) on
+        ``inputs``; ``inputs`` may be reused for them."""
+        raise NotImplementedError
+
+    def observe_pair(self, block: Block, dense_inputs: Any, inputs: Any, params: set[str],
+                     residual: str | None) -> dict[str, dict]:
+        """``refit_to=dense|residual``: the statistics of :func:`~slimgraph.structured.
+        torch_blocks.observe_pair` by weight name; ``dense_inputs`` is advanced past the
+        block."""
+        raise NotImplementedError("this model kind does not observe dense and pruned "
+                                  "streams side by side")
+
+    def finished(self, block: Block) -> None:
+        """Called once the walk is past ``block``."""
+
+    def close(self) -> None:
+        """Free what the observer holds (temporary files)."""
+
+    # -- weights ------------------------------------------------------------------------
+
+    def read(self, param: str) -> torch.Tensor:
+        """The weight ``param`` as ``[out, in]`` float64 (a new tensor)."""
+        w = self.result.graph.params[param].param.read().to(torch.float64)
+        return w.T.clone() if self.w_in[param] == 0 else w.clone()
+
+    def write(self, param: str, weight: torch.Tensor) -> None:
+        """Store ``weight`` (``[out, in]``) as ``param``, in the weight's own layout,
+        dtype and device."""
+        handle = self.result.graph.params[param].param
+        current = handle.read()
+        new = weight.T if self.w_in[param] == 0 else weight
+        handle.write(new.to(dtype=current.dtype, device=current.device).contiguous())
+
+    def label(self, param: str) -> str:
+        """The linear's name for reports (the weight's name without ``.weight``)."""
+        return param[: -len(".weight")]

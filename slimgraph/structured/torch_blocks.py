@@ -1,0 +1,157 @@
+"""The PyTorch side of calibrated structured removal: :class:`TorchBlocks`, the block
+observer (:mod:`slimgraph.structured.observer`) of a PyTorch model -- block 0's inputs
+captured by a hook, each block run as its module, the linears' inputs seen by forward
+hooks (the calibration of ``sparsify``, :mod:`slimgraph.sparsity.calibration`) -- and
+:func:`observe_pair`, the dense and pruned streams side by side for ``refit_to=dense`` /
+``residual``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slimgraph.ir.blocks import Block, find_blocks
+from slimgraph.memory import release_free_heap
+from slimgraph.sparsity.calibration import (capture_block_inputs, next_inputs, observe_block,
+                                            run_block)
+from slimgraph.structured.observer import BlockObserver
+
+
+class TorchBlocks(BlockObserver):
+    """The decoder blocks of ``model`` (``result``: its analysis) on the calibration
+    ``windows`` (token ids ``[samples, seqlen]``, run ``batch`` at a time). ``model`` may
+    be None when every block's module is given with :meth:`bind` (a walk driven by
+    :func:`~slimgraph.sparsity.calibration.block_sequential`)."""
+
+    pairs = True
+
+    def __init__(self, model: torch.nn.Module | None, result, windows: torch.Tensor | None = None,
+                 *, batch: int = 8) -> None:
+        super().__init__(result)
+        self.model = model
+        self.windows = windows
+        self.batch = batch
+        self.blocks = find_blocks(result)
+        self.bound: dict[str, torch.nn.Module] = {}
+
+    def bind(self, block: Block, module: torch.nn.Module) -> None:
+        """Use ``module`` as ``block``'s module."""
+        self.bound = {block.module_name: module}
+
+    def module(self, block: Block) -> torch.nn.Module:
+        if block.module_name in self.bound:
+            return self.bound[block.module_name]
+        return self.model.get_submodule(block.module_name)
+
+    def linears(self, block: Block, params: set[str]) -> dict[str, torch.nn.Module]:
+        """Linear name -> its module, for the weights ``params`` of ``block``."""
+        module = self.module(block)
+        names = {p: p[: -len(".weight")] for p in params}
+        return {names[p]: module.get_submodule(names[p][len(block.module_name) + 1:])
+                for p in params}
+
+    def first_inputs(self) -> list:
+        return capture_block_inputs(self.model, self.model.get_submodule(
+            self.blocks[0].module_name), self.windows, self.batch)
+
+    def grams(self, block: Block, inputs: list, params: set[str], *, advance: bool = False
+              ) -> tuple[dict[str, torch.Tensor], Any]:
+        accs, nxt = observe_block(self.module(block), self.linears(block, params), inputs,
+                                  hessian=True, outputs=advance)
+        return {p: accs[p[: -len(".weight")]].hessian().to(torch.float64) for p in params}, nxt
+
+    def propagate(self, block: Block, inputs: list) -> list:
+        return run_block(self.module(block), inputs)
+
+    def finished(self, block: Block) -> None:
+        release_free_heap()  # the block's freed weights and activations
+
+    def observe_pair(self, block: Block, dense_inputs: list, inputs: list, params: set[str],
+                     residual: str | None) -> dict[str, dict]:
+        """:func:`observe_pair` on ``block``, by weight name (``residual``: a weight name)."""
+        sums = observe_pair(self.module(block), self.linears(block, params), dense_inputs,
+                            inputs, residual=residual[: -len(".weight")] if residual else None)
+        return {p: sums[p[: -len(".weight")]] for p in params}
+
+
+def observe_pair(module: torch.nn.Module, linears: dict[str, torch.nn.Module],
+                 dense_inputs: list, inputs: list, residual: str | None = None) -> dict[str, dict]:
+    """Run the (not yet changed) block on the dense model's inputs and on the pruned
+    model's, batch by batch in step, and return per linear name ``{"H", "C", "H_dense"}``:
+    ``Σ x_p x_pᵀ``, ``Σ x_d x_pᵀ``, ``Σ x_d x_dᵀ`` (float64 sums of float32 products per
+    batch, scaled by 2/N like :meth:`GramAccumulator.hessian`). ``dense_inputs`` is
+    overwritten with the block's dense outputs (the next block's dense inputs).
+
+    ``residual``: a linear whose output is added straight to the block's output (the
+    last writer to the residual stream, e.g. down_proj). For it also ``"T"`` = ``Σ e x_pᵀ``
+    and ``"E"`` = ``Σ ‖e‖²`` with ``e = out_d - (out_p - y_p)``: what the linear must
+    write so that the pruned block's output equals the dense block's. Whether the block
+    really is ``rest + y`` is checked on the first batch (the block run once more with
+    the linear's output doubled must move by exactly ``y``); ``"residual_ok"`` says so."""
+    seen: dict[str, torch.Tensor] = {}
+    out_of: dict[str, torch.Tensor] = {}
+    hooks = [lin.register_forward_pre_hook(
+        lambda _m, a, name=name: seen.__setitem__(name, a[0].detach()))
+        for name, lin in linears.items()]
+    if residual is not None:
+        hooks.append(linears[residual].register_forward_hook(
+            lambda _m, _a, y: out_of.__setitem__("y", y.detach())))
+    sums: dict[str, dict] = {}
+    tokens, residual_ok = 0, residual is not None
+    try:
+        with torch.no_grad():
+            for j, ((dargs, dkw), (args, kw)) in enumerate(zip(dense_inputs, inputs)):
+                seen.clear()
+                out_d = module(*dargs, **dkw)
+                dense_inputs[j] = next_inputs(out_d, dargs, dkw)
+                xd = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
+                seen.clear()
+                out_p = block_output(module(*args, **kw))
+                xps = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
+                for n, xp in xps.items():  # float32 products per batch, float64 sums
+                    acc = sums.setdefault(n, {"H": 0, "C": 0, "H_dense": 0})
+                    acc["H"] = acc["H"] + (xp.T @ xp).double()
+                    acc["C"] = acc["C"] + (xd[n].T @ xp).double()
+                    acc["H_dense"] = acc["H_dense"] + (xd[n].T @ xd[n]).double()
+                tokens += next(iter(xps.values())).shape[0] if xps else 0
+                if residual_ok:
+                    y = out_of["y"]
+                    if j == 0:
+                        residual_ok = adds_to_output(module, linears[residual], args, kw,
+                                                      out_p, y)
+                    if residual_ok:
+                        e = (block_output(out_d) - out_p + y).reshape(-1, y.shape[-1]).float()
+                        acc = sums[residual]
+                        acc["T"] = acc.get("T", 0) + (e.T @ xps[residual]).double()
+                        acc["E"] = acc.get("E", 0.0) + float((e.double() ** 2).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    if not tokens:
+        raise ValueError("the block's linears saw no calibration tokens")
+    scale = 2.0 / tokens
+    out = {n: {k: v * scale for k, v in acc.items()} for n, acc in sums.items()}
+    if residual is not None:
+        out[residual]["residual_ok"] = residual_ok
+    return out
+
+
+def block_output(y) -> torch.Tensor:
+    """A decoder block's hidden-state output (blocks may return a tuple)."""
+    return (y[0] if isinstance(y, (tuple, list)) else y).detach()
+
+
+def adds_to_output(module, linear, args, kw, out, y) -> bool:
+    """Whether the block's output is ``rest + y`` in the linear's output ``y``: run the
+    block with ``y`` doubled; the output must move by exactly ``y``."""
+    handle = linear.register_forward_hook(lambda _m, _a, o: o * 2)
+    try:
+        moved = module(*args, **kw)
+    finally:
+        handle.remove()
+    moved = block_output(moved)
+    if moved.shape != out.shape or y.shape != out.shape:
+        return False
+    return bool(torch.allclose(moved - out, y, rtol=1e-3, atol=1e-4 * float(y.abs().max())))
