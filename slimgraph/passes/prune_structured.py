@@ -44,7 +44,8 @@ what brings the block's output back to the dense block's output; checked per blo
 block whose output is not ``rest + down_proj(x)`` falls back to dense; the report's
 ``target`` per linear says which).
 Calibration: ``samples`` windows of ``seqlen`` tokens (default: --calib-samples, 64, when
-the blocks are walked or scored -- reconstruct, obs, global; 16 for act alone, as before).
+the blocks are walked or scored -- reconstruct, obs, global; 16 for act alone, as before;
+``seqlen`` default: --calib-seqlen, 512).
 
 ``importance=obs``: SlimGPT's selection; each unit's cost is the output error left after
 the optimal update of the other columns (``tr(W_P [H^-1]_PP^-1 W_P^T)`` summed over the
@@ -107,7 +108,7 @@ class PruneStructured(Pass):
     protect: str = ""
     remove: bool = True
     samples: int | None = None
-    seqlen: int = 512
+    seqlen: int | None = None  # default: --calib-seqlen (512)
     reconstruct: bool | None = None
     allocation: str = "uniform"
     layer_floor: float | None = None
@@ -332,9 +333,14 @@ class PruneStructured(Pass):
         samples = self.samples_used(state)
         source = state.calib.get("file") or "self"
         tokens = calibration_tokens(state.kind.tokenizer(state), source,
-                                    state.kind.sampling_model(state), seqlen=self.seqlen,
-                                    samples=samples)
-        return sample_windows(tokens, samples, self.seqlen, 0)
+                                    state.kind.sampling_model(state),
+                                    seqlen=self.seqlen_used(state), samples=samples,
+                                    progress=state.progress)
+        return sample_windows(tokens, samples, self.seqlen_used(state), 0)
+
+    def seqlen_used(self, state: CompileState) -> int:
+        """``seqlen``, else the compile's --calib-seqlen (512)."""
+        return self.seqlen or state.calib.get("seqlen", 512)
 
     def samples_used(self, state: CompileState) -> int:
         """``samples``, else the compile default (64) where the pass walks the blocks
@@ -417,7 +423,7 @@ class PruneStructured(Pass):
         return {"enabled": reconstruct, "damp": self.damp, "refit_to": self.refit_to,
                 "calibration": {
                     "source": str(state.calib.get("file") or "self"),
-                    "samples": self.samples_used(state), "seqlen": self.seqlen},
+                    "samples": self.samples_used(state), "seqlen": self.seqlen_used(state)},
                 "refitted": [r["linear"] for r in remover.refitted],
                 "not_refitted": not_refitted, "linears": remover.refitted}
 

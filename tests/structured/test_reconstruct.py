@@ -244,3 +244,21 @@ def test_refit_to_residual_brings_each_block_back_to_the_dense_output():
     # LLaMA's down_proj writes straight into the block output: its target is the residual
     assert kinds == {"o_proj": "dense", "down_proj": "residual"}
     assert errs["residual"] < errs["dense"]
+
+
+def test_calibration_windows_follow_the_compile_options_unless_the_pass_sets_them(tiny_dir, tmp_path):
+    from slimgraph.cli import main
+
+    def calibration(out):
+        rep = next(p for p in json.loads((out / "report.json").read_text())["passes"]
+                   if p["name"] == "prune-structured")["report"]
+        return rep["reconstruct"]["calibration"]
+
+    args = ["--calib-file", str(tiny_dir / "calib.txt"), "--calib-samples", "3", "--calib-seqlen", "24"]
+    assert main(["compile", str(tiny_dir / "model"), "-p", "prune-structured{mlp=0.5},save-hf",
+                 "-o", str(tmp_path / "a")] + args) == 0
+    assert (calibration(tmp_path / "a")["samples"], calibration(tmp_path / "a")["seqlen"]) == (3, 24)
+    assert main(["compile", str(tiny_dir / "model"), "-p",
+                 "prune-structured{mlp=0.5,samples=2,seqlen=16},save-hf", "-o", str(tmp_path / "b")]
+                + args) == 0
+    assert (calibration(tmp_path / "b")["samples"], calibration(tmp_path / "b")["seqlen"]) == (2, 16)
