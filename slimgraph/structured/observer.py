@@ -17,6 +17,7 @@ the graph's parameter handles, which both kinds have, as ``[out, in]`` matrices.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +41,7 @@ def linear_inputs(result: DependencyResult) -> dict[str, int]:
             if n.kind is OpKind.LINEAR}
 
 
-class BlockObserver:
+class BlockObserver(ABC):
     """One model's decoder blocks on calibration data (see the module docstring).
 
     A subclass sets ``blocks`` (the decoder blocks in the order of the residual stream)
@@ -57,10 +58,11 @@ class BlockObserver:
 
     # -- calibration --------------------------------------------------------------------
 
+    @abstractmethod
     def first_inputs(self) -> Any:
         """The inputs of the first block, for every calibration batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grams(self, block: Block, inputs: Any, params: set[str], *, advance: bool = False
               ) -> tuple[dict[str, torch.Tensor], Any]:
         """Run ``block`` on ``inputs`` and return, per weight name in ``params`` (linears
@@ -68,26 +70,27 @@ class BlockObserver:
         sums of float32 products as :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`
         keeps them) -- and with ``advance`` the block's outputs as the next block's inputs
         (from the same weights), else None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def propagate(self, block: Block, inputs: Any) -> Any:
         """The next block's inputs: ``block`` run (with its weights as they are now) on
         ``inputs``; ``inputs`` may be reused for them."""
-        raise NotImplementedError
 
     def observe_pair(self, block: Block, dense_inputs: Any, inputs: Any, params: set[str],
                      residual: str | None) -> dict[str, dict]:
         """``refit_to=dense|residual``: the statistics of :func:`~slimgraph.structured.
         torch_blocks.observe_pair` by weight name; ``dense_inputs`` is advanced past the
         block."""
-        raise NotImplementedError("this model kind does not observe dense and pruned "
-                                  "streams side by side")
+        raise ObserverError("this model kind does not observe dense and pruned streams side "
+                            "by side (refit_to=dense|residual)")
 
     def finished(self, block: Block) -> None:
-        """Called once the walk is past ``block``."""
+        """Called once the walk is past ``block`` (nothing to do by default)."""
+        return None
 
     def close(self) -> None:
-        """Free what the observer holds (temporary files)."""
+        """Free what the observer holds (temporary files; nothing by default)."""
+        return None
 
     # -- weights ------------------------------------------------------------------------
 
