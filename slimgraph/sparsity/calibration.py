@@ -14,6 +14,8 @@ or ``self`` (text sampled from the model itself: data-free).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import random
 from collections.abc import Callable
@@ -92,39 +94,61 @@ def calibration_tokens(tokenizer, source: str | Path, model=None, *, seqlen: int
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-SELF_BATCH = 32  # sequences generated at a time (one KV cache each)
+SELF_BATCH = 64  # sequences generated at a time (one KV cache each)
 
 
 def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
                    progress=None) -> list[int]:
     """Data-free calibration: ``samples`` sequences of ``seqlen + 2`` tokens sampled from
     the model itself (from its BOS token, temperature 1, no top-k / top-p), generated
-    ``SELF_BATCH`` at a time with a KV cache; their tokens after BOS, concatenated."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    ``SELF_BATCH`` at a time with a KV cache; their tokens after BOS, concatenated.
 
-    total = samples * (seqlen + 2)
-    done = [0]
-
-    class Report(StoppingCriteria):  # never stops generation: counts its tokens
-        def __call__(self, input_ids, scores, **kwargs):
-            done[0] += input_ids.shape[0]
-            if progress is not None:
-                progress(done[0], total, unit="tokens", info="generating calibration text")
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    torch.manual_seed(seed)
+    A float32 model on a CPU with native bfloat16 matrix units generates from a bfloat16
+    copy (about 1.3x faster here); tokens are drawn by inverse-CDF sampling (one uniform
+    number per sequence and step: ``torch.multinomial`` over a 49k vocabulary took ten
+    times as long as the rest of the sampling)."""
+    generator = generation_copy(model)
+    rng = torch.Generator().manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    total, done = samples * (seqlen + 2), 0
+    # transformers 5.25 renamed the cache argument and output field `past_key_values` to `cache`
+    cache_name = "cache" if "cache" in inspect.signature(type(generator).forward).parameters \
+        else "past_key_values"
     out = []
     for first in range(0, samples, SELF_BATCH):
         n_seq = min(SELF_BATCH, samples - first)
-        ids = torch.full((n_seq, 1), start, dtype=torch.long)
+        ids = [torch.full((n_seq, 1), start, dtype=torch.long)]
+        cache = None
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 do_sample=True, top_k=0, top_p=1.0, max_new_tokens=seqlen + 2,
-                                 min_new_tokens=seqlen + 2, pad_token_id=start,
-                                 stopping_criteria=StoppingCriteriaList([Report()]))
-        out.append(gen[:, 1:])
+            for _ in range(seqlen + 2):
+                res = generator(input_ids=ids[-1], use_cache=True, **{cache_name: cache})
+                cache = res.get(cache_name)
+                ids.append(sample_next(res.logits[:, -1], rng))
+                done += n_seq
+                if progress is not None:
+                    progress(done, total, unit="tokens", info="generating calibration text")
+        out.append(torch.cat(ids[1:], dim=1))
     return torch.cat(out).reshape(-1).tolist()
+
+
+def sample_next(logits: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` (rows, vocab), drawn from softmax(logits): the
+    first index whose cumulative probability exceeds a uniform draw."""
+    cdf = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=rng) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+
+
+def generation_copy(model):
+    """``model`` itself, or a bfloat16 copy where that is faster: every parameter a float32
+    tensor in CPU memory and the CPU computes bfloat16 natively (oneDNN says so)."""
+    params = list(model.parameters())
+    bf16_native = torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not bf16_native or not params or \
+            any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 def sample_windows(tokens: list[int], samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -14,18 +14,21 @@ def test_self_generates_every_sample_in_batches_and_reports_progress(monkeypatch
     model, tok = zoo.build("llama", seed=0).eval(), zoo.tiny_tokenizer()
     monkeypatch.setattr(calibration, "SELF_BATCH", 2)  # 5 sequences: batches of 2, 2, 1
     calls = []
-    orig = model.generate
+    orig = model.forward
 
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        assert kwargs.get("use_cache", True) is not False  # the KV cache is on
+    def counting_forward(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        calls.append(ids.shape)
+        assert kwargs.get("use_cache") is True  # the KV cache is on
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counting_generate)
+    monkeypatch.setattr(calibration, "generation_copy", lambda m: m)
+    monkeypatch.setattr(model, "forward", counting_forward)
     seen = []
     tokens = calibration_tokens(tok, "self", model, seqlen=16, samples=5, seed=3,
                                 progress=lambda done, total, **kw: seen.append((done, total, kw)))
-    assert calls == [2, 2, 1]
+    # one token per sequence and step: the KV cache holds the earlier ones
+    assert calls == [(2, 1)] * 18 + [(2, 1)] * 18 + [(1, 1)] * 18
     assert len(tokens) == 5 * 18  # seqlen + 2 tokens after BOS per sequence
     assert all(0 <= t < zoo.VOCAB for t in tokens)
     assert seen[-1][0] == seen[-1][1] == 5 * 18 and seen[-1][2]["unit"] == "tokens"
@@ -35,3 +38,26 @@ def test_self_generates_every_sample_in_batches_and_reports_progress(monkeypatch
     assert again == tokens
     windows = sample_windows(tokens, 5, 16, 0)
     assert windows.shape == (5, 16) and windows.dtype == torch.long
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.0, 0.0, 1.0]]).clamp_min(1e-30))
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.cat([calibration.sample_next(logits, rng) for _ in range(4000)], dim=1)
+    assert draws.shape == (2, 4000) and draws.dtype == torch.long
+    freq = torch.bincount(draws[0], minlength=3).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.6, 0.3]), atol=0.03)
+    assert (draws[1] == 2).all()  # an impossible token is never drawn
+
+
+def test_generation_copy_is_bfloat16_only_for_a_float32_cpu_model(monkeypatch):
+    model = zoo.build("llama", seed=0).eval()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    copied = calibration.generation_copy(model)
+    assert copied is not model and next(copied.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the input model is untouched
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert calibration.generation_copy(model) is model
+    half = zoo.build("llama", seed=0).to(torch.float16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert calibration.generation_copy(half) is half
