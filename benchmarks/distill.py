@@ -154,6 +154,7 @@ def row(args) -> dict:
     distill = (f"distill{{steps={args.train_steps},batch={args.batch},seqlen={args.seqlen},"
                f"lr={args.lr},save_every=1000"
                + (f",precision={args.precision}" if args.precision != "fp32" else "")
+               + (f",add_self={args.add_self}" if args.add_self else "")
                + (f",teacher={MODEL}" if args.student else "") + "},")
     model = str(args.student) if args.student else MODEL
     pipe = f"{args.prune}," if args.prune else ""
@@ -169,8 +170,9 @@ def row(args) -> dict:
               "compile_seconds": round(secs, 1),
               "train_seconds": rep["train_seconds"], "tokens_seen": rep["tokens_seen"],
               "tokens_per_second": rep["tokens_per_second"]}
-    if trainer == "distill":
-        result.update(loss_first=rep["loss_first"], loss_last=rep["loss_last"])
+    if trainer == "distill":  # the pass's seconds include sampling add_self text
+        result.update(loss_first=rep["loss_first"], loss_last=rep["loss_last"],
+                      examples=rep["examples"], distill_pass_seconds=round(passes[trainer]["seconds"], 1))
     first = next(iter(passes))
     if first != trainer:
         result["prune_seconds"] = round(passes[first]["seconds"], 1)
@@ -195,6 +197,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="speed, row: distill's precision option")
+    ap.add_argument("--add-self", type=int, default=0,
+                    help="row: distill's add_self (sequences sampled from the teacher)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib", type=Path, default=ROOT / "slimgraph/data/wikitext2/calib.txt")

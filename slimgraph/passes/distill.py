@@ -16,8 +16,10 @@ decoder layers' hidden states (needs equal hidden sizes: not after hidden-channe
 removal). Full fine-tuning by default; ``lora=q_proj+v_proj`` (or ``lora=all``: every
 linear of the decoder blocks) trains peft LoRA adapters instead, merged at the end (on a
 sparse model the merged update is masked again: the pattern wins). Data: ``data`` (a text
-file, Alpaca JSON/JSONL: KL on the responses, or ``self``: text sampled from the
-teacher); default the compile's --calib-file. ``steps`` optimizer steps of ``batch``
+file, Alpaca JSON/JSONL: KL on the responses, or ``self``: ``samples`` sequences sampled
+from the teacher); default the compile's --calib-file. ``add_self=N`` adds N sequences
+sampled from the teacher to a file's examples: more distinct text where the file is small
+(the teacher writes each sequence from its BOS token, temperature 1). ``steps`` optimizer steps of ``batch``
 examples of at most ``seqlen`` tokens (``accum`` micro-batches each), AdamW at ``lr`` with
 ``warmup`` linear warm-up steps (default steps/10) and cosine decay to 0. ``precision=bf16``
 runs the forward and backward passes under bfloat16 autocast (weights, optimizer state and
@@ -119,6 +121,7 @@ class Distill(Pass):
     teacher: str = ""  # default: the pipeline's input model
     data: str = ""  # default: compile --calib-file; or self
     samples: int = 8  # data=self: sequences sampled from the teacher
+    add_self: int = 0  # data=FILE: also train on this many sequences sampled from the teacher
     steps: int = 100
     batch: int = 4
     accum: int = 1
@@ -152,6 +155,11 @@ class Distill(Pass):
             raise self.option_error("warmup", f"{self.warmup} is outside [0, steps={self.steps})")
         if not self.temperature > 0:
             raise self.option_error("temperature", f"must be > 0, got {self.temperature}")
+        if self.add_self < 0:
+            raise self.option_error("add_self", f"must be >= 0, got {self.add_self}")
+        if self.add_self and self.data == "self":
+            raise self.option_error("add_self", "data=self already samples every example from "
+                                    "the teacher; give their number with samples=N")
         for opt in ("hidden_weight", "weight_decay"):
             if getattr(self, opt) < 0:
                 raise self.option_error(opt, f"must be >= 0, got {getattr(self, opt)}")
@@ -208,7 +216,11 @@ class Distill(Pass):
         if data == "self":
             return self_examples(state.loaded.tokenizer, teacher, self.seqlen, self.samples,
                                  self.seed, state.progress)
-        return load_examples(state.loaded.tokenizer, data, "", self.seqlen, self.name)
+        examples = load_examples(state.loaded.tokenizer, data, "", self.seqlen, self.name)
+        if self.add_self:
+            examples += self_examples(state.loaded.tokenizer, teacher, self.seqlen,
+                                      self.add_self, self.seed, state.progress)
+        return examples
 
     def lora_targets(self, model: torch.nn.Module) -> list[str]:
         import torch
@@ -276,7 +288,8 @@ class Distill(Pass):
             raise RuntimeError(f"distill changed the parameter count {params_before} -> {params_after}")
         hist = session.history
         report = {"teacher": self.teacher or state.loaded.spec, "data": self._data(state),
-                  "examples": len(examples), "steps": cfg.steps, "batch": cfg.batch * cfg.accum,
+                  "examples": len(examples), "sequences_sampled_from_teacher":
+                  self.samples if self._data(state) == "self" else self.add_self, "steps": cfg.steps, "batch": cfg.batch * cfg.accum,
                   "tokens_seen": session.tokens, "train_seconds": round(session.seconds, 1),
                   "tokens_per_second": round(session.tokens / max(session.seconds, 1e-9), 1),
                   "loss_first": hist[0]["loss"] if hist else None,

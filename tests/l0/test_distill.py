@@ -216,6 +216,18 @@ def test_data_self_and_l0_with_the_distillation_loss(tiny, tmp_path):
     p = Distill(data="self", samples=2, seqlen=16, teacher=str(tiny / "m"))
     _, examples, _ = p.start(state)
     assert len(examples) >= 2 and all(len(e.ids) == 16 and e.labels == e.ids for e in examples[:-1])
+    # add_self: the file's examples, then sequences sampled from the teacher
+    from_file = Distill(data=str(tiny / "train.txt"), seqlen=16, teacher=str(tiny / "m"))
+    mixed = Distill(data=str(tiny / "train.txt"), seqlen=16, teacher=str(tiny / "m"), add_self=3)
+    _, file_examples, _ = from_file.start(_state(tiny, model="other"))
+    _, mixed_examples, _ = mixed.start(_state(tiny, model="other"))
+    n = len(file_examples)
+    assert [e.ids for e in mixed_examples[:n]] == [e.ids for e in file_examples]
+    assert len(mixed_examples) - n >= 3 and all(len(e.ids) == 16 for e in mixed_examples[n:n + 3])
+    with pytest.raises(PipelineError, match="option 'add_self'"):
+        from_text_or_file("distill{data=self,add_self=2}")
+    with pytest.raises(PipelineError, match="option 'add_self'"):
+        from_text_or_file("distill{add_self=-1}")
     state = _state(tiny, tmp_path)
     _run(state, f"l0{{target=0.3,steps=4,lora_steps=1,ramp_steps=2,data={tiny / 'train.jsonl'},"
                 f"seqlen=40,batch=2,prompt=none,distill=true,teacher={tiny / 'other'}}},remove")
