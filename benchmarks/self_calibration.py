@@ -1,7 +1,7 @@
 """Data-free calibration text (``--calib-file self``) on SmolLM2-135M: how long generating
-``--samples`` sequences of ``--seqlen`` tokens takes (batches of 64 with a KV cache, bfloat16 where the CPU has it), next
-to a reference measured in the same run: the dense forward pass over the same number of
-tokens (the protocol's 512-token windows).
+``--samples`` sequences of ``--seqlen`` tokens takes (batches of 64 with a KV cache,
+bfloat16 where the CPU has it), next to a reference measured in the same run: the dense
+forward pass over the same number of tokens (the protocol's 512-token windows).
 
 Usage: python benchmarks/self_calibration.py [--samples 64] [--seqlen 512] [--threads 2]
 Writes benchmarks/results/self_calibration.json.

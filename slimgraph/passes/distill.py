@@ -289,7 +289,8 @@ class Distill(Pass):
         hist = session.history
         report = {"teacher": self.teacher or state.loaded.spec, "data": self._data(state),
                   "examples": len(examples), "sequences_sampled_from_teacher":
-                  self.samples if self._data(state) == "self" else self.add_self, "steps": cfg.steps, "batch": cfg.batch * cfg.accum,
+                  self.samples if self._data(state) == "self" else self.add_self,
+                  "steps": cfg.steps, "batch": cfg.batch * cfg.accum,
                   "tokens_seen": session.tokens, "train_seconds": round(session.seconds, 1),
                   "tokens_per_second": round(session.tokens / max(session.seconds, 1e-9), 1),
                   "loss_first": hist[0]["loss"] if hist else None,
