@@ -7,6 +7,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from slimgraph.data import DEFAULT_CALIB, resolve_text
@@ -16,7 +17,7 @@ from slimgraph.ir.graph import OpKind
 from slimgraph.outdir import (REPORT, HelperProcessOutputs, OutdirError, Transaction,
                               check_not_input, helper_process, raise_if_interrupted, relocate,
                               top_level_names)
-from slimgraph.passes.base import CompileState
+from slimgraph.passes.base import CalibrationDefaults, CompileState
 from slimgraph.progress import Progress
 from slimgraph.passes.pipeline import PassManager, from_text_or_file
 
@@ -72,9 +73,9 @@ def input_paths(spec: str) -> list[Path]:
     return [path]
 
 
-def check_input_files(passes: list, calib: dict[str, Any]) -> None:
+def check_input_files(passes: list, calib: CalibrationDefaults) -> None:
     """Every file a compile will read exists and is readable, checked before any work."""
-    wanted = [("--calib-file", calib.get("file"))]
+    wanted = [("--calib-file", calib.file)]
     for p in passes:
         wanted += [(f"pass '{p.name}', option '{opt}'", value) for opt, value in p.input_files()]
     for what, value in wanted:
@@ -90,7 +91,7 @@ def check_input_files(passes: list, calib: dict[str, Any]) -> None:
 def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = True,
                   print_after: set[str] | None = None, seq: int = 7, console=None,
                   printer: Callable[[str], None] = print,
-                  calib: dict[str, Any] | None = None, offload: bool = False,
+                  calib: Mapping[str, Any] | None = None, offload: bool = False,
                   overwrite: bool = False) -> dict[str, Any]:
     """Load ``spec``, run ``pipeline``, write its outputs and ``report.json`` to ``out_dir``.
 
@@ -99,19 +100,25 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
     interrupt (Ctrl-C, SIGTERM) leaves OUTDIR as it was. ``offload``: weights stay on disk
     but for the block being pruned (an HF safetensors directory; sparsify and save-hf
     only; see :mod:`slimgraph.sparsity.offload`). ``overwrite``: replace an earlier
-    compile in ``out_dir`` (refused otherwise).
+    compile in ``out_dir`` (refused otherwise). ``calib``: the compile's calibration
+    defaults, keys ``file``, ``samples``, ``seqlen`` (see :class:`CalibrationDefaults`).
     """
     if not str(out_dir).strip():
         raise OutdirError("the output directory (-o) is empty: name a directory")
     out_dir = Path(out_dir)
     passes = from_text_or_file(pipeline)  # errors before any work starts
-    calib = dict(calib or {})
+    given = {k: v for k, v in (calib or {}).items() if v is not None}
+    unknown = sorted(set(given) - {"file", "samples", "seqlen"})
+    if unknown:
+        raise SlimgraphError(f"calibration settings: unknown {', '.join(unknown)} "
+                             "(file, samples, seqlen)")
     for key in ("samples", "seqlen"):
-        if key in calib and (not isinstance(calib[key], int) or calib[key] < 1):
+        if key in given and (not isinstance(given[key], int) or given[key] < 1):
             raise SlimgraphError(f"--calib-{key} must be a positive whole number, "
-                                 f"got {calib[key]!r}")
+                                 f"got {given[key]!r}")
     # shipped texts by name; without --calib-file, WikiText-2's calibration part
-    calib["file"] = resolve_text(calib.get("file") or DEFAULT_CALIB)
+    given["file"] = resolve_text(given.get("file") or DEFAULT_CALIB)
+    calib = CalibrationDefaults(**given)
     for p in passes:
         for opt, value in p.input_files():
             setattr(p, opt, resolve_text(value))
@@ -152,7 +159,7 @@ def compile_model(spec: str, pipeline: str, out_dir: Path, *, verify: bool = Tru
 
 def _compile(spec: str, passes: list, tx, staging: Path, *, verify: bool,
              print_after: set[str] | None, seq: int, console, printer: Callable[[str], None],
-             calib: dict[str, Any], offload: bool) -> dict[str, Any]:
+             calib: CalibrationDefaults, offload: bool) -> dict[str, Any]:
     from slimgraph.frontends.build import graph_of
     from slimgraph.frontends.loading import load_model
     from slimgraph.ir.verifier import verify as verify_graph

@@ -39,6 +39,17 @@ class PassResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CalibrationDefaults:
+    """The compile's calibration settings (--calib-file, --calib-samples, --calib-seqlen):
+    what a pass uses where its own options say nothing. ``file``: a text or Alpaca file,
+    or ``self`` (text sampled from the model); None where no text is given."""
+
+    file: str | None = None
+    samples: int = 64
+    seqlen: int = 512
+
+
 @dataclass
 class CompileState:
     """Everything a pipeline works on: the model, its graph, analysis, outputs."""
@@ -59,7 +70,7 @@ class CompileState:
     module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     gathers: list[str] = field(default_factory=list)  # linears turned into GatherLinear
     notes: list[str] = field(default_factory=list)
-    calib: dict[str, Any] = field(default_factory=dict)  # file, samples, seqlen defaults
+    calib: CalibrationDefaults = field(default_factory=lambda: CalibrationDefaults())
     # (done, total[, unit, info]) for long passes, set by the driver
     progress: Callable[..., None] | None = None
     original_config: PretrainedConfig | None = None  # the HF config before any pass changed it
@@ -127,7 +138,7 @@ class Pass:
                 out.append((opt, str(value)))
         return out
 
-    def check_offload(self, calib: dict[str, Any]) -> None:
+    def check_offload(self, calib: CalibrationDefaults) -> None:
         """Refuse, before any work starts, a pass (or options) that cannot run with the
         weights offloaded (compile --offload). ``calib`` holds the compile defaults."""
         if not self.offload_ok:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimgraph.errors import PipelineError
-from slimgraph.passes.base import CompileState, Pass, PassResult, split_names
+from slimgraph.passes.base import CalibrationDefaults, CompileState, Pass, PassResult, split_names
 from slimgraph.passes.registry import register
 
 if TYPE_CHECKING:  # annotations only: importing the pass does not import PyTorch
@@ -169,7 +169,7 @@ class Distill(Pass):
             raise self.option_error("teacher", "an ONNX model cannot be the teacher (distill "
                                     "trains PyTorch modules); give a PyTorch / HF model")
 
-    def check_offload(self, calib) -> None:
+    def check_offload(self, calib: CalibrationDefaults) -> None:
         raise PipelineError(f"pass '{self.name}' trains the whole model in memory and cannot run "
                             "with --offload; distill the saved OUTDIR/hf in a second compile")
 
@@ -197,7 +197,7 @@ class Distill(Pass):
 
     # -- the pass ---------------------------------------------------------------------
     def _data(self, state: CompileState) -> str:
-        return self.data or state.calib.get("file") or ""
+        return self.data or state.calib.file or ""
 
     def config(self):
         from slimgraph.l0.train import TrainConfig

@@ -150,7 +150,7 @@ class L0(Pass):
         if state.loaded.tokenizer is None:
             raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read "
                                 "its training data")
-        data = self.data or state.calib.get("file") or ""
+        data = self.data or state.calib.file or ""
         if not data:
             raise self.option_error("data", "training data is required: data=FILE (Alpaca "
                                     "JSON/JSONL or plain text), or compile --calib-file FILE")
@@ -181,7 +181,7 @@ class L0(Pass):
         from slimgraph.l0.train import FUSED_QKV, Session, wrap_lora
 
         prompt = prompt_text(self.prompt, self.prompt_file, self.name)
-        data = self.data or state.calib["file"]
+        data = self.data or state.calib.file
         examples = load_examples(state.loaded.tokenizer, data, prompt, self.seqlen)
         result = state.analysis()
         families = plan_families(state.model, result, set(split_names(self.kinds)), self.name)

@@ -191,7 +191,7 @@ class PruneStructured(Pass):
         self._refuse_by_capability(state)
         if self.ratios().get("heads") or self.ratios().get("qheads"):
             state.kind.check_head_removal(state, self.name)
-        source = state.calib.get("file") or "self"
+        source = state.calib.file or "self"
         if self.uses_data(state) and source != "self" and state.kind.tokenizer(state) is None:
             raise PipelineError(f"pass '{self.name}': {self._data_use()} needs calibration data "
                                 f"and {state.kind.missing_tokenizer(state)}")
@@ -232,10 +232,10 @@ class PruneStructured(Pass):
         if self.importance in ("act", "obs"):
             return True
         # a calibration text needs a tokenizer to be data ('self' samples from the model)
-        source = state.calib.get("file") or "self"
+        source = state.calib.file or "self"
         if source == "self":
-            return bool(state.calib.get("file")) and state.kind.sampling_model(state) is not None
-        return bool(state.calib.get("file")) and state.kind.tokenizer(state) is not None
+            return bool(state.calib.file) and state.kind.sampling_model(state) is not None
+        return bool(state.calib.file) and state.kind.tokenizer(state) is not None
 
     def uses_data(self, state: CompileState) -> bool:
         return self.importance in ("act", "obs") or self.reconstructs(state)
@@ -331,7 +331,7 @@ class PruneStructured(Pass):
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 
         samples = self.samples_used(state)
-        source = state.calib.get("file") or "self"
+        source = state.calib.file or "self"
         tokens = calibration_tokens(state.kind.tokenizer(state), source,
                                     state.kind.sampling_model(state),
                                     seqlen=self.seqlen_used(state), samples=samples,
@@ -340,7 +340,7 @@ class PruneStructured(Pass):
 
     def seqlen_used(self, state: CompileState) -> int:
         """``seqlen``, else the compile's --calib-seqlen (512)."""
-        return self.seqlen or state.calib.get("seqlen", 512)
+        return self.seqlen or state.calib.seqlen
 
     def samples_used(self, state: CompileState) -> int:
         """``samples``, else the compile default (64) where the pass walks the blocks
@@ -348,7 +348,7 @@ class PruneStructured(Pass):
         if self.samples is not None:
             return self.samples
         if self.reconstructs(state) or self.importance == "obs" or self.allocation == "global":
-            return state.calib.get("samples", 64)
+            return state.calib.samples
         return 16
 
     def _observer(self, state: CompileState, result, windows):
@@ -422,7 +422,7 @@ class PruneStructured(Pass):
                         "layer, lm_head) are not refitted"] if hidden else []
         return {"enabled": reconstruct, "damp": self.damp, "refit_to": self.refit_to,
                 "calibration": {
-                    "source": str(state.calib.get("file") or "self"),
+                    "source": str(state.calib.file or "self"),
                     "samples": self.samples_used(state), "seqlen": self.seqlen_used(state)},
                 "refitted": [r["linear"] for r in remover.refitted],
                 "not_refitted": not_refitted, "linears": remover.refitted}

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slimgraph.errors import PipelineError
-from slimgraph.passes.base import CompileState, Pass, PassResult
+from slimgraph.passes.base import CalibrationDefaults, CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
 if TYPE_CHECKING:
@@ -206,11 +206,11 @@ class Sparsify(Pass):
     def owl_threshold(self) -> float:
         return 5.0 if self.owl_m is None else self.owl_m
 
-    def check_offload(self, calib: dict) -> None:
+    def check_offload(self, calib: CalibrationDefaults) -> None:
         if self.permute in ("fold", "space", "gather"):
             raise self.option_error("permute", f"{self.permute} changes weights outside one "
                                     "block and cannot run with --offload (mask-only can)")
-        if self.needs_data() and str(self.calib or calib.get("file") or "self") == "self":
+        if self.needs_data() and str(self.calib or calib.file or "self") == "self":
             raise self.option_error("calib", "text sampled from the model itself ('self') needs "
                                     "the whole model in memory; give a calibration file with "
                                     "--offload (--calib-file)")
@@ -245,7 +245,7 @@ class Sparsify(Pass):
 
     def requires(self, state: CompileState) -> None:
         state.kind.check_sparsify(self, state)
-        if self.needs_data() and (self.calib or state.calib.get("file")) != "self" and \
+        if self.needs_data() and (self.calib or state.calib.file) != "self" and \
                 state.kind.tokenizer(state) is None:
             why = f"score '{self.score}'" if self.needs_stats() else "schedule=owl"
             raise PipelineError(f"pass '{self.name}': {why} needs calibration data "
@@ -260,7 +260,7 @@ class Sparsify(Pass):
                                     f"{n_blocks} decoder blocks (give one value per block)")
 
     def calib_source(self, state: CompileState):
-        return self.calib or state.calib.get("file") or "self"
+        return self.calib or state.calib.file or "self"
 
     def calibration(self, state: CompileState):
         """``(samples, seqlen, source, windows)``: the calibration windows
@@ -268,8 +268,8 @@ class Sparsify(Pass):
         tokenizer."""
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
 
-        samples = self.samples or state.calib.get("samples", 64)
-        seqlen = self.seqlen or state.calib.get("seqlen", 512)
+        samples = self.samples or state.calib.samples
+        seqlen = self.seqlen or state.calib.seqlen
         source = self.calib_source(state)
         if not self.needs_data():
             return samples, seqlen, source, None
