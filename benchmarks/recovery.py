@@ -15,6 +15,9 @@ report), `slimgraph eval` (benchmark protocol, docs/benchmark-protocol.md: 40 x 
 split). Usage: python benchmarks/recovery.py [--windows 40] [--only NAME ...]
 Writes benchmarks/results/recovery.json and prints a Markdown table.
 
+``--options K=V,...`` appends prune-structured options to every row run (say
+``damp=0.1`` or ``samples=256``); the rows are stored under ``NAME+K=V,...``.
+
 ``--in-sample`` calibrates on the evaluation windows' own text (the first ``--windows`` x
 512 tokens of the evaluation split) instead of the calibration split, and writes
 benchmarks/results/recovery_in_sample.json: the refit then fits the very tokens it is
@@ -54,12 +57,19 @@ def evaluation_windows_text(eval_txt: Path, windows: int, dest: Path) -> Path:
     return dest
 
 
+def order(name: str) -> tuple[int, str]:
+    """Rows in the table's order: the standard rows first, variants after their row."""
+    bases = [i for i, n in enumerate(CONFIGS) if name == n or name.startswith(n + "+")]
+    return (max(bases, key=lambda i: len(list(CONFIGS)[i])) if bases else len(CONFIGS)), name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS))
     ap.add_argument("--work", default="benchmarks/out/recovery")
     ap.add_argument("--out", default="")
+    ap.add_argument("--options", default="", help="extra prune-structured options, K=V,...")
     ap.add_argument("--in-sample", action="store_true",
                     help="calibrate on the evaluation windows' own text (a lower bound)")
     args = ap.parse_args()
@@ -72,9 +82,15 @@ def main() -> None:
     cli = [sys.executable, "-m", "slimgraph.cli"]
     path = Path(args.out)
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    configs = dict(CONFIGS)
+    for base in list(args.only):
+        if args.options:  # the base row's pipeline with the extra options
+            name = f"{base}+{args.options}"
+            configs[name] = CONFIGS[base].replace("},save-hf", f",{args.options}}},save-hf")
+            args.only[args.only.index(base)] = name
     for name in args.only:
         out = work / name
-        _, secs = run(cli + ["compile", "--overwrite", "smollm2-135m", "-p", CONFIGS[name],
+        _, secs = run(cli + ["compile", "--overwrite", "smollm2-135m", "-p", configs[name],
                              "-o", str(out), "--calib-file", str(calib_txt)])
         report = json.loads((out / "report.json").read_text())
         prune = next(p for p in report["passes"] if p["name"] == "prune-structured")
@@ -82,7 +98,7 @@ def main() -> None:
                            str(args.windows), "--seqlen", "512", "--json"])
         rec = prune["report"].get("reconstruct", {})
         rows[name] = {
-            "pipeline": CONFIGS[name], "params": report["parameters"]["after"],
+            "pipeline": configs[name], "params": report["parameters"]["after"],
             "ppl": round(json.loads(ev)["ppl"], 3), "compile_s": round(secs, 1),
             "prune_s": round(prune.get("seconds", float("nan")), 1),
             "refitted": len(rec.get("refitted", [])),
@@ -92,13 +108,13 @@ def main() -> None:
         # re-read first: rows written meanwhile by another run of this script are kept
         rows = {**(json.loads(path.read_text())["rows"] if path.exists() else {}),
                 name: rows[name]}
-        write_result(path, {n: rows[n] for n in CONFIGS if n in rows})
-    rows = {n: rows[n] for n in CONFIGS if n in rows}
+        write_result(path, {n: rows[n] for n in sorted(rows, key=order)})
+    rows = {n: rows[n] for n in sorted(rows, key=order)}
     print("| size | method | params | ppl | prune s | linears refitted |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        size, method = next((s, m) for s in SIZES for m in METHODS if name == f"{s}-{m}")
-        print(f"| {size} | {method} | {r['params']:,} | {r['ppl']} | {r['prune_s']} | "
+        size = max((s for s in SIZES if name.startswith(s + "-")), key=len)
+        print(f"| {size} | {name[len(size) + 1:]} | {r['params']:,} | {r['ppl']} | {r['prune_s']} | "
               f"{r['refitted']} |")
 
 

@@ -3,7 +3,16 @@ PyTorch folder and its ONNX export) with RIA 2:4 and SparseGPT 2:4 under every p
 mode, and record the sha256 of every resulting weight (plus the report with timings
 and the work folder's path removed). Run before and after a change and compare the two JSON files.
 
+``--smollm2`` runs the real model instead (one compile at a time, the protocol's
+calibration: 64 x 512 tokens of the packaged WikiText-2 calibration text): RIA 2:4 and
+SparseGPT 2:4 (sparsify, save-hf) and the structured benchmark models (prune-structured
+at 27% and 50% of the MLP channels and one KV-group of three plus half the MLP, act
+importance with the default refit; obs + global allocation at 27%). ``--root DIR`` runs
+the compiles from another checkout of slimgraph (``git worktree add DIR COMMIT``), so an
+older commit's outputs can be recorded with the same script.
+
 Usage: python benchmarks/same_outputs.py --out /tmp/before.json [--work DIR] [--jobs 2]
+       python benchmarks/same_outputs.py --smollm2 [--root DIR] --out /tmp/ref.json
        python benchmarks/same_outputs.py --compare /tmp/before.json /tmp/after.json
 """
 
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +40,14 @@ CASES = [  # (name, sparsify options)
     ("sparsegpt-gather", "score=sparsegpt,pattern=2:4,permute=gather"),
     ("wanda-owl", "score=wanda,sparsity=0.5,schedule=owl"),
     ("ria-recon-fold", "score=ria,pattern=2:4,reconstruct=true,permute=fold"),
+]
+SMOLLM2_CASES = [  # (name, pipeline without the save pass)
+    ("ria-2:4", "sparsify{score=ria,pattern=2:4}"),
+    ("sparsegpt-2:4", "sparsify{score=sparsegpt,pattern=2:4}"),
+    ("mlp27-act", "prune-structured{mlp=0.27,importance=act}"),
+    ("mlp50-act", "prune-structured{mlp=0.5,importance=act}"),
+    ("kv1of3+mlp50-act", "prune-structured{heads=0.33,mlp=0.5,importance=act}"),
+    ("mlp27-obs-global", "prune-structured{mlp=0.27,importance=obs,allocation=global}"),
 ]
 TIMING = {"seconds", "dense_pass_seconds"}
 
@@ -99,6 +117,25 @@ def one(work: Path, kind: str, name: str, options: str) -> tuple[str, dict]:
                               .replace(str(work), "<work>").encode())}
 
 
+def one_smollm2(work: Path, root: Path, name: str, pipeline: str) -> tuple[str, dict]:
+    """One SmolLM2 compile run from the checkout ``root``; the hashes of its weights."""
+    out = work / "out" / f"smollm2-{name.replace(':', '')}"
+    calib = ROOT / "slimgraph" / "data" / "wikitext2" / "calib.txt"
+    cmd = [sys.executable, "-m", "slimgraph.cli", "compile", "smollm2-135m", "-p",
+           f"{pipeline},save-hf", "-o", str(out), "--overwrite", "--calib-file", str(calib)]
+    env = {**os.environ, "PYTHONPATH": str(root)}  # that checkout's slimgraph, not this one
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+    if proc.returncode != 0:
+        return f"smollm2-{name}", {"error": proc.stderr[-2000:]}
+    report = json.loads((out / "report.json").read_text())["passes"][0]["report"]
+    weights = weight_hashes(out, "torch")
+    return f"smollm2-{name}", {
+        "weights": weights,
+        "weights_sha256": _sha(json.dumps(weights, sort_keys=True).encode()),
+        "report_sha256": _sha(json.dumps(_untimed(report), sort_keys=True)
+                              .replace(str(work), "<work>").encode())}
+
+
 def compare(a: Path, b: Path) -> int:
     x, y = json.loads(a.read_text()), json.loads(b.read_text())
     bad = 0
@@ -119,9 +156,23 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/same_outputs"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--compare", nargs=2, type=Path)
+    ap.add_argument("--smollm2", action="store_true", help="the real model's cases")
+    ap.add_argument("--root", type=Path, default=ROOT, help="the slimgraph checkout to run")
+    ap.add_argument("--only", nargs="*", help="--smollm2: these cases only")
     args = ap.parse_args()
     if args.compare:
         return compare(*args.compare)
+    if args.smollm2:
+        results = {}
+        for name, pipeline in SMOLLM2_CASES:
+            if args.only and name not in args.only:
+                continue
+            case, results[case] = one_smollm2(args.work, args.root.resolve(), name, pipeline)
+            print(case, results[case].get("weights_sha256", "ERROR " + results[case].get(
+                "error", "")[-400:]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+        return 1 if any("error" in r for r in results.values()) else 0
     if not (args.work / "calib.txt").exists():
         args.work.mkdir(parents=True, exist_ok=True)
         build(args.work)
