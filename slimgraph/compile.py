@@ -6,8 +6,8 @@ import copy
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 from slimgraph.data import DEFAULT_CALIB, resolve_text

@@ -70,7 +70,7 @@ class CompileState:
     module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     gathers: list[str] = field(default_factory=list)  # linears turned into GatherLinear
     notes: list[str] = field(default_factory=list)
-    calib: CalibrationDefaults = field(default_factory=lambda: CalibrationDefaults())
+    calib: CalibrationDefaults = field(default_factory=CalibrationDefaults)
     # (done, total[, unit, info]) for long passes, set by the driver
     progress: Callable[..., None] | None = None
     original_config: PretrainedConfig | None = None  # the HF config before any pass changed it
