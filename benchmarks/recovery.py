@@ -59,8 +59,9 @@ def evaluation_windows_text(eval_txt: Path, windows: int, dest: Path) -> Path:
 
 def order(name: str) -> tuple[int, str]:
     """Rows in the table's order: the standard rows first, variants after their row."""
-    bases = [i for i, n in enumerate(CONFIGS) if name == n or name.startswith(n + "+")]
-    return (max(bases, key=lambda i: len(list(CONFIGS)[i])) if bases else len(CONFIGS)), name
+    names = list(CONFIGS)
+    base = max((n for n in names if name == n or name.startswith(n + "+")), key=len, default=None)
+    return (names.index(base) if base else len(names)), name
 
 
 def main() -> None:
@@ -82,13 +83,11 @@ def main() -> None:
     cli = [sys.executable, "-m", "slimgraph.cli"]
     path = Path(args.out)
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
-    configs = dict(CONFIGS)
-    for base in list(args.only):
-        if args.options:  # the base row's pipeline with the extra options
-            name = f"{base}+{args.options}"
-            configs[name] = CONFIGS[base].replace("},save-hf", f",{args.options}}},save-hf")
-            args.only[args.only.index(base)] = name
-    for name in args.only:
+    configs = {base: CONFIGS[base] for base in args.only}
+    if args.options:  # each row's pipeline with the extra options, under NAME+OPTIONS
+        configs = {f"{base}+{args.options}": pipe.replace("},save-hf", f",{args.options}}},save-hf")
+                   for base, pipe in configs.items()}
+    for name in configs:
         out = work / name
         _, secs = run(cli + ["compile", "--overwrite", "smollm2-135m", "-p", configs[name],
                              "-o", str(out), "--calib-file", str(calib_txt)])

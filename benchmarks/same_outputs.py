@@ -97,6 +97,17 @@ def weight_hashes(out: Path, kind: str) -> dict[str, str]:
     return got
 
 
+def output_hashes(out: Path, kind: str, work: Path) -> dict:
+    """The hashes of a compile's weights and of its first pass's report (untimed, the work
+    folder's path replaced)."""
+    report = json.loads((out / "report.json").read_text())["passes"][0]["report"]
+    weights = weight_hashes(out, kind)
+    return {"weights": weights,
+            "weights_sha256": _sha(json.dumps(weights, sort_keys=True).encode()),
+            "report_sha256": _sha(json.dumps(_untimed(report), sort_keys=True)
+                                  .replace(str(work), "<work>").encode())}
+
+
 def one(work: Path, kind: str, name: str, options: str) -> tuple[str, dict]:
     out = work / "out" / f"{kind}-{name}"
     src = work / "hf" if kind == "torch" else work / "onnx" / "model.onnx"
@@ -108,13 +119,7 @@ def one(work: Path, kind: str, name: str, options: str) -> tuple[str, dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return f"{kind}-{name}", {"error": proc.stderr[-2000:]}
-    report = json.loads((out / "report.json").read_text())["passes"][0]["report"]
-    weights = weight_hashes(out, kind)
-    return f"{kind}-{name}", {
-        "weights": weights,
-        "weights_sha256": _sha(json.dumps(weights, sort_keys=True).encode()),
-        "report_sha256": _sha(json.dumps(_untimed(report), sort_keys=True)
-                              .replace(str(work), "<work>").encode())}
+    return f"{kind}-{name}", output_hashes(out, kind, work)
 
 
 def one_smollm2(work: Path, root: Path, name: str, pipeline: str) -> tuple[str, dict]:
@@ -127,13 +132,7 @@ def one_smollm2(work: Path, root: Path, name: str, pipeline: str) -> tuple[str, 
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     if proc.returncode != 0:
         return f"smollm2-{name}", {"error": proc.stderr[-2000:]}
-    report = json.loads((out / "report.json").read_text())["passes"][0]["report"]
-    weights = weight_hashes(out, "torch")
-    return f"smollm2-{name}", {
-        "weights": weights,
-        "weights_sha256": _sha(json.dumps(weights, sort_keys=True).encode()),
-        "report_sha256": _sha(json.dumps(_untimed(report), sort_keys=True)
-                              .replace(str(work), "<work>").encode())}
+    return f"smollm2-{name}", output_hashes(out, "torch", work)
 
 
 def compare(a: Path, b: Path) -> int:

@@ -19,8 +19,8 @@ sparse model the merged update is masked again: the pattern wins). Data: ``data`
 file, Alpaca JSON/JSONL: KL on the responses, or ``self``: ``samples`` sequences sampled
 from the teacher); default the compile's --calib-file. ``add_self=N`` adds N sequences
 sampled from the teacher to a file's examples: more distinct text where the file is small
-(the teacher writes each sequence from its BOS token, temperature 1). ``steps`` optimizer steps of ``batch``
-examples of at most ``seqlen`` tokens (``accum`` micro-batches each), AdamW at ``lr`` with
+(the teacher writes each sequence from its BOS token, temperature 1). ``steps`` optimizer
+steps of ``batch`` examples of at most ``seqlen`` tokens (``accum`` micro-batches each), AdamW at ``lr`` with
 ``warmup`` linear warm-up steps (default steps/10) and cosine decay to 0. ``precision=bf16``
 runs the forward and backward passes under bfloat16 autocast (weights, optimizer state and
 losses stay float32): about twice the tokens/s on CPUs with AMX / AVX-512 BF16 and on
@@ -192,6 +192,9 @@ class Distill(Pass):
         if not data:
             raise self.option_error("data", "training data is required: data=FILE (text, Alpaca "
                                     "JSON/JSONL) or data=self, or compile --calib-file FILE")
+        if data == "self" and self.add_self:  # data=self from the compile's --calib-file
+            raise self.option_error("add_self", "the training data is already sampled from "
+                                    "the teacher (--calib-file self); give a data file")
         if data != "self" and not Path(data).is_file():
             raise self.option_error("data", f"'{data}' does not exist")
 

@@ -20,7 +20,7 @@ from slimgraph.frontends.build import graph_of
 from slimgraph.frontends.loading import load_model
 from slimgraph.l0.data import collate
 from slimgraph.l0.distill_loss import ce_sum, hidden_mse_sum, kl_sum, scored_positions
-from slimgraph.passes.base import CompileState
+from slimgraph.passes.base import CalibrationDefaults, CompileState
 from slimgraph.passes.distill import Distill
 from slimgraph.passes.pipeline import from_text_or_file
 from tests import zoo
@@ -228,6 +228,10 @@ def test_data_self_and_l0_with_the_distillation_loss(tiny, tmp_path):
         from_text_or_file("distill{data=self,add_self=2}")
     with pytest.raises(PipelineError, match="option 'add_self'"):
         from_text_or_file("distill{add_self=-1}")
+    self_calib = _state(tiny)
+    self_calib.calib = CalibrationDefaults(file="self")
+    with pytest.raises(PipelineError, match="option 'add_self'.*--calib-file self"):
+        Distill(add_self=2).requires(self_calib)
     state = _state(tiny, tmp_path)
     _run(state, f"l0{{target=0.3,steps=4,lora_steps=1,ramp_steps=2,data={tiny / 'train.jsonl'},"
                 f"seqlen=40,batch=2,prompt=none,distill=true,teacher={tiny / 'other'}}},remove")
