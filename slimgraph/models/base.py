@@ -80,5 +80,25 @@ class ModelKind(Protocol):
         """``importance=act`` without the block walk: per group id, every unit's score
         from the dense model's activations on ``windows``."""
 
-    def sparsify(self, pss: Any, state: CompileState) -> dict[str, Any]:
-        """``sparsify`` block by block on this kind; the pass's report."""
+    def sparsify_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                          batch: int, *, hessian: bool, pass_name: str
+                          ) -> tuple[Any, dict[str, Any], list[str] | None]:
+        """``sparsify``'s decoder blocks (a :class:`~slimgraph.structured.observer.
+        BlockObserver` with ``sites``; close it after use) on calibration ``windows``
+        (None: no statistics are needed, no block is run), with the Gram matrices when
+        ``hessian``; also extra keys of the report's ``calibration`` and the report's
+        notes (None: none on this kind)."""
+
+    def dense_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                       batch: int) -> Any:
+        """The dense model's decoder blocks on ``windows`` for statistics that change no
+        weight (OWL's outlier ratios); close it after use."""
+
+    def permute_space(self, state: CompileState, opts: Any, analysis: DependencyResult,
+                      windows: Any, batch: int) -> dict[str, Any]:
+        """``sparsify{permute=space}``: one permutation of the residual stream for all its
+        readers, applied before the block walk; the report's entry."""
+
+    def sparsified(self, state: CompileState, gathered: list[str]) -> None:
+        """After ``sparsify``: bring the model in line with the gathers it inserted in
+        front of the linears ``gathered`` (report names)."""

@@ -1,9 +1,10 @@
 """The ONNX model kind: an ONNX file loaded as an ``onnx_ir`` model.
 
 Removal slices initializers and rewrites shape constants
-(:mod:`slimgraph.structured.onnx_removal`); sparsity calibrates with ONNX Runtime on
-one segment model per decoder layer (:mod:`slimgraph.sparsity.onnx_path`) and writes the
-stored weights through the parameter handles; the graph is re-imported from the model
+(:mod:`slimgraph.structured.onnx_removal`); block walks (sparsity, calibrated structured
+removal) run one segment model per decoder layer in ONNX Runtime
+(:mod:`slimgraph.structured.onnx_observer`) and write the stored weights through the
+parameter handles; the graph is re-imported from the model
 in memory after a pass changed it.
 """
 
@@ -185,53 +186,67 @@ class OnnxModel:
             save_tokenizer(tokenizer, state.out_dir, state)
         return report
 
-    def sparsify(self, pss: Sparsify, state: CompileState) -> dict[str, Any]:
-        """Run ``sparsify`` in the ``onnx_ir`` model (calibration with ONNX Runtime on one
-        segment model per layer); its report."""
+    def sparsify_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                          batch: int, *, hessian: bool, pass_name: str
+                          ) -> tuple[Any, dict[str, Any], list[str] | None]:
+        """``sparsify``'s blocks: one segment model per layer in ONNX Runtime when there
+        are ``windows``; a graph that cannot be cut into layers is calibrated in one run
+        of the dense model (refused when the reconstruction needs the Gram matrices of
+        the pruned model's activations). The report's extras: the calibration method and
+        notes."""
         from slimgraph.sparsity import onnx_path
-        from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
+        from slimgraph.sparsity.onnx_blocks import SegmentError
         from slimgraph.sparsity.onnx_targets import find_targets
+        from slimgraph.structured.onnx_observer import OnnxBlocks, OnnxLayers
 
-        opts = pss.prune_options()
-        result = state.analysis()
-        model = state.graph.onnx_model
-        targets, untargeted = find_targets(result)
+        targets, untargeted = find_targets(analysis)
         if not targets:
-            raise PipelineError(f"pass '{pss.name}': no decoder-block linear with a stored "
+            raise PipelineError(f"pass '{pass_name}': no decoder-block linear with a stored "
                                 "weight was found in the ONNX model"
                                 + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
                                    if untargeted else ""))
-        samples, seqlen, source, windows = pss.calibration(state)
-        source = str(source)
-        plan, layer_of = None, {}
-        if pss.pattern is None and pss.schedule_name() != "uniform":
-            layer_of = target_layers(result, targets)
-            layers = sorted(set(layer_of.values()))
-            plan = pss.schedule_plan(layers, onnx_path.layer_params(targets, layer_of, layers),
-                                     lambda: onnx_path.owl_ratios(
-                                         model, targets, layer_of, layers, windows,
-                                         pss.owl_threshold(), batch=pss.batch,
-                                         tmp_parent=state.out_dir))
-        sparsity = {t.name: plan["by_layer"][layer_of[t.name]] for t in targets} if plan else {}
-        space_info = None
-        if pss.permute == "space":
-            space_info = onnx_path.permute_space(opts, result, model, targets, windows,
-                                                 batch=pss.batch, tmp_parent=state.out_dir)
-        try:
-            done, method, notes = onnx_path.prune_targets(
-                opts, result, model, targets, windows, sparsity, batch=pss.batch,
-                tmp_parent=state.out_dir, progress=state.progress)
-        except SegmentError as e:  # the reconstruction needs the graph cut into layers
-            raise PipelineError(f"pass '{pss.name}': {e}") from None
-        layers = [done[t.name] for t in targets] + untargeted
-        by_layer: dict[int, list[dict]] = {}
-        for t in targets if plan is not None else ():
-            by_layer.setdefault(layer_of[t.name], []).append(done[t.name])
-        data = pss.needs_data()
-        calibration = {"method": method, "source": source if data else None,
-                       "samples": samples if data else 0, "seqlen": seqlen}
-        report, _ = pss.build_report(layers, calibration, plan,
-                                     [{"layer": k, "layers": v} for k, v in by_layer.items()],
-                                     space_info, notes=notes)
         state.graph.onnx_modified = True
-        return report
+        if windows is None:
+            return OnnxLayers(analysis), {"method": None}, []
+        model = state.graph.onnx_model
+        try:
+            observer = OnnxBlocks(model, analysis, windows, batch=batch, tmp_parent=state.out_dir)
+            return observer, {"method": onnx_path.CALIBRATION}, []
+        except SegmentError as e:
+            if hessian:
+                raise PipelineError(f"pass '{pass_name}': weight reconstruction needs "
+                                    "block-sequential calibration and the ONNX graph cannot be "
+                                    f"cut into layers ({e})") from None
+            stats = onnx_path.input_stats(model, targets, windows, batch=batch,
+                                          tmp_parent=state.out_dir)
+            return OnnxLayers(analysis, stats), {"method": onnx_path.ONE_SHOT}, [
+                "calibration is one-shot on the dense model (ONNX Runtime), not "
+                f"block-sequential: the graph could not be cut into layers ({e}); layers after "
+                "the first see dense, not pruned, activations"]
+
+    def dense_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                       batch: int) -> Any:
+        """The dense model's statistics from one ONNX Runtime run (its block-sequential
+        activations are its ordinary forward's)."""
+        from slimgraph.sparsity.onnx_path import input_stats
+        from slimgraph.sparsity.onnx_targets import find_targets
+        from slimgraph.structured.onnx_observer import OnnxLayers
+
+        targets, _ = find_targets(analysis)
+        return OnnxLayers(analysis, input_stats(state.graph.onnx_model, targets, windows,
+                                                batch=batch, tmp_parent=state.out_dir))
+
+    def permute_space(self, state: CompileState, opts: Any, analysis: DependencyResult,
+                      windows: Any, batch: int) -> dict[str, Any]:
+        """``permute=space`` through the initializers, scored with the dense statistics
+        of the first 16 windows."""
+        from slimgraph.sparsity import onnx_path
+        from slimgraph.sparsity.onnx_targets import find_targets
+
+        targets, _ = find_targets(analysis)
+        state.graph.onnx_modified = True
+        return onnx_path.permute_space(opts, analysis, state.graph.onnx_model, targets, windows,
+                                       batch=batch, tmp_parent=state.out_dir)
+
+    def sparsified(self, state: CompileState, gathered: list[str]) -> None:
+        """Nothing to do: gathers are nodes of the model in memory already."""

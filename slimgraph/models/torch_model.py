@@ -140,47 +140,38 @@ class TorchModel:
         stages.finish()
         return report
 
-    def sparsify(self, pss: Sparsify, state: CompileState) -> dict[str, Any]:
-        """Run ``sparsify`` block by block (forward hooks on the decoder blocks; each
-        block pruned on the outputs of the blocks already pruned); its report."""
-        import torch
+    def sparsify_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                          batch: int, *, hessian: bool, pass_name: str
+                          ) -> tuple[Any, dict[str, Any], list[str] | None]:
+        """``sparsify``'s blocks: hooks on the decoder blocks' modules (one block in memory
+        at a time with --offload); no report extras."""
+        from slimgraph.structured.torch_blocks import TorchBlocks
 
-        from slimgraph.ir.blocks import find_blocks
-        from slimgraph.sparsity import schedules
-        from slimgraph.sparsity.block_prune import BlockPruner, permute_residual_space
-        from slimgraph.sparsity.calibration import block_sequential
+        observer = TorchBlocks(state.model, analysis, windows, batch=batch, lazy=state.offload)
+        if not observer.blocks:
+            raise PipelineError(f"pass '{pass_name}': no decoder blocks with prunable linears "
+                                "were found")
+        return observer, {}, None
 
-        opts = pss.prune_options()
-        result = state.analysis()
-        samples, seqlen, source, windows = pss.calibration(state)
-        if windows is None:
-            windows = torch.zeros((1, 2), dtype=torch.long)
-        # magnitude / RI need no activations: one tiny window drives the block walk
-        prune_windows = windows if pss.needs_stats() else torch.zeros((1, 2), dtype=torch.long)
-        space_info = None
-        if pss.permute == "space":
-            space_info = permute_residual_space(opts, state.model, result, windows)
-        plan = None
-        if pss.pattern is None:
-            blocks = find_blocks(result)
-            # weights of each block's pruned linears (shapes only: fine on the meta device)
-            params = [sum(state.model.get_submodule(n).weight.numel() for n in b.linears)
-                      for b in blocks]
-            plan = pss.schedule_plan([b.layer for b in blocks], params, lambda: (
-                schedules.owl_outlier_ratios(state.model, blocks, windows, pss.owl_threshold(),
-                                             batch=pss.batch, progress=state.progress,
-                                             lazy=state.offload)))
-        pruner = BlockPruner(opts, state.model, result,
-                             plan["by_layer"] if plan is not None else None)
-        reports = block_sequential(state.model, result, prune_windows, pruner, batch=pss.batch,
-                                   progress=state.progress, lazy=state.offload)
-        layers = [r for rep in reports for r in rep["layers"]]
-        calibration = {"source": str(source) if pss.needs_data() else None,
-                       "samples": samples if pss.needs_data() else 0, "seqlen": seqlen}
-        report, pruned = pss.build_report(layers, calibration, plan, reports, space_info)
-        gathered = [r["name"] for r in pruned
-                    if r.get("permutation", {}).get("realised") == "gather"]
+    def dense_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
+                       batch: int) -> Any:
+        """The dense model's blocks on ``windows`` (OWL's outlier ratios): the same walk,
+        with no weight changed."""
+        from slimgraph.structured.torch_blocks import TorchBlocks
+
+        return TorchBlocks(state.model, analysis, windows, batch=batch, lazy=state.offload)
+
+    def permute_space(self, state: CompileState, opts: Any, analysis: DependencyResult,
+                      windows: Any, batch: int) -> dict[str, Any]:
+        """``permute=space``: one permutation of the residual stream, scored with the
+        activation norms of one dense pass (:func:`~slimgraph.sparsity.block_prune.
+        permute_residual_space`)."""
+        from slimgraph.sparsity.block_prune import permute_residual_space
+
+        return permute_residual_space(opts, state.model, analysis, windows)
+
+    def sparsified(self, state: CompileState, gathered: list[str]) -> None:
+        """The linears that got a gather become gather modules of the graph."""
         if gathered:
             state.gathers.extend(gathered)
             state.retrace()
-        return report

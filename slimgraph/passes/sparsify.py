@@ -32,18 +32,21 @@ linears equals ``sparsity``; the per-layer values are in the report.
 
 The pruned linears are the decoder-block linears of ``slimgraph/ir/blocks.py`` (named
 inside a numbered block; not found through the channel groups, so k/v of a one-KV-head
-model are pruned too); the block walk is ``sparsity/block_prune.py``, the per-linear step
-(score, permutation, mask or update) ``sparsity/prune_step.py``, one for both paths; this
-module holds the options, their checks and the driver of both paths. A block linear left
-as it is (input size not divisible by M, not an nn.Linear) is listed in the report's
-``skipped`` with the reason. ``ensures`` checks the claim: every block linear is pruned or
-skipped, and under ``pattern=N:M`` every pruned one holds N:M (else the compile fails).
+model are pruned too). The pass is one piece of code for every model kind: the block walk
+is ``sparsity/block_prune.py`` (``prune_blocks``, on the kind's block observer: hooks on
+a PyTorch model's block modules, or one ONNX Runtime segment model per layer of an ONNX
+model, ``structured/onnx_observer.py``), the per-linear step (score, permutation, mask or
+update) ``sparsity/prune_step.py``; this module holds the options, their checks and the
+driver. A block linear left as it is (input size not divisible by M, not an nn.Linear) is
+listed in the report's ``skipped`` with the reason. ``ensures`` checks the claim: every
+block linear is pruned or skipped, and under ``pattern=N:M`` every pruned one holds N:M
+(else the compile fails).
 
-ONNX input (a model that exists only as an .onnx file) goes through
-``sparsity/onnx_path.py``: same scores and masks, weights written back into the ONNX
-model (``export-onnx`` saves it), calibration block-sequential through ONNX Runtime (one
-segment model per layer, ``sparsity/onnx_blocks.py``: the PyTorch path's masks);
-reconstruction, every permute mode and per-layer schedules work; calib=self is refused.
+On ONNX input (a model that exists only as an .onnx file) the weights are written back
+into the ONNX model (``export-onnx`` saves it) and calibration runs through ONNX Runtime
+(the masks of the PyTorch model); reconstruction, every permute mode and per-layer
+schedules work; calib=self is refused. A graph that cannot be cut into layers is
+calibrated in one dense run (not with reconstruction) and the report says so.
 """
 
 from __future__ import annotations
@@ -279,8 +282,51 @@ class Sparsify(Pass):
         return samples, seqlen, source, sample_windows(tokens, samples, seqlen, self.seed)
 
     def run(self, state: CompileState) -> PassResult:
-        """Block by block on the model kind (:meth:`ModelKind.sparsify`)."""
-        return PassResult(True, state.kind.sparsify(self, state))
+        """Block by block on the model kind's block observer
+        (:func:`~slimgraph.sparsity.block_prune.prune_blocks`), the same walk for every
+        kind; what differs (how blocks run, how weights are stored) is the kind's."""
+        from slimgraph.sparsity.block_prune import prune_blocks
+
+        opts = self.prune_options()
+        result = state.analysis()
+        samples, seqlen, source, windows = self.calibration(state)
+        space_info = None
+        if self.permute == "space":  # before calibration: an exact reordering of the model
+            space_info = state.kind.permute_space(state, opts, result, windows, self.batch)
+        observer, extras, notes = state.kind.sparsify_observer(
+            state, result, windows if self.needs_stats() else None, self.batch,
+            hessian=self.needs_hessian(), pass_name=self.name)
+        try:
+            plan = None
+            if self.pattern is None:
+                plan = self.schedule_plan([b.layer for b in observer.blocks],
+                                          block_params(observer, result, opts),
+                                          lambda: self.owl_ratios(state, result, windows))
+            reports = prune_blocks(opts, observer, result,
+                                   plan["by_layer"] if plan is not None else None,
+                                   progress=state.progress)
+        finally:
+            observer.close()
+        layers = [r for rep in reports for r in rep["layers"]] + list(observer.untargeted)
+        data = self.needs_data()
+        calibration = {**extras, "source": str(source) if data else None,
+                       "samples": samples if data else 0, "seqlen": seqlen}
+        report, pruned = self.build_report(layers, calibration, plan, reports, space_info,
+                                           notes=notes)
+        state.kind.sparsified(state, [r["name"] for r in pruned if r.get(
+            "permutation", {}).get("realised") == "gather"])
+        return PassResult(True, report)
+
+    def owl_ratios(self, state: CompileState, result, windows) -> list[float]:
+        """OWL's outlier ratio of every block, from one pass of the dense model."""
+        from slimgraph.sparsity.schedules import owl_outlier_ratios
+
+        observer = state.kind.dense_observer(state, result, windows, self.batch)
+        try:
+            return owl_outlier_ratios(observer, self.prune_options(), self.owl_threshold(),
+                                      progress=state.progress)
+        finally:
+            observer.close()
 
     def build_report(self, layers: list[dict], calibration: dict, plan: dict | None,
                      reports: list[dict], space_info: dict | None,
@@ -377,6 +423,18 @@ class Sparsify(Pass):
         if plan["owl"] is not None:
             out["owl"] = plan["owl"]
         return out
+
+
+def block_params(observer, result, opts: PruneOptions) -> list[int]:
+    """The weights of each block's linears (shapes only: fine on the meta device)."""
+    import math
+
+    out = []
+    for blk in observer.blocks:
+        sites = observer.sites(blk, opts).values()
+        out.append(sum(s["numel"] if isinstance(s, dict) else
+                       math.prod(result.graph.params[s.param].shape) for s in sites))
+    return out
 
 
 register(Sparsify)

@@ -1,15 +1,18 @@
-"""Pruning the linears of one decoder block (``sparsify``'s PyTorch path), the one
-permutation of the residual stream (``permute=space``), and the check of what the pass
-claims.
+"""``sparsify``'s block walk, one for every model kind, the PyTorch model's linears as
+sites of the per-linear step, the one permutation of the residual stream of a PyTorch
+model (``permute=space``), and the check of what the pass claims.
 
-:class:`BlockPruner` is ``calibration.block_sequential``'s ``prune_block``: it observes the
-block's linear inputs (when the score or the reconstruction needs them), then prunes
-every linear of the block (:func:`slimgraph.ir.blocks.find_blocks`) through the step both
-paths share (:func:`slimgraph.sparsity.prune_step.prune_linear`, on a
-:class:`TorchLinear`); a linear it does not change is reported with ``skipped`` and the
-reason. :func:`unclaimed` and :func:`nm_claim_failures` are the pass's ``ensures``: every
-block linear is either pruned or skipped with a reason, and each one claimed pruned under
-``pattern=N:M`` holds N:M in the stored weight.
+:func:`prune_blocks` walks the decoder blocks on a block observer
+(:class:`~slimgraph.structured.observer.BlockObserver`: hooks on a PyTorch model's block
+modules, or one ONNX Runtime segment model per layer): per block it observes the inputs
+of the block's linears (when the score or the reconstruction needs them), then prunes
+every linear through the step all kinds share (:func:`slimgraph.sparsity.prune_step.
+prune_linear`, on the observer's sites: a :class:`TorchLinear` here, a
+:class:`~slimgraph.sparsity.onnx_permute.TargetSite` on ONNX input); a linear it does not
+change is reported with ``skipped`` and the reason. :func:`unclaimed` and
+:func:`nm_claim_failures` are the pass's ``ensures``: every block linear is either pruned
+or skipped with a reason, and each one claimed pruned under ``pattern=N:M`` holds N:M in
+the stored weight.
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ class TorchLinear:
 
     w_in = 1
 
-    def __init__(self, model: torch.nn.Module, name: str, lin: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, name: str, lin: torch.nn.Module,
+                 reads: str | None = None) -> None:
         self.model, self.label, self.lin = model, name, lin
         self.param = name + ".weight"
         self.stored_t = _is_conv1d(lin)
+        self.in_features = lin.weight.shape[0 if self.stored_t else 1]
+        self.reads = reads or name  # the activation it reads (gathers may be shared)
 
     def read(self) -> torch.Tensor:
         w = self.lin.weight.detach().float()
@@ -68,72 +74,80 @@ class TorchLinear:
         return None
 
 
-class BlockPruner:
-    """Observe a block's linear inputs, then prune every linear of the block (at the
-    block's own sparsity when a per-layer schedule is given)."""
+def torch_sites(model: torch.nn.Module, block, module: torch.nn.Module, opts: PruneOptions,
+                reads: dict[str, str]) -> dict[str, Any]:
+    """Per linear of ``block`` (``module``: its module), a :class:`TorchLinear`, or the
+    report entry of a module left as it is: not an ``nn.Linear`` / ``Conv1D`` with a 2-D
+    weight, or a ``Conv1D`` under a permutation that moves weights. ``reads``: weight
+    name -> the activation its linear reads in the graph."""
+    out: dict[str, Any] = {}
+    for name in block.linears:
+        mod = module.get_submodule(name[len(block.module_name) + 1:])
+        w = getattr(mod, "weight", None)
+        why = None
+        if not (isinstance(mod, torch.nn.Linear) or _is_conv1d(mod)) \
+                or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            why = f"a {type(mod).__name__}, not a linear module with a 2-D weight"
+        elif _is_conv1d(mod) and opts.permute in MOVING_PERMUTES:
+            why = f"a Conv1D (weight [in, out]): permute={opts.permute} needs an nn.Linear"
+        if why is not None:
+            out[name] = skipped(name, why, w.numel() if isinstance(w, torch.Tensor) else 0)
+        else:
+            out[name] = TorchLinear(model, name, mod, reads.get(name + ".weight"))
+    return out
 
-    def __init__(self, opts: PruneOptions, model, result,
-                 by_layer: dict[int, float] | None = None) -> None:
-        self.opts = opts
-        self.model = model
-        self.result = result
-        self.by_layer = by_layer
-        self.gather_plans: dict = {}
-        self._reads: dict[str, str] | None = None  # weight -> activation, for gather plans
 
-    def __call__(self, block, module: torch.nn.Module, inputs: list) -> dict:
-        from slimgraph.sparsity.calibration import observe_block
-
-        opts = self.opts
-        linears, reports = {}, {}
-        for name in block.linears:
-            mod = module.get_submodule(name[len(block.module_name) + 1:])
-            w = getattr(mod, "weight", None)
-            why = None
-            if not (isinstance(mod, torch.nn.Linear) or _is_conv1d(mod)) \
-                    or not isinstance(w, torch.Tensor) or w.dim() != 2:
-                why = f"a {type(mod).__name__}, not a linear module with a 2-D weight"
-            elif _is_conv1d(mod) and opts.permute in MOVING_PERMUTES:
-                why = f"a Conv1D (weight [in, out]): permute={opts.permute} needs an nn.Linear"
-            if why is not None:
-                numel = w.numel() if isinstance(w, torch.Tensor) else 0
-                reports[name] = skipped(name, why, numel)
-            else:
-                linears[name] = mod
+def prune_blocks(opts: PruneOptions, observer, result, by_layer: dict[int, float] | None = None,
+                 *, progress: Callable[..., None] | None = None) -> list[dict]:
+    """``sparsify``'s block walk, one for every model kind: on ``observer`` (a
+    :class:`~slimgraph.structured.observer.BlockObserver`), per decoder block observe the
+    inputs of its linears when the score or the reconstruction needs them (each block on
+    the outputs of the blocks already pruned), then prune every linear through
+    :func:`~slimgraph.sparsity.prune_step.prune_linear` at the block's sparsity
+    (``by_layer``: a per-layer schedule, else ``opts.sparsity``). Without statistics no
+    block is run. Returns per block ``{"layer", "layers": report entries}``."""
+    blocks = observer.blocks
+    observe = opts.needs_stats()
+    inputs = observer.first_inputs() if observe else None
+    reports = []
+    for i, blk in enumerate(blocks):
+        observer.enter(blk)
+        entries = observer.sites(blk, opts)
+        sites = {label: s for label, s in entries.items() if not isinstance(s, dict)}
         stats: dict = {}
-        if opts.needs_stats() and linears:
-            stats, _ = observe_block(module, linears, inputs, hessian=opts.needs_hessian())
-        sparsity = self.by_layer[block.layer] if self.by_layer is not None else opts.sparsity
-        if opts.permute == "gather":
-            self.gather_plans = self.plan_gathers(linears, stats)
-        for name, lin in linears.items():
-            reports[name] = prune_linear(opts, TorchLinear(self.model, name, lin),
-                                         stats.get(name), sparsity, self.result,
-                                         self.gather_plans.get(name))
-        return {"layer": block.layer, "layers": [reports[name] for name in block.linears]}
+        if observe and sites:
+            stats, _ = observer.statistics(blk, inputs, [s.param for s in sites.values()],
+                                           hessian=opts.needs_hessian())
+        sparsity = by_layer[blk.layer] if by_layer is not None else opts.sparsity
+        plans = plan_gathers(opts, result, sites, stats) if opts.permute == "gather" else {}
+        done = {label: s if isinstance(s, dict) else
+                prune_linear(opts, s, stats.get(s.param), sparsity, result, plans.get(label))
+                for label, s in entries.items()}
+        del stats
+        reports.append({"layer": blk.layer, "layers": [done[label] for label in blk.linears]})
+        if observe and i + 1 < len(blocks):
+            inputs = observer.propagate(blk, inputs)
+        observer.finished(blk)
+        if progress:
+            progress(i + 1, len(blocks), "blocks", observer.progress_note or "")
+    return reports
 
-    def plan_gathers(self, linears: dict, stats: dict) -> dict:
-        """``permute=gather``: the permutation of each of this block's linears, or with
-        ``gather_share`` one per set of linears that read the same activation
-        (:func:`~slimgraph.sparsity.prune_step.gather_plans`); linears folded for free
-        (:func:`~slimgraph.sparsity.deploy.free_fold_group`) and those the pattern cannot
-        divide are left out."""
-        from slimgraph.ir.graph import OpKind
-        from slimgraph.sparsity.deploy import free_fold_group
 
-        m = self.opts.nm[1]
-        if self._reads is None:
-            self._reads = {nd.inputs[1].name: nd.inputs[0].name for nd in self.result.graph.nodes
-                           if nd.kind is OpKind.LINEAR and nd.inputs[1] is not None
-                           and nd.inputs[0] is not None}
-        input_of = {name: self._reads.get(name + ".weight", name)
-                    for name, lin in linears.items()
-                    if lin.in_features % m == 0
-                    and free_fold_group(self.result, name + ".weight", m) is None}
-        return gather_plans(self.opts, input_of,
-                            lambda name: linear_scores(self.opts,
-                                                       linears[name].weight.detach().float(),
-                                                       stats.get(name)))
+def plan_gathers(opts: PruneOptions, result, sites: dict[str, Any], stats: dict) -> dict:
+    """``permute=gather``: the permutation of each of a block's linears (by label), or
+    with ``gather_share`` one per set of linears that read the same activation
+    (:func:`~slimgraph.sparsity.prune_step.gather_plans`); linears folded for free
+    (:func:`~slimgraph.sparsity.deploy.free_fold_group`), those the pattern cannot divide
+    and those no gather can be put in front of are left out."""
+    from slimgraph.sparsity.deploy import free_fold_group
+
+    m = opts.nm[1]
+    input_of = {label: s.reads for label, s in sites.items()
+                if s.in_features % m == 0 and s.gather_blocker() is None
+                and free_fold_group(result, s.param, m, dim=s.w_in) is None}
+    return gather_plans(opts, input_of,
+                        lambda label: linear_scores(opts, sites[label].read(),
+                                                    stats.get(sites[label].param)))
 
 
 def permute_residual_space(opts: PruneOptions, model: torch.nn.Module, result,

@@ -1,7 +1,9 @@
 """Block-sequential calibration on an ONNX graph, through ONNX Runtime.
 
-The PyTorch path (``calibration.block_sequential``) observes block ``k`` on the outputs of
-the already-pruned blocks ``0..k-1``. This module does the same on a model that exists
+The block walks (``sparsify``'s :func:`~slimgraph.sparsity.block_prune.prune_blocks`,
+structured removal's :func:`~slimgraph.structured.recovery.walk_blocks`) observe block
+``k`` on the outputs of the already-pruned blocks ``0..k-1``. This module lets them do
+that (through :class:`~slimgraph.structured.onnx_observer.OnnxBlocks`) on a model that exists
 only as an ONNX file, without module boundaries to hook: the graph is cut into one
 segment per decoder layer, and each segment becomes a small ONNX model of its own.
 
@@ -33,7 +35,7 @@ seqlen x hidden) and one segment model at a time.
 
 :func:`plan_segments` raises :class:`SegmentError` when the graph cannot be cut this
 way (a target fed by a later layer's target, a crossing tensor of unknown type, a
-control-flow node on the path); the caller then falls back to one-shot calibration and
+control-flow node on the path); ``sparsify`` then falls back to one-shot calibration and
 says so in its report.
 """
 
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -275,35 +276,6 @@ class SegmentWalk:
 
     def close(self) -> None:
         self.runner.close()
-
-
-def block_sequential_onnx(model: ir.Model, segments: list[Segment], windows: torch.Tensor,
-                          prune_layer: Callable[[Segment, dict[str, GramAccumulator]], None], *,
-                          hessian: bool = False, batch: int = 8, tmp_parent: Path | None = None,
-                          progress: Callable[..., None] | None = None) -> None:
-    """Observe, prune (``prune_layer(segment, statistics by target name)``) and
-    propagate, one segment after the other (see the module docstring). The statistics
-    are :class:`~slimgraph.sparsity.reconstruct.GramAccumulator` s (channel norms; the Gram
-    matrix too with ``hessian``), shared by targets that read the same activations."""
-    from slimgraph.sparsity.reconstruct import GramAccumulator
-
-    walk = SegmentWalk(model, segments, windows, batch=batch, tmp_parent=tmp_parent)
-    try:
-        stored = walk.new_stream()
-        for i, s in enumerate(segments):
-            accs = {tuple(t.inputs): GramAccumulator(t.in_features, hessian=hessian)
-                    for t in s.targets}
-            for acts in walk.activations(s, s.observe, stored):
-                for names, acc in accs.items():
-                    for name in names:
-                        observe(acc, name, acts[name])
-            prune_layer(s, {t.name: accs[tuple(t.inputs)] for t in s.targets})
-            del accs
-            walk.propagate(s, stored)
-            if progress:
-                progress(i + 1, len(segments), "blocks")
-    finally:
-        walk.close()
 
 
 def observe(acc: GramAccumulator, name: str, arr: np.ndarray) -> None:

@@ -1,6 +1,8 @@
-"""`sparsify` on a model that exists only as an ONNX file: calibration and pruning of
-the targets (``onnx_targets.py``) in the ``onnx_ir`` model (the pass, ``passes/sparsify.py``,
-drives it).
+"""`sparsify` on a model that exists only as an ONNX file: what its calibration needs
+beyond the segment walk (the model's tokenizer, one run of the dense model) and the
+permutation of the residual stream. The pass (``passes/sparsify.py``) walks the blocks
+with :func:`slimgraph.sparsity.block_prune.prune_blocks`, as on a PyTorch model, on the
+block observers of :mod:`slimgraph.structured.onnx_observer`.
 
     slimgraph compile model.onnx -p "sparsify{score=wanda,pattern=2:4},export-onnx" -o OUT
 
@@ -13,7 +15,7 @@ into the ``onnx_ir`` model (``Graph.onnx_model``), transposed storage included.
 the step the PyTorch path uses (:func:`slimgraph.sparsity.prune_step.prune_linear`: the
 same scores, masks, SparseGPT update and permutation search), N:M along the input dim.
 
-Calibration (wanda, ria) is block-sequential as in the PyTorch path
+Calibration (wanda, ria) is block-sequential as on a PyTorch model
 (``sparsity/onnx_blocks.py``): the graph is cut into one segment per decoder layer, and
 layer ``k``'s targets are observed in ONNX Runtime on the outputs of the already-pruned
 layers ``0..k-1``, so the masks are those of the PyTorch path on the same model. When
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,108 +146,6 @@ def _width(value, targets: list[Target], name: str) -> int:
 # --------------------------------------------------------------------------- pruning
 
 
-def target_scores(opts: PruneOptions, t: Target, acc=None, w: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """Pruning scores of ``t``'s ``[out, in]`` weight (``w``, read when not given;
-    SparseGPT ranks by magnitude; ``acc``: its input statistics)."""
-    from slimgraph.sparsity.prune_step import linear_scores
-
-    return linear_scores(opts, t.weight() if w is None else w, acc)
-
-
-def gather_plans(opts: PruneOptions, result, targets: list[Target], stats: dict | None) -> dict:
-    """Under ``permute=gather``, the shared permutations of ``targets`` (one layer's, or
-    all of them; ``stats``: input statistics by name) -- else nothing."""
-    from slimgraph.sparsity.onnx_permute import plan_gathers
-
-    if opts.permute != "gather":
-        return {}
-    return plan_gathers(opts, result, targets,
-                        lambda t: target_scores(opts, t, stats.get(t.name) if stats else None))
-
-
-def prune_target(opts: PruneOptions, t: Target, acc=None, result=None,
-                 sparsity: float | None = None, plan: tuple | None = None) -> dict:
-    """Prune ``t`` (:func:`~slimgraph.sparsity.prune_step.prune_linear` on its
-    :class:`~slimgraph.sparsity.onnx_permute.TargetSite`; ``acc``: its input statistics,
-    a :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`; ``result``: the analysis,
-    for ``fold``). ``sparsity``: this layer's (a per-layer schedule), else
-    ``opts.sparsity``; ``plan``: its shared permutation under ``gather``
-    (:func:`gather_plans`)."""
-    from slimgraph.sparsity.onnx_permute import TargetSite
-    from slimgraph.sparsity.prune_step import prune_linear
-
-    return prune_linear(opts, TargetSite(t), acc, opts.sparsity if sparsity is None else sparsity,
-                        result, plan)
-
-
-def prune_targets(opts: PruneOptions, result, model, targets: list[Target],
-                  windows: torch.Tensor | None, sparsity: dict[str, float], *, batch: int = 8,
-                  tmp_parent: Path | None = None, progress: Callable[..., None] | None = None
-                  ) -> tuple[dict[str, dict], str | None, list[str]]:
-    """Prune every target of the ``onnx_ir`` ``model`` (``result``: its analysis;
-    ``sparsity``: a per-layer schedule's value by target name): with its calibration
-    statistics over ``windows`` when the score or the reconstruction needs them
-    (:func:`calibrate_and_prune`), else from the weights alone. Returns the report
-    entries by target name, the calibration method (None without calibration) and the
-    report's notes."""
-    done: dict[str, dict] = {}
-    method, notes = None, []
-    if opts.needs_stats():
-        method, notes = calibrate_and_prune(opts, result, model, targets, windows, done,
-                                            sparsity, batch=batch, tmp_parent=tmp_parent,
-                                            progress=progress)
-    left = [t for t in targets if t.name not in done]
-    plans = gather_plans(opts, result, left, None)
-    for i, t in enumerate(targets):
-        if t.name not in done:
-            done[t.name] = prune_target(opts, t, None, result, sparsity.get(t.name),
-                                        plans.get(t.name))
-            if progress:
-                progress(i + 1, len(targets), "linears")
-    return done, method, notes
-
-
-def calibrate_and_prune(opts: PruneOptions, result, model, targets: list[Target],
-                        windows: torch.Tensor, done: dict[str, dict],
-                        sparsity: dict[str, float], *, batch: int = 8,
-                        tmp_parent: Path | None = None,
-                        progress: Callable[..., None] | None = None) -> tuple[str, list[str]]:
-    """Prune every target with its calibration statistics (reports into ``done``; a
-    per-layer schedule's values in ``sparsity``): block-sequential when the graph can be
-    cut into layers, else one-shot -- unless the reconstruction needs the Gram matrices
-    of the pruned model's activations (then a
-    :class:`~slimgraph.sparsity.onnx_blocks.SegmentError` says why it cannot run).
-    Returns the method and the report's notes."""
-    from slimgraph.sparsity.onnx_blocks import (SegmentError, block_sequential_onnx,
-                                                plan_segments, target_layers)
-
-    try:
-        segments = plan_segments(model.graph, targets, target_layers(result, targets))
-    except SegmentError as e:
-        if opts.needs_hessian():
-            raise SegmentError("weight reconstruction needs block-sequential calibration and "
-                               f"the ONNX graph cannot be cut into layers ({e})") from None
-        stats = input_stats(model, targets, windows, batch=batch, tmp_parent=tmp_parent)
-        plans = gather_plans(opts, result, targets, stats)
-        for t in targets:
-            done[t.name] = prune_target(opts, t, stats[t.name], result, sparsity.get(t.name),
-                                        plans.get(t.name))
-        return ONE_SHOT, [f"calibration is one-shot on the dense model (ONNX Runtime), not "
-                          f"block-sequential: the graph could not be cut into layers ({e}); "
-                          "layers after the first see dense, not pruned, activations"]
-
-    def prune_layer(segment, sums):
-        plans = gather_plans(opts, result, segment.targets, sums)
-        for t in segment.targets:
-            done[t.name] = prune_target(opts, t, sums[t.name], result, sparsity.get(t.name),
-                                        plans.get(t.name))
-
-    block_sequential_onnx(model, segments, windows, prune_layer, hessian=opts.needs_hessian(),
-                          batch=batch, tmp_parent=tmp_parent, progress=progress)
-    return CALIBRATION, []
-
-
 def permute_space(opts: PruneOptions, result, model, targets: list[Target],
                   windows: torch.Tensor | None, *, batch: int = 8,
                   tmp_parent: Path | None = None) -> dict:
@@ -258,33 +157,3 @@ def permute_space(opts: PruneOptions, result, model, targets: list[Target],
     stats = input_stats(model, targets, windows[:16], batch=batch, tmp_parent=tmp_parent) \
         if opts.score in ("wanda", "ria") else None
     return onnx_permute.permute_space(opts, result, targets, stats)
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def layer_params(targets: list[Target], layer_of: dict[str, int], layers: list[int]
-                 ) -> list[int]:
-    """The weights of each layer's targets (``layer_of``: target name -> layer)."""
-    return [sum(int(np.prod(t.handle.shape)) for t in targets if layer_of[t.name] == k)
-            for k in layers]
-
-
-def owl_ratios(model, targets: list[Target], layer_of: dict[str, int], layers: list[int],
-               windows: torch.Tensor, threshold: float, *, batch: int = 8,
-               tmp_parent: Path | None = None) -> list[float]:
-    """OWL's outlier ratio of each layer, from the dense statistics of one ONNX Runtime
-    pass (:func:`input_stats`): the dense model's block-sequential activations are its
-    ordinary forward's."""
-    from slimgraph.sparsity.schedules import outlier_ratio
-    from slimgraph.sparsity.scores import score
-
-    stats = input_stats(model, targets, windows, batch=batch, tmp_parent=tmp_parent)
-    ratios = []
-    for k in layers:
-        mats = []
-        for t in targets:
-            if layer_of[t.name] == k:
-                mats.append(score(t.weight(), "wanda", act_norm=stats[t.name].act_norm()))
-        ratios.append(outlier_ratio(mats, threshold))
-    return ratios

@@ -18,7 +18,7 @@ ONNX model (the per-linear step itself is the PyTorch path's,
   :mod:`~slimgraph.sparsity.onnx_gathers`): exact for any linear. A target whose input
   channels are one group's units one by one (down_proj) is folded instead; with
   ``gather_share`` targets that read the same activations share one permutation and one
-  gather (:func:`plan_gathers`).
+  gather (:func:`~slimgraph.sparsity.block_prune.plan_gathers`).
 
 - ``space``: one permutation of the residual stream for all its readers
   (:func:`permute_space`, before calibration: the hidden group's members -- embedding,
@@ -48,6 +48,8 @@ class TargetSite:
         self.label = t.label or t.name
         self.param = t.name
         self.w_in = t.w_in
+        self.in_features = t.in_features
+        self.reads = "\n".join(t.inputs)  # the activations it reads (gathers may be shared)
 
     def read(self) -> torch.Tensor:
         return self.t.weight()
@@ -63,23 +65,6 @@ class TargetSite:
     def gather_blocker(self) -> str | None:
         uses = _activation_inputs(self.t)
         return uses if isinstance(uses, str) else None
-
-
-def plan_gathers(opts: PruneOptions, result, targets: list[Target], score_of) -> dict:
-    """``permute=gather``: the permutation of each target a gather can serve, or with
-    ``gather_share`` one per set of targets that read the same activations
-    (:func:`~slimgraph.sparsity.prune_step.gather_plans`, ``score_of(target)`` their
-    ``[out, in]`` scores); targets folded at no cost
-    (:func:`~slimgraph.sparsity.deploy.free_fold_group`) are left out."""
-    from slimgraph.sparsity.deploy import free_fold_group
-    from slimgraph.sparsity.prune_step import gather_plans
-
-    m = opts.nm[1]
-    by_name = {t.name: t for t in targets}
-    input_of = {t.name: "\n".join(t.inputs) for t in targets
-                if t.in_features % m == 0 and not isinstance(_activation_inputs(t), str)
-                and free_fold_group(result, t.name, m, dim=t.w_in) is None}
-    return gather_plans(opts, input_of, lambda name: score_of(by_name[name]))
 
 
 def _activation_inputs(t: Target) -> list[tuple[object, int]] | str:

@@ -142,38 +142,31 @@ def outlier_ratio(scores: Callable[[], list[torch.Tensor]] | list[torch.Tensor],
     return sum(int((s > m * mean).sum()) for s in mats) / total
 
 
-def owl_outlier_ratios(model, blocks, windows: torch.Tensor, m: float, *, batch: int = 8,
-                       progress: Callable[..., None] | None = None, lazy=None) -> list[float]:
-    """Outlier ratio ``D_l`` of every block from one dense block-sequential pass.
-
-    Block 0's inputs are captured as for pruning; each block runs once with observers on
-    its linears (Wanda's ``‖X_j‖₂``) and its outputs feed the next block; no weight is
-    changed. With ``lazy`` (compile --offload) one block at a time is materialized and put
-    back on the meta device afterwards (unchanged, so nothing is written to the store).
-    """
-    from slimgraph.sparsity.calibration import capture_block_inputs, observe_block
+def owl_outlier_ratios(observer, opts, m: float, *,
+                       progress: Callable[..., None] | None = None) -> list[float]:
+    """Outlier ratio ``D_l`` of every block from one dense pass on ``observer`` (a
+    :class:`~slimgraph.structured.observer.BlockObserver` of the dense model: each block
+    run once with its linears' input norms observed (Wanda's ``‖X_j‖₂``), its outputs
+    feeding the next block; no weight is changed). ``opts``: the pass's options (which
+    block linears are pruned)."""
     from slimgraph.sparsity.scores import score
 
-    inputs = capture_block_inputs(model, model.get_submodule(blocks[0].module_name), windows, batch)
+    blocks = observer.blocks
+    inputs = observer.first_inputs()
     ratios = []
     for i, blk in enumerate(blocks):
-        if lazy is not None:
-            lazy.materialize(blk.module_name)
+        observer.enter(blk)
         try:
-            module = model.get_submodule(blk.module_name)
-            linears = {name: module.get_submodule(name[len(blk.module_name) + 1:])
-                       for name in blk.linears}
-            stats, outputs = observe_block(module, linears, inputs, hessian=False,
-                                           outputs=i + 1 < len(blocks))
-            mats = [score(lin.weight.detach().float(), "wanda", act_norm=stats[name].act_norm())
-                    for name, lin in linears.items()]
+            sites = [s for s in observer.sites(blk, opts).values() if not isinstance(s, dict)]
+            stats, inputs = observer.statistics(blk, inputs, [s.param for s in sites],
+                                                hessian=False, advance=i + 1 < len(blocks))
+            mats = [score(s.read(), "wanda", act_norm=stats[s.param].act_norm()) for s in sites]
             ratios.append(outlier_ratio(mats, m))
             del mats, stats
         finally:
-            if lazy is not None:
-                lazy.evict(blk.module_name)
-        inputs = outputs
+            observer.finished(blk, changed=False)
         if progress:
-            info = "OWL outlier ratios: dense pass" + (", offloaded" if lazy is not None else "")
-            progress(i + 1, len(blocks), "blocks", info)
+            note = observer.progress_note
+            progress(i + 1, len(blocks), "blocks",
+                     "OWL outlier ratios: dense pass" + (f", {note}" if note else ""))
     return ratios

@@ -28,6 +28,8 @@ from slimgraph.ir.graph import OpKind
 if TYPE_CHECKING:
     from slimgraph.ir.blocks import Block
     from slimgraph.ir.dependency import DependencyResult
+    from slimgraph.sparsity.options import PruneOptions
+    from slimgraph.sparsity.reconstruct import GramAccumulator
 
 
 class ObserverError(PipelineError):
@@ -45,11 +47,16 @@ class BlockObserver(ABC):
     """One model's decoder blocks on calibration data (see the module docstring).
 
     A subclass sets ``blocks`` (the decoder blocks in the order of the residual stream)
-    and implements :meth:`first_inputs`, :meth:`grams` and :meth:`propagate`;
+    and implements :meth:`first_inputs`, :meth:`statistics` and :meth:`propagate` (and
+    :meth:`sites` for ``sparsify``);
     ``pairs`` is True when it also implements :meth:`observe_pair` (``refit_to=dense`` and
     ``residual``)."""
 
     pairs = False
+    #: shown beside the block count in progress lines (say, "offloaded")
+    progress_note: str | None = None
+    #: ``sparsify``: report entries of block linears outside every block's sites
+    untargeted: list[dict] = []
 
     def __init__(self, result: DependencyResult) -> None:
         self.result = result
@@ -63,13 +70,23 @@ class BlockObserver(ABC):
         """The inputs of the first block, for every calibration batch."""
 
     @abstractmethod
+    def statistics(self, block: Block, inputs: Any, params: list[str], *, hessian: bool,
+                   advance: bool = False) -> tuple[dict[str, GramAccumulator], Any]:
+        """Run ``block`` on ``inputs`` and return, per weight name in ``params`` (linears
+        of the block), the statistics of that linear's inputs (a
+        :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`: channel norms, and with
+        ``hessian`` the Gram matrix; linears that read the same activations share one)
+        -- and with ``advance`` the block's outputs as the next block's inputs (from the
+        same weights), else None."""
+
     def grams(self, block: Block, inputs: Any, params: set[str], *, advance: bool = False
               ) -> tuple[dict[str, torch.Tensor], Any]:
-        """Run ``block`` on ``inputs`` and return, per weight name in ``params`` (linears
-        of the block), the Gram matrix of that linear's inputs ``(2/N) Σ x xᵀ`` (float64,
-        sums of float32 products as :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`
-        keeps them) -- and with ``advance`` the block's outputs as the next block's inputs
-        (from the same weights), else None."""
+        """Per weight name in ``params``, the Gram matrix of that linear's inputs
+        ``(2/N) Σ x xᵀ`` (float64, sums of float32 products) from :meth:`statistics`;
+        with ``advance`` also the next block's inputs."""
+        accs, nxt = self.statistics(block, inputs, sorted(params), hessian=True,
+                                    advance=advance)
+        return {p: accs[p].hessian().to(torch.float64) for p in params}, nxt
 
     @abstractmethod
     def propagate(self, block: Block, inputs: Any) -> Any:
@@ -84,9 +101,20 @@ class BlockObserver(ABC):
         raise ObserverError("this model kind does not observe dense and pruned streams side "
                             "by side (refit_to=dense|residual)")
 
-    def finished(self, block: Block) -> None:
-        """Called once the walk is past ``block`` (nothing to do by default)."""
+    def enter(self, block: Block) -> None:
+        """Called before the walk reads or changes ``block`` (nothing to do by default)."""
         return None
+
+    def finished(self, block: Block, *, changed: bool = True) -> None:
+        """Called once the walk is past ``block`` (``changed``: its weights may have been
+        rewritten); nothing to do by default."""
+        return None
+
+    def sites(self, block: Block, opts: PruneOptions) -> dict[str, Any]:
+        """``sparsify``: per linear of ``block`` (by its name in ``block.linears``, in
+        that order), its :class:`~slimgraph.sparsity.prune_step.LinearSite`, or the
+        report entry of a linear left as it is (a dict with ``skipped``)."""
+        raise ObserverError("this model kind does not prune block linears one by one")
 
     def close(self) -> None:
         """Free what the observer holds (temporary files; nothing by default)."""

@@ -21,14 +21,59 @@ from slimgraph.errors import PipelineError
 from slimgraph.ir.blocks import Block, block_prefix
 from slimgraph.sparsity.onnx_blocks import (SegmentWalk, observe, plan_segments,
                                             target_layers)
+from slimgraph.sparsity.onnx_permute import TargetSite
 from slimgraph.sparsity.onnx_targets import find_targets
-from slimgraph.structured.observer import BlockObserver
+from slimgraph.structured.observer import BlockObserver, ObserverError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
 
-class OnnxBlocks(BlockObserver):
+class OnnxLayers(BlockObserver):
+    """The decoder blocks of an imported ONNX graph (``result``: its analysis), one per
+    layer of its targets, without running anything. ``stats`` (target name ->
+    :class:`~slimgraph.sparsity.reconstruct.GramAccumulator`, from one run of the dense
+    model) are what :meth:`statistics` returns, whatever the inputs; without them it
+    refuses. ``untargeted``: the report entries of block linears that cannot be pruned."""
+
+    def __init__(self, result, stats: dict | None = None) -> None:
+        super().__init__(result)
+        targets, self.untargeted = find_targets(result)
+        self.targets = {t.name: t for t in targets}
+        self.stats = stats
+        layers = sorted({t.layer for t in targets})
+        self.blocks = [self.block(k, [t for t in targets if t.layer == k]) for k in layers]
+
+    @staticmethod
+    def block(layer: int, targets: list) -> Block:
+        return Block(layer, block_prefix(targets[0].name) or str(layer),
+                     [TargetSite(t).label for t in targets])
+
+    def first_inputs(self) -> None:
+        return None
+
+    def statistics(self, block: Block, inputs: Any, params: list[str], *, hessian: bool,
+                   advance: bool = False) -> tuple[dict, Any]:
+        if self.stats is None or hessian:
+            raise ObserverError("these ONNX blocks are not run one by one: only the dense "
+                                "model's channel norms are known")
+        return {p: self.stats[p] for p in params}, inputs if advance else None
+
+    def propagate(self, block: Block, inputs: Any) -> Any:
+        return inputs
+
+    def sites(self, block: Block, opts) -> dict[str, Any]:
+        sites = [TargetSite(t) for t in self.targets.values() if t.layer == block.layer]
+        return {s.label: s for s in sites}
+
+    def label(self, param: str) -> str:
+        """The module name the exporter recorded (an export wrapper's prefix removed), as
+        the PyTorch model names the linear."""
+        t = self.targets.get(param)
+        return t.label if t is not None else super().label(param)
+
+
+class OnnxBlocks(OnnxLayers):
     """The decoder blocks of the ``onnx_ir`` ``model`` (``result``: the analysis of its
     imported graph) on the calibration ``windows`` (token ids ``[samples, seqlen]``, run
     ``batch`` at a time); segment models are saved under a temporary folder in
@@ -38,19 +83,17 @@ class OnnxBlocks(BlockObserver):
     def __init__(self, model: ir.Model, result, windows: torch.Tensor, *, batch: int = 8,
                  tmp_parent: Path | None = None) -> None:
         super().__init__(result)
-        targets, _ = find_targets(result)
-        self.targets = {t.name: t for t in targets}
+        targets = list(self.targets.values())
         segments = plan_segments(model.graph, targets, target_layers(result, targets))
         self.segments = {s.layer: s for s in segments}
-        self.blocks = [Block(s.layer, block_prefix(s.targets[0].name) or str(s.layer),
-                             [t.label for t in s.targets]) for s in segments]
+        self.blocks = [self.block(s.layer, s.targets) for s in segments]
         self.walk = SegmentWalk(model, segments, windows, batch=batch, tmp_parent=tmp_parent)
 
     def first_inputs(self) -> list[dict]:
         return self.walk.new_stream()
 
-    def grams(self, block: Block, inputs: list[dict], params: set[str], *,
-              advance: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
+    def statistics(self, block: Block, inputs: list[dict], params: list[str], *, hessian: bool,
+                   advance: bool = False) -> tuple[dict, Any]:
         from slimgraph.sparsity.reconstruct import GramAccumulator
 
         segment = self.segments[block.layer]
@@ -61,18 +104,15 @@ class OnnxBlocks(BlockObserver):
         accs = {}
         for p in params:
             t = self.targets[p]
-            accs.setdefault(tuple(t.inputs), GramAccumulator(t.in_features, hessian=True))
+            accs.setdefault(tuple(t.inputs), GramAccumulator(t.in_features, hessian=hessian))
         names = list(dict.fromkeys(n for key in accs for n in key))
         if names:
             for acts in self.walk.activations(segment, names, inputs):
                 for key, acc in accs.items():
                     for name in key:
                         observe(acc, name, acts[name])
-        grams = {p: accs[tuple(self.targets[p].inputs)].hessian().to(torch.float64)
-                 for p in params}
-        if advance:
-            return grams, self.propagate(block, inputs)
-        return grams, None
+        out = {p: accs[tuple(self.targets[p].inputs)] for p in params}
+        return out, self.propagate(block, inputs) if advance else None
 
     def propagate(self, block: Block, inputs: list[dict]) -> list[dict]:
         self.walk.propagate(self.segments[block.layer], inputs)
@@ -80,9 +120,3 @@ class OnnxBlocks(BlockObserver):
 
     def close(self) -> None:
         self.walk.close()
-
-    def label(self, param: str) -> str:
-        """The module name the exporter recorded (an export wrapper's prefix removed), as
-        the PyTorch model names the linear."""
-        t = self.targets.get(param)
-        return t.label if t is not None else super().label(param)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from slimgraph.ir.blocks import Block, find_blocks
+from slimgraph.ir.graph import OpKind
 from slimgraph.memory import release_free_heap
+from slimgraph.sparsity.block_prune import torch_sites
 from slimgraph.sparsity.calibration import (capture_block_inputs, next_inputs, observe_block,
                                             run_block)
 from slimgraph.structured.observer import BlockObserver
@@ -28,13 +30,17 @@ class TorchBlocks(BlockObserver):
     pairs = True
 
     def __init__(self, model: torch.nn.Module | None, result, windows: torch.Tensor | None = None,
-                 *, batch: int = 8) -> None:
+                 *, batch: int = 8, lazy=None) -> None:
         super().__init__(result)
         self.model = model
         self.windows = windows
         self.batch = batch
+        self.lazy = lazy
+        if lazy is not None:
+            self.progress_note = "offloaded"
         self.blocks = find_blocks(result)
         self.bound: dict[str, torch.nn.Module] = {}
+        self.reads: dict[str, str] | None = None  # weight -> the activation it reads
 
     def bind(self, block: Block, module: torch.nn.Module) -> None:
         """Use ``module`` as ``block``'s module."""
@@ -45,8 +51,9 @@ class TorchBlocks(BlockObserver):
             return self.bound[block.module_name]
         return self.model.get_submodule(block.module_name)
 
-    def linears(self, block: Block, params: set[str]) -> dict[str, torch.nn.Module]:
-        """Linear name -> its module, for the weights ``params`` of ``block``."""
+    def linears(self, block: Block, params) -> dict[str, torch.nn.Module]:
+        """Linear name -> its module, for the weights ``params`` of ``block`` (in their
+        order)."""
         module = self.module(block)
         names = {p: p[: -len(".weight")] for p in params}
         return {names[p]: module.get_submodule(names[p][len(block.module_name) + 1:])
@@ -56,17 +63,38 @@ class TorchBlocks(BlockObserver):
         return capture_block_inputs(self.model, self.model.get_submodule(
             self.blocks[0].module_name), self.windows, self.batch)
 
-    def grams(self, block: Block, inputs: list, params: set[str], *, advance: bool = False
-              ) -> tuple[dict[str, torch.Tensor], Any]:
+    def statistics(self, block: Block, inputs: list, params: list[str], *, hessian: bool,
+                   advance: bool = False) -> tuple[dict, Any]:
         accs, nxt = observe_block(self.module(block), self.linears(block, params), inputs,
-                                  hessian=True, outputs=advance)
-        return {p: accs[p[: -len(".weight")]].hessian().to(torch.float64) for p in params}, nxt
+                                  hessian=hessian, outputs=advance)
+        return {p: accs[p[: -len(".weight")]] for p in params}, nxt
 
     def propagate(self, block: Block, inputs: list) -> list:
         return run_block(self.module(block), inputs)
 
-    def finished(self, block: Block) -> None:
-        release_free_heap()  # the block's freed weights and activations
+    def enter(self, block: Block) -> None:
+        """With --offload, bring the block's weights into memory."""
+        if self.lazy is not None:
+            self.lazy.materialize(block.module_name)
+
+    def finished(self, block: Block, *, changed: bool = True) -> None:
+        """With --offload, store the block's weights (when ``changed``) and put it back
+        on the meta device; else free the block's old weights and activations."""
+        if self.lazy is None:
+            release_free_heap()
+        elif changed:
+            self.lazy.release(block.module_name)  # stores, evicts and trims the heap
+        else:
+            self.lazy.evict(block.module_name)
+
+    def sites(self, block: Block, opts) -> dict[str, Any]:
+        """The block's modules: ``nn.Linear`` and ``Conv1D`` pruned in place (a gather
+        replaces the module), anything else reported as skipped."""
+        if self.reads is None:
+            self.reads = {nd.inputs[1].name: nd.inputs[0].name for nd in self.result.graph.nodes
+                          if nd.kind is OpKind.LINEAR and nd.inputs[1] is not None
+                          and nd.inputs[0] is not None}
+        return torch_sites(self.model, block, self.module(block), opts, self.reads)
 
     def observe_pair(self, block: Block, dense_inputs: list, inputs: list, params: set[str],
                      residual: str | None) -> dict[str, dict]:

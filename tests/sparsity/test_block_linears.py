@@ -22,8 +22,8 @@ from slimgraph.ir.blocks import (BlockError, block_linears, find_blocks, in_deco
 from slimgraph.ir.dependency import analyze
 from slimgraph.passes.base import CompileState, PassResult
 from slimgraph.passes.sparsify import Sparsify
-from slimgraph.sparsity.block_prune import BlockPruner, SparsityClaimError
-from slimgraph.sparsity.calibration import block_sequential
+from slimgraph.sparsity.block_prune import SparsityClaimError, prune_blocks
+from slimgraph.structured.torch_blocks import TorchBlocks
 from slimgraph.sparsity.masks import is_nm
 from tests import zoo
 
@@ -239,8 +239,7 @@ def test_gqa_ratios_every_block_linear_pruned(heads, ratio, data):
     blocks = find_blocks(result)
     assert [len(b.linears) for b in blocks] == [7, 7]
     opts = Sparsify(score="magnitude", pattern="2:4")
-    reports = block_sequential(model, result, torch.zeros((1, 2), dtype=torch.long),
-                               BlockPruner(opts.prune_options(), model, result))
+    reports = prune_blocks(opts.prune_options(), TorchBlocks(model, result), result)
     layers = [r for rep in reports for r in rep["layers"]]
     assert len(layers) == 14 and not [r for r in layers if r.get("skipped")]
     for b in blocks:

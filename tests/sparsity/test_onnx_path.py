@@ -280,11 +280,12 @@ def test_one_shot_fallback_statistics_match_dense_torch(tiny, monkeypatch, tmp_p
     """A graph that cannot be cut into layers falls back to one dense run, says so, and
     those statistics equal the dense torch activations."""
     from slimgraph.sparsity import onnx_blocks
+    from slimgraph.structured import onnx_observer
 
     def refuse(*_a, **_k):
         raise onnx_blocks.SegmentError("node 'x' holds a subgraph")
 
-    monkeypatch.setattr(onnx_blocks, "plan_segments", refuse)
+    monkeypatch.setattr(onnx_observer, "plan_segments", refuse)
     out = tmp_path / "out"
     assert _compile(tiny / "onnx" / "model.onnx", out, "sparsify{score=wanda,pattern=2:4},"
                     "export-onnx", *_calib(tiny)) == 0
