@@ -131,7 +131,8 @@ def torch_path(model, ids, kind: str):
     """(relative error slim vs masked, slim model, selection by (kind, layer)) or a reason."""
     from slimgraph.frontends.torch_export import trace
     from slimgraph.ir.dependency import analyze
-    from slimgraph.structured.removal import mask_units, remove_units
+    from slimgraph.structured.removal import remove_units
+    from slimgraph.structured.unit_slicing import mask_units
 
     r = analyze(trace(model, (ids,), {"use_cache": False}))
     sel = _selection(r, kind)

@@ -48,16 +48,16 @@ def test_in_memory_block_walk_releases_the_free_heap_after_each_block(monkeypatc
     (permutations rewrite a block's weights; its activations are freed)."""
     from slimgraph.frontends.torch_export import trace
     from slimgraph.ir.dependency import analyze
-    from slimgraph.sparsity import calibration
+    from slimgraph.structured import torch_blocks
+    from slimgraph.structured.recovery import walk_blocks
     from tests import zoo
 
     calls, seen = [], []
-    monkeypatch.setattr(calibration, "release_free_heap", lambda: calls.append(len(seen)))
+    monkeypatch.setattr(torch_blocks, "release_free_heap", lambda: calls.append(len(seen)))
     model = zoo.build("llama")
     result = analyze(trace(model, *zoo.example("llama")))
     windows = torch.randint(0, zoo.VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    calibration.block_sequential(model, result, windows,
-                                 lambda blk, module, inputs: seen.append(blk.layer) or {},
-                                 batch=2)
+    walk_blocks(torch_blocks.TorchBlocks(model, result, windows, batch=2),
+                lambda blk, inputs: seen.append(blk.layer))
     assert seen == list(range(zoo.LAYERS))
     assert calls == list(range(1, zoo.LAYERS + 1))  # once after each block

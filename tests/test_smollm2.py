@@ -11,7 +11,8 @@ import torch
 from slimgraph.frontends.build import graph_of
 from slimgraph.frontends.loading import load_model
 from slimgraph.ir.dependency import analyze
-from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.removal import remove_units
+from slimgraph.structured.unit_slicing import mask_units
 
 pytestmark = pytest.mark.slow
 

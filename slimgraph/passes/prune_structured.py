@@ -406,7 +406,7 @@ class PruneStructured(Pass):
         model kind's block ``observer``; the units chosen before (hidden) are masked
         first, so the blocks see the masked model."""
         from slimgraph.structured.recovery import BlockRemover, walk_blocks
-        from slimgraph.structured.removal import mask_units
+        from slimgraph.structured.unit_slicing import mask_units
 
         reconstruct = self.reconstructs(state)
         if selection:

@@ -1,12 +1,14 @@
-"""Block-sequential calibration for post-training sparsity (Wanda, RIA, SparseGPT).
+"""Calibration data, and the PyTorch pieces of block-sequential calibration.
 
 Blocks are :func:`slimgraph.ir.blocks.find_blocks`'s: the decoder-block linears of the
 graph by their block number (not by their channel groups: a projection with no prunable
 heads is in its block too), the block's module holding them; the order of the layers is
-the order of the residual stream. The procedure (ALGORITHMS.md
-section 1): capture the inputs of block 0, then for each block run it with observers
-on the inputs of its linears, prune them, re-run the pruned block to produce the next
-block's inputs. Memory: one block plus the calibration activations.
+the order of the residual stream. The walk (capture the inputs of block 0, then for each
+block run it with observers on the inputs of its linears, prune them, re-run the pruned
+block to produce the next block's inputs) is written once, on a block observer; for a
+PyTorch model (:class:`~slimgraph.structured.torch_blocks.TorchBlocks`) this module gives
+its pieces: :func:`capture_block_inputs`, :func:`observe_block`, :func:`run_block`.
+Memory: one block plus the calibration activations.
 
 Calibration sources: a text file, Alpaca-format JSON/JSONL (instruction, input, output),
 or ``self`` (text sampled from the model itself: data-free).
@@ -18,16 +20,12 @@ import copy
 import inspect
 import json
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.frontends.text_files import read_utf8
-from slimgraph.ir.blocks import Block, find_blocks
-from slimgraph.ir.dependency import DependencyResult
-from slimgraph.memory import release_free_heap
 
 
 class CalibrationError(SlimgraphError):
@@ -276,37 +274,3 @@ def observe_block(module: torch.nn.Module, linears: dict[str, torch.nn.Module], 
         for h in hooks:
             h.remove()
     return accs, inputs if outputs else None
-
-
-def block_sequential(model, result: DependencyResult, windows: torch.Tensor,
-                     prune_block: Callable[[Block, torch.nn.Module, list], dict], *,
-                     batch: int = 8, progress: Callable[..., None] | None = None,
-                     lazy=None) -> list[dict]:
-    """Capture block 0's inputs; per block observe+prune (``prune_block``), then re-run.
-
-    ``lazy`` (compile --offload: :class:`slimgraph.sparsity.offload.Offload`) keeps the
-    blocks on the meta device but one: ``lazy.materialize(name)`` right before a block
-    runs, ``lazy.release(name)`` (store its pruned weights, back to meta) once the next
-    block's inputs are computed.
-    """
-    blocks = find_blocks(result)
-    if not blocks:
-        raise SlimgraphError("no decoder blocks with prunable linears were found")
-    inputs = capture_block_inputs(model, model.get_submodule(blocks[0].module_name), windows, batch)
-    reports = []
-    for i, blk in enumerate(blocks):
-        if lazy is not None:
-            lazy.materialize(blk.module_name)
-        module = model.get_submodule(blk.module_name)
-        reports.append(prune_block(blk, module, inputs))
-        if i + 1 < len(blocks):
-            inputs = run_block(module, inputs)
-        if lazy is not None:
-            lazy.release(blk.module_name)  # evicts the block and trims the heap
-        else:  # the block's freed weights (rewritten by permutations) and activations
-            release_free_heap()
-        if progress and lazy is not None:
-            progress(i + 1, len(blocks), "blocks", "offloaded")
-        elif progress:
-            progress(i + 1, len(blocks))
-    return reports

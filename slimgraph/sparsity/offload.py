@@ -4,8 +4,8 @@ The model is built on the meta device from the config of an HF safetensors direc
 (``model.safetensors``, or shards listed in ``model.safetensors.index.json``); only the
 buffers its constructor computes (rotary tables) are real. The dependency analysis runs
 on it as on any meta model. :class:`Offload` then reads the weights outside the decoder
-blocks (embedding, final norm, lm_head) and nothing else. Block-sequential calibration
-(:func:`slimgraph.sparsity.calibration.block_sequential`) asks it to *materialize* block
+blocks (embedding, final norm, lm_head) and nothing else. The block walk
+(:class:`slimgraph.structured.torch_blocks.TorchBlocks`) asks it to *materialize* block
 i (only that block's tensors, read with ``safetensors.safe_open``) right before the block
 runs, and to *release* it afterwards: the pruned tensors go to an offload store (one
 safetensors file per block, written atomically, in a temp dir inside OUTDIR) and the
@@ -187,7 +187,7 @@ class Offload:
     def for_state(cls, loaded: LoadedModel, result, out_dir: Path) -> Offload:
         """The offload of a model from :func:`load_offloaded`, blocks from the analysis;
         the weights outside the blocks are read now."""
-        from slimgraph.sparsity.calibration import find_blocks
+        from slimgraph.ir.blocks import find_blocks
 
         blocks = [b.module_name for b in find_blocks(result)]
         off = cls(loaded.model, SafetensorsSource(Path(loaded.spec).expanduser()), blocks, out_dir)

@@ -5,8 +5,9 @@
 The imported IR (``slimgraph.frontends.onnx_import``) holds every weight as an
 :class:`~slimgraph.frontends.onnx_import.OnnxParamHandle`; slicing a member through its
 handle slices the ``onnx_ir`` initializer it is stored in (transposed storage, e.g. a
-MatMul ``B`` of ``[K, N]`` or a ``Gemm`` with ``transB``, included), exactly as the
-PyTorch path slices module parameters.
+MatMul ``B`` of ``[K, N]`` or a ``Gemm`` with ``transB``, included): the slicing is
+:func:`~slimgraph.structured.unit_slicing.slice_units`, the same code that slices a
+PyTorch model's module parameters.
 
 What the weights do not carry is rewritten from the analysis: the new shape of every
 ONNX value, and with it the rewrites removal needs (planned in
@@ -45,7 +46,7 @@ from slimgraph.errors import PipelineError
 from slimgraph.ir.dependency import DependencyResult
 from slimgraph.structured.onnx_norms import apply_statistics, plan_statistics
 from slimgraph.structured.onnx_removal_plan import RemovalPlan, constant_value
-from slimgraph.structured.removal import positions
+from slimgraph.structured.unit_slicing import slice_units
 
 # the other names this module had before the plan moved to onnx_removal_plan
 from slimgraph.structured.onnx_removal_plan import CONTRIB_ATTENTION, SHAPE_INPUT  # noqa: F401
@@ -107,17 +108,9 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
     except PipelineError as e:
         raise PipelineError(f"pass '{pass_name}': {e}") from None
     before = graph.num_parameters()
-    report: dict[str, Any] = {"removed_units": {}, "module_attrs": {}, "notes": [],
-                              "input": "onnx", "onnx_rewrites": []}
-    for (param, dim), idx in sorted(positions(result, selection).items()):
-        handle = graph.params[param].param
-        keep = [i for i in range(handle.shape[dim]) if i not in idx]
-        handle.slice(dim, keep)
-    by_id = {g.id: g for g in result.groups}
-    for gid, units in selection.items():
-        g = by_id[gid]
-        key = f"{g.kind}" + (f"[{g.layer}]" if g.layer is not None else "")
-        report["removed_units"][key] = report["removed_units"].get(key, 0) + len(units)
+    report: dict[str, Any] = {"removed_units": slice_units(result, selection),
+                              "module_attrs": {}, "notes": [], "input": "onnx",
+                              "onnx_rewrites": []}
     model = plan.model
     g = model.graph
     taken = set(g.initializers) | {o.name for n in g for o in n.outputs} | \

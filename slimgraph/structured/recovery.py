@@ -29,13 +29,14 @@ from collections.abc import Callable
 
 import torch
 
+from slimgraph.errors import SlimgraphError
 from slimgraph.ir.blocks import Block
 from slimgraph.ir.dependency import ChannelGroup, DependencyResult, Member
 from slimgraph.structured.importance import activation_importance, group_importance
 from slimgraph.structured.observer import BlockObserver, linear_inputs
 from slimgraph.structured.refit import (Reader, obs_costs, obs_select, refit_columns,
                                         refit_columns_to)
-from slimgraph.structured.removal import mask_units
+from slimgraph.structured.unit_slicing import mask_units
 from slimgraph.structured.selection import choose
 
 BLOCK_KINDS = ("heads", "qheads", "mlp")  # one layer each: chosen and refitted block by block
@@ -58,9 +59,10 @@ def walk_blocks(observer: BlockObserver, visit: Callable[[Block, object], None],
     inputs."""
     blocks = observer.blocks
     if not blocks:
-        raise ValueError("no decoder blocks with prunable linears were found")
+        raise SlimgraphError("no decoder blocks with prunable linears were found")
     inputs = observer.first_inputs()
     for i, blk in enumerate(blocks):
+        observer.enter(blk)
         visit(blk, inputs)
         if i + 1 < len(blocks):
             inputs = observer.propagate(blk, inputs)
@@ -88,18 +90,14 @@ class BlockRemover:
     """Choose, mask and refit one block's units at a time: ``visit(block, inputs)`` for
     :func:`walk_blocks` on ``observer``. ``counts``: group id -> units to remove. After
     the walk, ``selection`` holds the units of every block and ``refitted`` one record per
-    refitted linear.
-
-    Without ``observer`` (a PyTorch model), the remover is a ``prune_block`` for
-    :func:`~slimgraph.sparsity.calibration.block_sequential`: ``remover(block, module,
-    inputs)``."""
+    refitted linear."""
 
     def __init__(self, result: DependencyResult, counts: dict[int, int], importance: str, *,
                  reconstruct: bool, damp: float = 0.01, obs_steps: int = 8,
-                 target: str = "pruned", observer: BlockObserver | None = None) -> None:
+                 target: str = "pruned", observer: BlockObserver) -> None:
         if target not in ("pruned", "dense", "residual"):
             raise ValueError(f"target must be 'pruned', 'dense' or 'residual', got {target!r}")
-        if observer is not None and target != "pruned" and not observer.pairs:
+        if target != "pruned" and not observer.pairs:
             raise ValueError(f"target={target!r} needs an observer of dense and pruned streams")
         self.result = result
         self.observer = observer
@@ -118,17 +116,6 @@ class BlockRemover:
             self.by_layer.setdefault(g.layer, []).append(g)
         self.selection: dict[int, list[int]] = {}
         self.refitted: list[dict] = []
-
-    def __call__(self, block: Block, module: torch.nn.Module, inputs: list) -> dict:
-        """``prune_block`` for ``block_sequential`` (a PyTorch model): :meth:`visit` with
-        ``module`` as the block."""
-        if self.observer is None:
-            from slimgraph.structured.torch_blocks import TorchBlocks
-
-            self.observer = TorchBlocks(None, self.result)
-        self.observer.bind(block, module)
-        self.visit(block, inputs)
-        return {"layer": block.layer}
 
     def visit(self, block: Block, inputs) -> None:
         """Choose, mask and (with ``reconstruct``) refit the units of ``block``, observed

@@ -1,7 +1,8 @@
-"""Physically remove selected units from a PyTorch model, or zero them (the masked model).
+"""Physically remove selected units from a PyTorch model.
 
 Removal slices every member of every selected unit through its parameter handle
-(ties stay tied), then brings the modules in line with their new weights: ``nn.Linear``
+(:func:`~slimgraph.structured.unit_slicing.slice_units`, as on an ONNX model; ties stay
+tied), then brings the modules in line with their new weights: ``nn.Linear``
 / ``Conv1D`` / ``nn.Embedding`` / ``nn.LayerNorm`` sizes, head counts of attention
 modules (from the graph: a KV-group unit carries its query heads), and the HF config.
 Every RMSNorm whose channels shrink gets the norm correction (ALGORITHMS.md section 4):
@@ -25,6 +26,7 @@ import torch
 
 from slimgraph.ir.dependency import ChannelGroup, DependencyResult
 from slimgraph.ir.graph import OpKind
+from slimgraph.structured.unit_slicing import slice_units
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
@@ -52,28 +54,6 @@ def set_module_attr(module: torch.nn.Module, key: str, value: Any) -> None:
         setattr(module, key, value)
 
 
-def positions(result: DependencyResult, selection: dict[int, list[int]]
-              ) -> dict[tuple[str, int], set[int]]:
-    """(param, dim) -> indices to remove, over all selected units of all groups."""
-    by_id = {g.id: g for g in result.groups}
-    out: dict[tuple[str, int], set[int]] = defaultdict(set)
-    for gid, units in selection.items():
-        g = by_id[gid]
-        for m in g.members:
-            for u in units:
-                out[(m.param, m.dim)].update(m.indices(u))
-    return out
-
-
-def mask_units(result: DependencyResult, selection: dict[int, list[int]]) -> None:
-    """Zero every weight the selected units own (the 'masked model')."""
-    for (param, dim), idx in positions(result, selection).items():
-        handle = result.graph.params[param].param
-        w = handle.read().clone()
-        w.index_fill_(dim, torch.tensor(sorted(idx), dtype=torch.long), 0.0)
-        handle.write(w)
-
-
 def module_prefix(names: list[str]) -> str:
     parts = [n.split(".")[:-1] for n in names]
     common = []
@@ -91,18 +71,11 @@ def remove_units(model: torch.nn.Module, result: DependencyResult,
     by_id = {g.id: g for g in result.groups}
     graph = result.graph
     before = graph.num_parameters()
-    report: dict[str, Any] = {"removed_units": {}, "module_attrs": {}, "notes": []}
     norm_sizes = _norm_sizes(model)  # before slicing, for the norm correction
     counts = attention_counts(model, result, selection)
     hidden_removed = any(by_id[gid].kind == "hidden" and units for gid, units in selection.items())
-    for (param, dim), idx in sorted(positions(result, selection).items()):
-        handle = graph.params[param].param
-        keep = [i for i in range(handle.shape[dim]) if i not in idx]
-        handle.slice(dim, keep)
-    for gid, units in selection.items():
-        g = by_id[gid]
-        key = f"{g.kind}" + (f"[{g.layer}]" if g.layer is not None else "")
-        report["removed_units"][key] = report["removed_units"].get(key, 0) + len(units)
+    report: dict[str, Any] = {"removed_units": slice_units(result, selection),
+                              "module_attrs": {}, "notes": []}
     for prefix, q_heads, kv_heads, changed in counts.values():
         if changed:
             _update_head_counts(model, prefix, q_heads, kv_heads, report)

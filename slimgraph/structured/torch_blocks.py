@@ -23,13 +23,13 @@ from slimgraph.structured.observer import BlockObserver
 
 class TorchBlocks(BlockObserver):
     """The decoder blocks of ``model`` (``result``: its analysis) on the calibration
-    ``windows`` (token ids ``[samples, seqlen]``, run ``batch`` at a time). ``model`` may
-    be None when every block's module is given with :meth:`bind` (a walk driven by
-    :func:`~slimgraph.sparsity.calibration.block_sequential`)."""
+    ``windows`` (token ids ``[samples, seqlen]``, run ``batch`` at a time; None when no
+    block is run); ``lazy`` (compile --offload, :class:`~slimgraph.sparsity.offload.
+    Offload`) keeps one block in memory at a time."""
 
     pairs = True
 
-    def __init__(self, model: torch.nn.Module | None, result, windows: torch.Tensor | None = None,
+    def __init__(self, model: torch.nn.Module, result, windows: torch.Tensor | None = None,
                  *, batch: int = 8, lazy=None) -> None:
         super().__init__(result)
         self.model = model
@@ -39,16 +39,9 @@ class TorchBlocks(BlockObserver):
         if lazy is not None:
             self.progress_note = "offloaded"
         self.blocks = find_blocks(result)
-        self.bound: dict[str, torch.nn.Module] = {}
         self.reads: dict[str, str] | None = None  # weight -> the activation it reads
 
-    def bind(self, block: Block, module: torch.nn.Module) -> None:
-        """Use ``module`` as ``block``'s module."""
-        self.bound = {block.module_name: module}
-
     def module(self, block: Block) -> torch.nn.Module:
-        if block.module_name in self.bound:
-            return self.bound[block.module_name]
         return self.model.get_submodule(block.module_name)
 
     def linears(self, block: Block, params) -> dict[str, torch.nn.Module]:

@@ -166,7 +166,8 @@ def test_model_without_prunable_linears_is_an_error():
     from slimgraph.errors import SlimgraphError
     from slimgraph.frontends.torch_export import trace
     from slimgraph.ir.dependency import analyze
-    from slimgraph.sparsity.calibration import block_sequential
+    from slimgraph.structured.recovery import walk_blocks
+    from slimgraph.structured.torch_blocks import TorchBlocks
 
     class NoBlocks(nn.Module):
         def forward(self, x):
@@ -175,7 +176,8 @@ def test_model_without_prunable_linears_is_an_error():
     model = NoBlocks()
     r = analyze(trace(model, (torch.randn(1, 4, 8),)))
     with pytest.raises(SlimgraphError, match="no decoder blocks with prunable linears"):
-        block_sequential(model, r, torch.zeros((1, 2), dtype=torch.long), lambda *a: {})
+        walk_blocks(TorchBlocks(model, r, torch.zeros((1, 2), dtype=torch.long)),
+                    lambda *a: None)
 
 
 def test_prune_structured_activation_importance(tiny, tmp_path):

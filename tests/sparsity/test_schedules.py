@@ -277,12 +277,13 @@ def _cli(tiny, tmp_path, pipeline):
 ])
 def test_errors_before_any_work(tiny, tmp_path, capsys, monkeypatch, pipeline, needle):
     from slimgraph.sparsity import calibration
+    from slimgraph.structured.torch_blocks import TorchBlocks
 
     def no_work(*_a, **_k):
         raise AssertionError("calibration started")
 
     monkeypatch.setattr(calibration, "calibration_tokens", no_work)
-    monkeypatch.setattr(calibration, "block_sequential", no_work)
+    monkeypatch.setattr(TorchBlocks, "first_inputs", no_work)
     rc, out = _cli(tiny, tmp_path, pipeline)
     assert rc == 2
     err = capsys.readouterr().err

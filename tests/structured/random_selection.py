@@ -32,7 +32,7 @@ def slim_and_masked(src, seed: int, tmp_path, select=random_heads_and_mlp):
     from slimgraph.frontends.onnx_import import import_onnx
     from slimgraph.ir.dependency import analyze
     from slimgraph.structured.onnx_removal import remove_units_onnx
-    from slimgraph.structured.removal import mask_units
+    from slimgraph.structured.unit_slicing import mask_units
 
     result = analyze(import_onnx(src))
     sel = select(result, seed)

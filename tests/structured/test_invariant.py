@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
-from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.removal import remove_units
+from slimgraph.structured.unit_slicing import mask_units
 from tests import zoo
 
 LAYERNORM_MODELS = {"opt", "gpt2", "bert"}  # hidden removal is approximate there

@@ -32,7 +32,7 @@ from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
-from slimgraph.structured.removal import mask_units
+from slimgraph.structured.unit_slicing import mask_units
 from tests.structured.random_selection import slim_and_masked
 
 ort = pytest.importorskip("onnxruntime")

@@ -28,7 +28,8 @@ from slimgraph.frontends.onnx_import import import_onnx
 from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
 from slimgraph.structured.onnx_removal import remove_units_onnx
-from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.removal import remove_units
+from slimgraph.structured.unit_slicing import mask_units
 from tests import zoo
 
 ort = pytest.importorskip("onnxruntime")

@@ -11,9 +11,10 @@ import torch
 
 from slimgraph.frontends.torch_export import trace
 from slimgraph.ir.dependency import analyze
-from slimgraph.sparsity.calibration import block_sequential
-from slimgraph.structured.recovery import BlockRemover
-from slimgraph.structured.removal import mask_units, remove_units
+from slimgraph.structured.recovery import BlockRemover, walk_blocks
+from slimgraph.structured.torch_blocks import TorchBlocks
+from slimgraph.structured.removal import remove_units
+from slimgraph.structured.unit_slicing import mask_units
 from slimgraph.structured.selection import plan_counts
 from tests import zoo
 
@@ -27,11 +28,12 @@ def _walk(model, ratios, importance="act", reconstruct=True, hidden=None):
         (g,) = [g for g in r.groups if g.kind == "hidden"]
         sel[g.id] = hidden
         mask_units(r, sel)
+    windows = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
+    observer = TorchBlocks(model, r, windows, batch=3)
     remover = BlockRemover(r, {k: v for k, v in counts.items()
                                if next(g for g in r.groups if g.id == k).kind != "hidden"},
-                           importance, reconstruct=reconstruct)
-    windows = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
-    block_sequential(model, r, windows, remover, batch=3)
+                           importance, reconstruct=reconstruct, observer=observer)
+    walk_blocks(observer, remover.visit)
     sel.update(remover.selection)
     return r, sel, remover, windows
 
@@ -145,9 +147,10 @@ def _walk_to(model, ratios, target):
     args, kwargs = zoo.example("llama")
     r = analyze(trace(model, args, kwargs))
     counts, _ = plan_counts(r.groups, ratios, 1, set(), "prune-structured")
-    remover = BlockRemover(r, counts, "act", reconstruct=True, target=target)
     windows = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
-    block_sequential(model, r, windows, remover, batch=3)
+    observer = TorchBlocks(model, r, windows, batch=3)
+    remover = BlockRemover(r, counts, "act", reconstruct=True, target=target, observer=observer)
+    walk_blocks(observer, remover.visit)
     return r, remover.selection, remover, windows
 
 
