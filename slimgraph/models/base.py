@@ -29,9 +29,6 @@ class ModelKind(Protocol):
     #: True when the block walk of structured pruning can also carry the dense model's
     #: hidden states beside the pruned ones (``refit_to=dense|residual``)
     observes_dense_stream: bool
-    #: True when activation-aware scores can be computed for every channel group,
-    #: hidden channels (read by every layer and the LM head) included
-    scores_hidden_channels: bool
     #: appended to "nothing to prune" errors: why groups may be missing on this kind
     no_groups_hint: str
     #: True when ``export-onnx`` exports at a chosen opset (False: the model keeps its own)

@@ -27,7 +27,6 @@ class OnnxModel:
     trains = False
     observes_blocks = True
     observes_dense_stream = False
-    scores_hidden_channels = False
     no_groups_hint = ("; on ONNX input, groups are tracked exactly on files exported with "
                       "static shapes (dynamic batch/sequence axes can hide head counts and "
                       "channels behind run-time shape arithmetic; see slimgraph inspect "
@@ -106,22 +105,38 @@ class OnnxModel:
 
     def activation_scores(self, state: CompileState, groups: list[Any], windows: Any,
                           batch: int) -> dict[int, Any]:
-        """One dense pass over the decoder layers (ONNX Runtime, a segment model per
-        layer), each layer's readers of the groups' channels observed; the groups of one
-        layer (heads, qheads, mlp), not hidden channels."""
+        """The groups of one layer (heads, qheads, mlp): one dense pass over the decoder
+        layers (ONNX Runtime, a segment model per layer), each layer's readers observed.
+        Hidden channels: one run of the dense model with the input of every linear that
+        reads them (every layer's q/k/v and gate/up, the LM head) as extra outputs."""
+        from slimgraph.sparsity.onnx_path import input_stats
+        from slimgraph.sparsity.onnx_targets import find_targets
+        from slimgraph.structured.importance import activation_importance
+        from slimgraph.structured.observer import linear_inputs
         from slimgraph.structured.recovery import dense_unit_scores
 
+        result = state.analysis()
+        out: dict[int, Any] = {}
+        in_blocks = [g for g in groups if g.layer is not None]
+        if in_blocks:
+            modified = state.graph.onnx_modified
+            observer = self.block_observer(state, result, windows, batch)
+            try:
+                out.update(dense_unit_scores(observer, in_blocks, "act", progress=state.progress))
+            finally:
+                observer.close()
+                state.graph.onnx_modified = modified  # observed, not changed
         hidden = [g for g in groups if g.layer is None]
         if hidden:
-            raise PipelineError(f"activation scores of {hidden[0].kind} channels need the whole "
-                                "PyTorch model")
-        modified = state.graph.onnx_modified
-        observer = self.block_observer(state, state.analysis(), windows, batch)
-        try:
-            return dense_unit_scores(observer, groups, "act", progress=state.progress)
-        finally:
-            observer.close()
-            state.graph.onnx_modified = modified  # observed, not changed
+            targets, _ = find_targets(result, blocks_only=False)
+            stats = input_stats(state.graph.onnx_model, targets, windows, batch=batch,
+                                tmp_parent=state.out_dir)
+            # act_norm()² = Σ x_j² / samples: one scale for every reader, as a plain sum
+            sq_norms = {name: acc.act_norm().double() ** 2 for name, acc in stats.items()}
+            w_in = linear_inputs(result)
+            for g in hidden:
+                out[g.id] = activation_importance(result.graph, g, sq_norms, w_in)
+        return out
 
     def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
         from slimgraph.sparsity.onnx_targets import claimed_weights

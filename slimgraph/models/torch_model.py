@@ -25,7 +25,6 @@ class TorchModel:
     trains = True
     observes_blocks = True
     observes_dense_stream = True
-    scores_hidden_channels = True
     no_groups_hint = ""
     exports_with_opset = True
 

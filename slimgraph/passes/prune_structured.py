@@ -67,8 +67,9 @@ constants rewritten, means and norms over hidden channels corrected, shapes re-c
 The calibrated parts -- act / obs, the refit, global allocation -- run through the model
 kind's block observer (``state.kind.block_observer``; ``structured/observer.py``), on ONNX
 input one segment model per decoder layer in ONNX Runtime, with the tokenizer found beside
-the file. What a kind cannot observe is refused by option: on ONNX input
-``refit_to=dense|residual`` and act / obs for hidden channels. Where the blocks cannot be
+the file; hidden channels are scored (act / obs) from one run of the dense model on
+either kind. What a kind cannot observe is refused by option: on ONNX input
+``refit_to=dense|residual``. Where the blocks cannot be
 observed (an ONNX graph that cannot be cut into layers), the default refit of l1 / l2
 removal is left out and the report's ``reconstruct.note`` says why.
 """
@@ -212,13 +213,6 @@ class PruneStructured(Pass):
             raise self.option_error("refit_to", f"'{self.refit_to}' carries the dense model's "
                                     "hidden states beside the pruned ones; it is not supported "
                                     f"for {kind} input (use refit_to=pruned)")
-        if self.importance in ("act", "obs") and self.ratios().get("hidden") and \
-                not state.kind.scores_hidden_channels:
-            raise self.option_error("importance", f"'{self.importance}' for hidden channels "
-                                    "observes every layer and the LM head in one run of the "
-                                    f"PyTorch model; it is not supported for {kind} input "
-                                    "(use l1 or l2 with hidden=, or remove hidden channels in "
-                                    "a pass of their own)")
 
     def reconstructs(self, state: CompileState) -> bool:
         """``reconstruct`` as given, else on whenever the pass has calibration data

@@ -37,10 +37,11 @@ class Target:
         return raw if self.w_in == 1 else raw.T
 
 
-def find_targets(result) -> tuple[list[Target], list[dict]]:
+def find_targets(result, *, blocks_only: bool = True) -> tuple[list[Target], list[dict]]:
     """The decoder-block linears of an imported ONNX graph
     (:func:`slimgraph.ir.blocks.block_linears`), in graph order, and the report entries
-    (``skipped``: why) of block linears that cannot be targeted."""
+    (``skipped``: why) of block linears that cannot be targeted. With ``blocks_only=False``
+    every linear with a stored weight (the LM head too; layer -1 outside the blocks)."""
     from slimgraph.frontends.onnx_import import OnnxParamHandle
     from slimgraph.ir.blocks import block_linears
     from slimgraph.ir.graph import OpKind
@@ -54,7 +55,7 @@ def find_targets(result) -> tuple[list[Target], list[dict]]:
         if node.kind is not OpKind.LINEAR:
             continue
         w = node.inputs[1]
-        if w is None or w.name not in layer:
+        if w is None or (blocks_only and w.name not in layer):
             continue
         handle = w.param
         if not isinstance(handle, OnnxParamHandle) or not handle.targets or w.rank != 2:
@@ -63,7 +64,7 @@ def find_targets(result) -> tuple[list[Target], list[dict]]:
         w_in = int(node.attrs["w_in"])
         t = targets.setdefault(w.name, Target(w.name, handle, w_in,
                                               in_features=int(handle.shape[w_in]),
-                                              layer=layer[w.name]))
+                                              layer=layer.get(w.name, -1)))
         if t.w_in != w_in:
             skipped[w.name] = "used with different input dims by different nodes"
             continue

@@ -108,6 +108,23 @@ def test_onnx_keeps_and_refits_what_pytorch_does(tiny, tmp_path, options):
                 _logits(tmp_path / "torch" / "model.onnx", ids)) <= 1e-4
 
 
+@pytest.mark.parametrize("options", ["hidden=0.25,importance=act",
+                                     "mlp=0.5,hidden=0.25,importance=obs"])
+def test_hidden_channels_scored_by_activations_as_on_pytorch(tiny, tmp_path, options):
+    """Hidden channels chosen by their activation energy (every reader, the LM head
+    included: one run of the dense ONNX model) are the PyTorch model's; the slim models
+    agree."""
+    pipeline = f"prune-structured{{{options}}},export-onnx"
+    assert _compile(tiny, tiny / "hf", tmp_path / "torch", pipeline) == 0
+    assert _compile(tiny, tiny / "onnx" / "model.onnx", tmp_path / "onnx", pipeline) == 0
+    rt, ro = _report(tmp_path / "torch"), _report(tmp_path / "onnx")
+    assert sorted(rt["selected_units"].values()) == sorted(ro["selected_units"].values())
+    assert rt["removed_units"] == ro["removed_units"] and "hidden" in ro["removed_units"]
+    ids = _held_out(tiny)
+    assert _rel(_logits(tmp_path / "onnx" / "model.onnx", ids),
+                _logits(tmp_path / "torch" / "model.onnx", ids)) <= 1e-4
+
+
 def test_the_refit_lowers_the_output_error_on_onnx(tiny, tmp_path):
     """On the calibration windows (what the refit fits), the refitted model is closer to
     the dense one than the same removal without the refit."""
@@ -171,8 +188,6 @@ def _hashes(directory):
 @pytest.mark.parametrize("pipeline,needle", [
     ("prune-structured{mlp=0.5,refit_to=dense}", "option 'refit_to'"),
     ("prune-structured{mlp=0.5,refit_to=residual}", "option 'refit_to'"),
-    ("prune-structured{hidden=0.25,importance=act}", "option 'importance'"),
-    ("prune-structured{mlp=0.5,hidden=0.25,importance=obs}", "option 'importance'"),
 ])
 def test_what_the_onnx_walk_cannot_do_is_refused(tiny, tmp_path, capsys, pipeline, needle):
     src = tiny / "onnx" / "model.onnx"
