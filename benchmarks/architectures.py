@@ -183,7 +183,7 @@ def onnx_path(src: Path, slim, plan, ids, out: Path) -> str:
                 why = (g.reasons[0] if g is not None and g.reasons else "group not found")
                 return f"not prunable: {why}"
             sel[g.id] = units
-        remove_units_onnx(r, sel, "benchmark")
+        remove_units_onnx(r, sel)
         path = save_onnx_model(r.graph.meta["onnx_model"], out)
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
             None, {"input_ids": ids.numpy()})[0]

@@ -31,21 +31,21 @@ COLLABORATIVE_PROMPT = (
 IGNORE = -100
 
 
-def prompt_text(prompt: str, prompt_file: str, pass_name: str = "l0") -> str:
+def prompt_text(prompt: str, prompt_file: str) -> str:
     """The prompt to prepend: the project's wording, a user file, or none."""
     if prompt_file:
         path = Path(prompt_file)
         if not path.is_file():
-            raise PipelineError(f"pass '{pass_name}', option 'prompt_file': '{path}' does not exist")
-        text = read_utf8(path, f"pass '{pass_name}', option 'prompt_file': file", PipelineError)
+            raise PipelineError(f"option 'prompt_file': '{path}' does not exist")
+        text = read_utf8(path, "option 'prompt_file': file", PipelineError)
         if not text.strip():
-            raise PipelineError(f"pass '{pass_name}', option 'prompt_file': '{path}' is empty")
+            raise PipelineError(f"option 'prompt_file': '{path}' is empty")
         return text
     if prompt == "none":
         return ""
     if prompt == "default":
         return COLLABORATIVE_PROMPT
-    raise PipelineError(f"pass '{pass_name}', option 'prompt': {prompt!r} is not 'default' or "
+    raise PipelineError(f"option 'prompt': {prompt!r} is not 'default' or "
                         "'none' (give your own wording with prompt_file=FILE)")
 
 
@@ -75,15 +75,14 @@ def instruction_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> lis
     return out
 
 
-def text_examples(tokenizer, path: Path, prompt: str, seqlen: int,
-                  pass_name: str = "l0") -> list[Example]:
-    text = read_utf8(path, f"pass '{pass_name}', option 'data': file", PipelineError)
+def text_examples(tokenizer, path: Path, prompt: str, seqlen: int) -> list[Example]:
+    text = read_utf8(path, "option 'data': file", PipelineError)
     text = text.replace("\r\n", "\n")
     tokens = tokenize(tokenizer, text)
     p_ids = tokenize(tokenizer, prompt) if prompt else []
     body = seqlen - len(p_ids)
     if body < 2:
-        raise PipelineError(f"pass '{pass_name}', option 'seqlen': {seqlen} leaves no room after the "
+        raise PipelineError(f"option 'seqlen': {seqlen} leaves no room after the "
                             f"{len(p_ids)}-token prompt")
     out = []
     for i in range(0, len(tokens) - 1, body):
@@ -94,17 +93,16 @@ def text_examples(tokenizer, path: Path, prompt: str, seqlen: int,
     return out
 
 
-def load_examples(tokenizer, data: str, prompt: str, seqlen: int,
-                  pass_name: str = "l0") -> list[Example]:
+def load_examples(tokenizer, data: str, prompt: str, seqlen: int) -> list[Example]:
     path = Path(data)
     if not path.is_file():
-        raise PipelineError(f"pass '{pass_name}', option 'data': '{path}' does not exist")
+        raise PipelineError(f"option 'data': '{path}' does not exist")
     if path.suffix in (".json", ".jsonl"):
         examples = instruction_examples(tokenizer, path, prompt, seqlen)
     else:
-        examples = text_examples(tokenizer, path, prompt, seqlen, pass_name)
+        examples = text_examples(tokenizer, path, prompt, seqlen)
     if not examples:
-        raise PipelineError(f"pass '{pass_name}', option 'data': '{path}' gives no training examples "
+        raise PipelineError(f"option 'data': '{path}' gives no training examples "
                             f"(empty, or every response falls beyond seqlen={seqlen})")
     return examples
 

@@ -100,18 +100,17 @@ def _module_roles(model: nn.Module, param: str, dim: int) -> tuple[str, str] | N
     return None
 
 
-def plan_families(model: nn.Module, result: DependencyResult, kinds: set[str],
-                  pass_name: str = "l0") -> list[Family]:
+def plan_families(model: nn.Module, result: DependencyResult, kinds: set[str]) -> list[Family]:
     """One gate family per prunable group of the chosen kinds."""
     families = []
     for kind in sorted(kinds):
         groups = [g for g in result.groups if g.kind == kind]
         if not groups:
-            raise PipelineError(f"pass '{pass_name}', option 'kinds': the model has no {kind} "
+            raise PipelineError(f"option 'kinds': the model has no {kind} "
                                 "groups")
         usable = [g for g in groups if g.prunable]
         if not usable:
-            raise PipelineError(f"pass '{pass_name}', option 'kinds': every {kind} group is "
+            raise PipelineError(f"option 'kinds': every {kind} group is "
                                 f"unprunable ({'; '.join(groups[0].reasons) or 'no reason'})")
         for g in usable:
             want = "out" if kind == "hidden" else "in"
@@ -125,7 +124,7 @@ def plan_families(model: nn.Module, result: DependencyResult, kinds: set[str],
                 targets.append(GateTarget(role[0], where, owner))
             if not targets:
                 raise PipelineError(
-                    f"pass '{pass_name}': {kind} group {g.id} has no linear or embedding "
+                    f"{kind} group {g.id} has no linear or embedding "
                     f"{'reading' if want == 'in' else 'writing'} its channels to place a gate on")
             families.append(Family(g, targets, binary=(kind == "hidden")))
     return families

@@ -70,10 +70,10 @@ class TrainConfig:
     precision: str = "fp32"
 
 
-def check_precision(precision: str, pass_name: str) -> None:
+def check_precision(precision: str) -> None:
     """Refuse a precision this machine cannot run: bf16 on a CUDA device without it."""
     if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise PipelineError(f"pass '{pass_name}', option 'precision': this GPU has no bfloat16; "
+        raise PipelineError("option 'precision': this GPU has no bfloat16; "
                             "use precision=fp32")
 
 
@@ -127,7 +127,7 @@ FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv", "W_pack")
 
 
 def wrap_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: int, seed: int,
-              fallback: tuple[str, ...] = (), pass_name: str = "l0"):
+              fallback: tuple[str, ...] = ()):
     """peft LoRA on the linears whose name ends with one of ``targets`` (else, if none
     does, with one of ``fallback``)."""
     from peft import LoraConfig, get_peft_model
@@ -139,7 +139,7 @@ def wrap_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: int,
         hit = targets
     if not hit:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise PipelineError(f"pass '{pass_name}', option 'lora': no linear named "
+        raise PipelineError(f"option 'lora': no linear named "
                             f"{' or '.join(targets)}; this model's linears are: {', '.join(leaves)}")
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
@@ -192,10 +192,10 @@ def _read_checkpoint(path: Path, fingerprint: str, label: str) -> dict:
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign checkpoint: say which file
         why = "it holds more than tensors and plain data, which are never unpickled" \
             if "weights_only" in str(e) else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PipelineError(f"pass '{label}': checkpoint '{path}' cannot be read ({why}); delete "
+        raise PipelineError(f"checkpoint '{path}' cannot be read ({why}); delete "
                             "it to start over") from None
     if ck.get("fingerprint") != fingerprint:
-        raise PipelineError(f"pass '{label}': checkpoint '{path}' was written by a different "
+        raise PipelineError(f"checkpoint '{path}' was written by a different "
                             f"{label} run ({ck.get('fingerprint')}); delete it or use another "
                             "output directory")
     return ck
@@ -265,7 +265,7 @@ def _loop(acc, session: Session, opts: list[torch.optim.Optimizer], examples: li
     None, values to log)."""
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch % world:
-        raise PipelineError(f"pass '{label}', option 'batch': {cfg.batch} examples cannot be "
+        raise PipelineError(f"option 'batch': {cfg.batch} examples cannot be "
                             f"shared equally by {world} processes")
     per = cfg.batch // world
     base_lr = [g["lr"] for g in opts[0].param_groups]  # before a checkpoint's lr replaces it

@@ -37,7 +37,7 @@ class ModelKind(Protocol):
     def retrace(self, state: CompileState) -> Graph:
         """The graph of the model as the passes left it."""
 
-    def check_input(self, state: CompileState, pass_name: str, *, weights: bool = True,
+    def check_input(self, state: CompileState, *, weights: bool = True,
                     out_dir: bool = False) -> None:
         """Refuse (PipelineError) a state this kind cannot work on: the model not loaded,
         no weights (unless ``weights=False``), no OUTDIR when ``out_dir``."""
@@ -46,11 +46,10 @@ class ModelKind(Protocol):
         """The tokenizer that reads calibration text (None when there is none)."""
 
     def remove_units(self, state: CompileState, analysis: DependencyResult,
-                     selection: dict[int, list[int]], pass_name: str) -> dict[str, Any]:
+                     selection: dict[int, list[int]]) -> dict[str, Any]:
         """Physically remove the selected units; the removal report."""
 
-    def check_selection(self, state: CompileState, selection: dict[int, list[int]],
-                        pass_name: str) -> None:
+    def check_selection(self, state: CompileState, selection: dict[int, list[int]]) -> None:
         """Refuse (PipelineError) a selection this kind cannot remove."""
 
     def claimed_weights(self, state: CompileState) -> tuple[list[str], Any]:
@@ -78,7 +77,7 @@ class ModelKind(Protocol):
         from the dense model's activations on ``windows``."""
 
     def sparsify_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
-                          batch: int, *, hessian: bool, pass_name: str
+                          batch: int, *, hessian: bool
                           ) -> tuple[Any, dict[str, Any], list[str] | None]:
         """``sparsify``'s decoder blocks (a :class:`~slimgraph.structured.observer.
         BlockObserver` with ``sites``; close it after use) on calibration ``windows``

@@ -33,13 +33,13 @@ class OnnxModel:
                       "MODEL.onnx --all)")
     exports_with_opset = False
 
-    def check_input(self, state: CompileState, pass_name: str, *, weights: bool = True,
+    def check_input(self, state: CompileState, *, weights: bool = True,
                     out_dir: bool = False) -> None:
         """The ONNX model is loaded (and an OUTDIR given when ``out_dir``)."""
         if state.graph is None or state.graph.onnx_model is None:
-            raise PipelineError(f"pass '{pass_name}': the ONNX model is not loaded")
+            raise PipelineError("the ONNX model is not loaded")
         if out_dir and state.out_dir is None:
-            raise PipelineError(f"pass '{pass_name}' needs an output directory (-o OUTDIR)")
+            raise PipelineError("needs an output directory (-o OUTDIR)")
 
     def retrace(self, state: CompileState) -> Graph:
         """The model in memory (as the passes left it), not the input file."""
@@ -66,24 +66,23 @@ class OnnxModel:
         """None: sampling calibration text needs the PyTorch model."""
         return None
 
-    def check_head_removal(self, state: CompileState, pass_name: str) -> None:
+    def check_head_removal(self, state: CompileState) -> None:
         """Refuse com.microsoft attention nodes the importer could not describe."""
         from slimgraph.structured.onnx_removal import check_contrib_attention
 
-        check_contrib_attention(state.graph, pass_name)
+        check_contrib_attention(state.graph)
 
     def remove_units(self, state: CompileState, analysis: DependencyResult,
-                     selection: dict[int, list[int]], pass_name: str) -> dict[str, Any]:
+                     selection: dict[int, list[int]]) -> dict[str, Any]:
         from slimgraph.structured.onnx_removal import remove_units_onnx
 
-        return remove_units_onnx(analysis, selection, pass_name)
+        return remove_units_onnx(analysis, selection)
 
-    def check_selection(self, state: CompileState, selection: dict[int, list[int]],
-                        pass_name: str) -> None:
+    def check_selection(self, state: CompileState, selection: dict[int, list[int]]) -> None:
         from slimgraph.structured.onnx_removal import check_selection
 
         if selection:
-            check_selection(state.analysis(), selection, pass_name)
+            check_selection(state.analysis(), selection)
 
     def block_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
                        batch: int) -> Any:
@@ -160,7 +159,7 @@ class OnnxModel:
         from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
         from slimgraph.sparsity.onnx_targets import find_targets
 
-        self.check_input(state, pss.name)
+        self.check_input(state)
         if pss.schedule_name() != "uniform":
             targets, _ = find_targets(state.analysis())
             try:
@@ -202,7 +201,7 @@ class OnnxModel:
         return report
 
     def sparsify_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
-                          batch: int, *, hessian: bool, pass_name: str
+                          batch: int, *, hessian: bool
                           ) -> tuple[Any, dict[str, Any], list[str] | None]:
         """``sparsify``'s blocks: one segment model per layer in ONNX Runtime when there
         are ``windows``; a graph that cannot be cut into layers is calibrated in one run
@@ -216,7 +215,7 @@ class OnnxModel:
 
         targets, untargeted = find_targets(analysis)
         if not targets:
-            raise PipelineError(f"pass '{pass_name}': no decoder-block linear with a stored "
+            raise PipelineError("no decoder-block linear with a stored "
                                 "weight was found in the ONNX model"
                                 + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
                                    if untargeted else ""))
@@ -229,7 +228,7 @@ class OnnxModel:
             return observer, {"method": onnx_path.CALIBRATION}, []
         except SegmentError as e:
             if hessian:
-                raise PipelineError(f"pass '{pass_name}': weight reconstruction needs "
+                raise PipelineError(f"weight reconstruction needs "
                                     "block-sequential calibration and the ONNX graph cannot be "
                                     f"cut into layers ({e})") from None
             stats = onnx_path.input_stats(model, targets, windows, batch=batch,

@@ -28,18 +28,18 @@ class TorchModel:
     no_groups_hint = ""
     exports_with_opset = True
 
-    def check_input(self, state: CompileState, pass_name: str, *, weights: bool = True,
+    def check_input(self, state: CompileState, *, weights: bool = True,
                     out_dir: bool = False) -> None:
         """A PyTorch model, with weights (unless ``weights=False``), and an OUTDIR when
         ``out_dir``."""
         if state.model is None:
-            raise PipelineError(f"pass '{pass_name}' needs a PyTorch model (ONNX input is not "
+            raise PipelineError("needs a PyTorch model (ONNX input is not "
                                 "supported by this pass yet)")
         if weights and state.loaded.meta and state.offload is None:
-            raise PipelineError(f"pass '{pass_name}' needs weights; the model was loaded with "
+            raise PipelineError("needs weights; the model was loaded with "
                                 "--meta")
         if out_dir and state.out_dir is None:
-            raise PipelineError(f"pass '{pass_name}' needs an output directory (-o OUTDIR)")
+            raise PipelineError("needs an output directory (-o OUTDIR)")
 
     def retrace(self, state: CompileState) -> Graph:
         from slimgraph.frontends.build import graph_of
@@ -56,18 +56,17 @@ class TorchModel:
         """The model that writes calibration text for ``calib=self``."""
         return state.model
 
-    def check_head_removal(self, state: CompileState, pass_name: str) -> None:
+    def check_head_removal(self, state: CompileState) -> None:
         """Heads can be removed from any traced attention."""
 
     def remove_units(self, state: CompileState, analysis: DependencyResult,
-                     selection: dict[int, list[int]], pass_name: str) -> dict[str, Any]:
+                     selection: dict[int, list[int]]) -> dict[str, Any]:
         from slimgraph.structured.removal import remove_units
 
         return remove_units(state.model, analysis, selection)
 
-    def check_selection(self, state: CompileState, selection: dict[int, list[int]],
-                        pass_name: str) -> None:
-        self.check_input(state, pass_name)
+    def check_selection(self, state: CompileState, selection: dict[int, list[int]]) -> None:
+        self.check_input(state)
 
     def block_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
                        batch: int) -> Any:
@@ -100,7 +99,7 @@ class TorchModel:
 
     def check_sparsify(self, pss: Sparsify, state: CompileState) -> None:
         """What ``sparsify`` needs beyond its options on a PyTorch model."""
-        self.check_input(state, pss.name)
+        self.check_input(state)
         if pss.schedule_name() == "explicit":
             from slimgraph.ir.blocks import find_blocks
 
@@ -140,7 +139,7 @@ class TorchModel:
         return report
 
     def sparsify_observer(self, state: CompileState, analysis: DependencyResult, windows: Any,
-                          batch: int, *, hessian: bool, pass_name: str
+                          batch: int, *, hessian: bool
                           ) -> tuple[Any, dict[str, Any], list[str] | None]:
         """``sparsify``'s blocks: hooks on the decoder blocks' modules (one block in memory
         at a time with --offload); no report extras."""
@@ -148,7 +147,7 @@ class TorchModel:
 
         observer = TorchBlocks(state.model, analysis, windows, batch=batch, lazy=state.offload)
         if not observer.blocks:
-            raise PipelineError(f"pass '{pass_name}': no decoder blocks with prunable linears "
+            raise PipelineError("no decoder blocks with prunable linears "
                                 "were found")
         return observer, {}, None
 

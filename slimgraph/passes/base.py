@@ -167,7 +167,7 @@ class Pass:
         """The common preconditions: a PyTorch model, with weights, and an OUTDIR."""
         from slimgraph.models.torch_model import TorchModel
 
-        TorchModel().check_input(state, self.name, weights=weights, out_dir=out_dir)
+        TorchModel().check_input(state, weights=weights, out_dir=out_dir)
 
     def option_error(self, option: str, message: str) -> PipelineError:
         return PipelineError(f"pass '{self.name}', option '{option}': {message}")

@@ -46,7 +46,7 @@ class CheckSparsity(Pass):
     def requires(self, state: CompileState) -> None:
         if state.model is None and getattr(state.loaded, "onnx_path", None) is None:
             raise PipelineError(f"pass '{self.name}' needs a PyTorch model or an ONNX file")
-        state.kind.check_input(state, self.name)
+        state.kind.check_input(state)
 
     def run(self, state: CompileState) -> PassResult:
         from slimgraph.sparsity.check import check_onnx, format_pattern

@@ -56,7 +56,7 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 _TEACHER: list = []
 
 
-def teacher_model(state: CompileState, spec: str, pass_name: str) -> torch.nn.Module:
+def teacher_model(state: CompileState, spec: str) -> torch.nn.Module:
     """The frozen teacher: the model ``spec`` names, or (``spec`` empty) the pipeline's
     input model as loaded, before any pass changed it. Loaded once per compile."""
     from slimgraph.frontends.loading import load_model
@@ -66,7 +66,7 @@ def teacher_model(state: CompileState, spec: str, pass_name: str) -> torch.nn.Mo
         return snapshot
     source = spec or state.loaded.spec
     if not spec and state.loaded.kind == "module":
-        raise PipelineError(f"pass '{pass_name}', option 'teacher': the input model was given "
+        raise PipelineError("option 'teacher': the input model was given "
                             "in memory and cannot be loaded again as the teacher; name it "
                             "with teacher=SPEC")
     if _TEACHER and _TEACHER[0][0]() is state.loaded and _TEACHER[0][1] == source:
@@ -74,30 +74,30 @@ def teacher_model(state: CompileState, spec: str, pass_name: str) -> torch.nn.Mo
     _TEACHER.clear()
     loaded = load_model(source)
     if loaded.model is None:
-        raise PipelineError(f"pass '{pass_name}', option 'teacher': '{source}' is not a PyTorch "
+        raise PipelineError(f"option 'teacher': '{source}' is not a PyTorch "
                             "model (ONNX cannot be a teacher: its logits are not differentiable "
                             "here)")
     if loaded.meta:
-        raise PipelineError(f"pass '{pass_name}', option 'teacher': '{source}' has no weights")
+        raise PipelineError(f"option 'teacher': '{source}' has no weights")
     teacher = loaded.model.eval()
     teacher.requires_grad_(False)
     _TEACHER.append((weakref.ref(state.loaded), source, teacher))
     return teacher
 
 
-def check_teacher(teacher: torch.nn.Module, student: torch.nn.Module, pass_name: str,
+def check_teacher(teacher: torch.nn.Module, student: torch.nn.Module,
                   hidden: bool) -> None:
     """Refuse a teacher whose vocabulary (or, for the hidden-state loss, hidden size)
     differs from the student's."""
     t_out, s_out = teacher.get_output_embeddings(), student.get_output_embeddings()
     if t_out is not None and s_out is not None and t_out.weight.shape[0] != s_out.weight.shape[0]:
-        raise PipelineError(f"pass '{pass_name}', option 'teacher': its vocabulary has "
+        raise PipelineError(f"option 'teacher': its vocabulary has "
                             f"{t_out.weight.shape[0]} tokens, the student's {s_out.weight.shape[0]}")
     if hidden:
         t_d = teacher.get_input_embeddings().weight.shape[1]
         s_d = student.get_input_embeddings().weight.shape[1]
         if t_d != s_d:
-            raise PipelineError(f"pass '{pass_name}', option 'hidden_weight': the student's "
+            raise PipelineError(f"option 'hidden_weight': the student's "
                                 f"hidden size is {s_d}, the teacher's {t_d} (hidden channels "
                                 "were removed); the hidden-state loss needs equal sizes")
 
@@ -181,7 +181,7 @@ class Distill(Pass):
         self.require_torch(state)
         from slimgraph.l0.train import check_precision
 
-        check_precision(self.precision, self.name)
+        check_precision(self.precision)
         if state.loaded.tokenizer is None:
             raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read its "
                                 "training data")
@@ -219,7 +219,7 @@ class Distill(Pass):
         if data == "self":
             return self_examples(state.loaded.tokenizer, teacher, self.seqlen, self.samples,
                                  self.seed, state.progress)
-        examples = load_examples(state.loaded.tokenizer, data, "", self.seqlen, self.name)
+        examples = load_examples(state.loaded.tokenizer, data, "", self.seqlen)
         if self.add_self:
             examples += self_examples(state.loaded.tokenizer, teacher, self.seqlen,
                                       self.add_self, self.seed, state.progress)
@@ -250,14 +250,14 @@ class Distill(Pass):
         """The teacher, the examples, the masks and the session: not yet trained."""
         from slimgraph.l0.train import Session, wrap_lora, zero_masks
 
-        teacher = teacher_model(state, self.teacher, self.name)
-        check_teacher(teacher, state.model, self.name, self.hidden_weight > 0)
+        teacher = teacher_model(state, self.teacher)
+        check_teacher(teacher, state.model, self.hidden_weight > 0)
         examples = self.examples(state, teacher)
         masks = zero_masks(state.model)
         if self.lora:
             state.model.requires_grad_(False)
             model = wrap_lora(state.model, self.lora_targets(state.model), self.lora_rank,
-                              self.lora_alpha, self.seed, pass_name=self.name)
+                              self.lora_alpha, self.seed)
         else:
             state.model.requires_grad_(True)
             model = state.model

@@ -41,7 +41,7 @@ class ExportOnnx(Pass):
         if not state.kind.exports_with_opset and self.opset != DEFAULT_OPSET:
             raise self.option_error("opset", f"the {state.kind.label} input is saved with its "
                                     "own opset; opset is for export from PyTorch")
-        state.kind.check_input(state, self.name, out_dir=True)
+        state.kind.check_input(state, out_dir=True)
 
     def run(self, state: CompileState) -> PassResult:
         return PassResult(False, state.kind.write_onnx(

@@ -140,13 +140,13 @@ class L0(Pass):
                                     "only used with distill=true")
         from slimgraph.l0.data import prompt_text
 
-        prompt_text(self.prompt, self.prompt_file, self.name)
+        prompt_text(self.prompt, self.prompt_file)
 
     def requires(self, state: CompileState) -> None:
         self.require_torch(state)
         from slimgraph.l0.train import check_precision
 
-        check_precision(self.precision, self.name)
+        check_precision(self.precision)
         if state.loaded.tokenizer is None:
             raise PipelineError(f"pass '{self.name}' needs the model's tokenizer to read "
                                 "its training data")
@@ -180,11 +180,11 @@ class L0(Pass):
         from slimgraph.l0.gates import GateSet, SizeModel, plan_families
         from slimgraph.l0.train import FUSED_QKV, Session, wrap_lora
 
-        prompt = prompt_text(self.prompt, self.prompt_file, self.name)
+        prompt = prompt_text(self.prompt, self.prompt_file)
         data = self.data or state.calib.file
         examples = load_examples(state.loaded.tokenizer, data, prompt, self.seqlen)
         result = state.analysis()
-        families = plan_families(state.model, result, set(split_names(self.kinds)), self.name)
+        families = plan_families(state.model, result, set(split_names(self.kinds)))
         if self.kept_values == "one":
             for f in families:  # deterministic gates 0 or 1: kept units unscaled
                 f.binary = True
@@ -203,8 +203,8 @@ class L0(Pass):
         if self.distill:
             from slimgraph.passes.distill import check_teacher, teacher_model
 
-            teacher = teacher_model(state, self.teacher, self.name)
-            check_teacher(teacher, state.model, self.name, hidden=False)
+            teacher = teacher_model(state, self.teacher)
+            check_teacher(teacher, state.model, hidden=False)
         return Session(peft_model, state.model, gates, size, teacher=teacher), examples, prompt, cfg
 
     def _importance(self, state: CompileState, families, examples) -> list[torch.Tensor]:

@@ -182,6 +182,17 @@ def _convert(p: type, field: dataclasses.Field, raw: Any) -> Any:
         raise PipelineError(f"{name}: {raw!r} is not a valid {tname}") from None
 
 
+def name_error(pass_name: str, e: SlimgraphError) -> None:
+    """Begin ``e``'s message with the pass that raised it. Library code does not know
+    which pass calls it and words its errors as "option 'X': ...", "needs ..." or plain
+    text; they read "pass 'P', option 'X': ...", "pass 'P' needs ..." and "pass 'P': ..."."""
+    message = str(e)
+    if message.startswith(f"pass '{pass_name}'"):
+        return
+    sep = ", " if message.startswith("option '") else " " if message.startswith("needs ") else ": "
+    e.args = (f"pass '{pass_name}'{sep}{message}",)
+
+
 def build(steps: list[tuple[str, dict[str, Any]]]) -> list[Pass]:
     passes = []
     for name, opts in steps:
@@ -195,7 +206,11 @@ def build(steps: list[tuple[str, dict[str, Any]]]) -> list[Pass]:
                 raise PipelineError(f"pass '{name}': unknown option {str(key)!r} (options: {known})")
             kwargs[key] = _convert(cls, fields[key], raw)
         p = cls(**kwargs)
-        p.check_options()
+        try:
+            p.check_options()
+        except SlimgraphError as e:
+            name_error(name, e)
+            raise
         passes.append(p)
     return passes
 
@@ -245,9 +260,8 @@ class PassManager:
                     raise TypeError(f"pass {p.name} returned {type(result).__name__}")
                 p.ensures(state, result)
             except SlimgraphError as e:
-                if str(e).startswith(f"pass '{p.name}'"):
-                    raise
-                raise type(e)(f"pass '{p.name}': {e}") from e
+                name_error(p.name, e)
+                raise
             seconds = time.perf_counter() - t0
             if self.verify and result.modified and state.graph is not None:
                 try:

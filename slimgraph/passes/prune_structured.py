@@ -83,13 +83,13 @@ from slimgraph.passes.base import CompileState, Pass, PassResult
 from slimgraph.passes.registry import register
 
 
-def parse_layers(text: str, pass_name: str) -> set[int]:
+def parse_layers(text: str) -> set[int]:
     out: set[int] = set()
     for tok in text.replace(";", " ").replace(":", " ").split():
         try:
             out.add(int(tok))
         except ValueError:
-            raise PipelineError(f"pass '{pass_name}', option 'protect': {tok!r} is not a layer "
+            raise PipelineError(f"option 'protect': {tok!r} is not a layer "
                                 "index (write e.g. protect=0 29)") from None
     return out
 
@@ -183,15 +183,15 @@ class PruneStructured(Pass):
                                         f"{kind} ratio {ratio} (no layer could remove more)")
         if self.round_to < 1:
             raise self.option_error("round_to", f"must be >= 1, got {self.round_to}")
-        parse_layers(self.protect, self.name)
+        parse_layers(self.protect)
 
     def requires(self, state: CompileState) -> None:
-        state.kind.check_input(state, self.name)
+        state.kind.check_input(state)
         if not state.kind.observes_blocks:
             self._refuse_observation(state)
         self._refuse_by_capability(state)
         if self.ratios().get("heads") or self.ratios().get("qheads"):
-            state.kind.check_head_removal(state, self.name)
+            state.kind.check_head_removal(state)
         source = state.calib.file or "self"
         if self.uses_data(state) and source != "self" and state.kind.tokenizer(state) is None:
             raise PipelineError(f"pass '{self.name}': {self._data_use()} needs calibration data "
@@ -247,13 +247,13 @@ class PruneStructured(Pass):
                 total = result.graph.num_parameters()
                 ratio, counts, skipped = counts_for_params(
                     result.groups, self.ratios(), "mlp", int(self.params), total,
-                    self.round_to, parse_layers(self.protect, self.name), self.name)
+                    self.round_to, parse_layers(self.protect))
                 params_plan = {"target": int(self.params), "before": total,
                                "mlp_ratio": round(ratio, 6)}
                 ratios = {**ratios, "mlp": ratio}
             else:
                 counts, skipped = plan_counts(result.groups, self.ratios(), self.round_to,
-                                              parse_layers(self.protect, self.name), self.name)
+                                              parse_layers(self.protect))
         except NothingToPruneError as e:
             if state.kind.no_groups_hint:  # either reason: no group of the kind, or none prunable
                 raise PipelineError(f"{e}{state.kind.no_groups_hint}") from None
@@ -296,7 +296,7 @@ class PruneStructured(Pass):
         if not self.remove:
             state.selection.update(selection)
             return PassResult(False, report)
-        report.update(state.kind.remove_units(state, result, selection, self.name))
+        report.update(state.kind.remove_units(state, result, selection))
         state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
@@ -390,8 +390,7 @@ class PruneStructured(Pass):
             floor = self.layer_floor if self.layer_floor is not None else ratio / 2
             ceiling = self.layer_ceiling if self.layer_ceiling is not None else min(0.9, 2 * ratio)
             out.update(global_counts(groups, {g.id: counts[g.id] for g in groups
-                                              if g.kind == kind}, scores, floor, ceiling,
-                                     self.name))
+                                              if g.kind == kind}, scores, floor, ceiling))
         return out
 
     def _walk(self, state, result, counts: dict[int, int], selection: dict[int, list[int]],

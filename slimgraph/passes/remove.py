@@ -14,12 +14,12 @@ class Remove(Pass):
     summary = "slice out the units selected by an earlier pass"
 
     def requires(self, state: CompileState) -> None:
-        state.kind.check_selection(state, state.selection, self.name)
+        state.kind.check_selection(state, state.selection)
 
     def run(self, state: CompileState) -> PassResult:
         if not state.selection:
             return PassResult(False, {"note": "no units were selected; nothing removed"})
-        report = state.kind.remove_units(state, state.analysis(), state.selection, self.name)
+        report = state.kind.remove_units(state, state.analysis(), state.selection)
         state.selection = {}
         state.record_removal(report)
         state.retrace()

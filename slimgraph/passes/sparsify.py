@@ -295,7 +295,7 @@ class Sparsify(Pass):
             space_info = state.kind.permute_space(state, opts, result, windows, self.batch)
         observer, extras, notes = state.kind.sparsify_observer(
             state, result, windows if self.needs_stats() else None, self.batch,
-            hessian=self.needs_hessian(), pass_name=self.name)
+            hessian=self.needs_hessian())
         try:
             plan = None
             if self.pattern is None:
@@ -372,7 +372,7 @@ class Sparsify(Pass):
         nm = self.nm()
         failures = block_prune.nm_claim_failures(layers, nm, weight_of) if nm else []
         if missing or failures:
-            raise block_prune.claim_error(self.name, self.pattern, failures, missing)
+            raise block_prune.claim_error(self.pattern, failures, missing)
 
     def schedule_plan(self, layers: list[int], params: list[int],
                       owl_ratios: Callable[[], list[float]]) -> dict:

@@ -208,7 +208,7 @@ def nm_claim_failures(layers: list[dict], nm: tuple[int, int],
     return bad
 
 
-def claim_error(pass_name: str, pattern: str, failures: list[str], missing: list[str]
+def claim_error(pattern: str, failures: list[str], missing: list[str]
                 ) -> SparsityClaimError:
     """The one-line error of a broken claim (``failures``: N:M does not hold; ``missing``:
     block linears not in the report)."""
@@ -221,7 +221,7 @@ def claim_error(pass_name: str, pattern: str, failures: list[str], missing: list
         parts.append(f"{len(missing)} decoder-block linear(s) neither pruned nor skipped: "
                      + ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
                                                  if len(missing) > 5 else ""))
-    return SparsityClaimError(f"pass '{pass_name}': " + "; ".join(parts))
+    return SparsityClaimError("" + "; ".join(parts))
 
 
 def torch_claims(graph, model: torch.nn.Module, stored: dict | None = None

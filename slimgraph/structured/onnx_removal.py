@@ -61,7 +61,7 @@ _ANY_CONTRIB_ATTENTION = {
 }
 
 
-def check_contrib_attention(graph, pass_name: str) -> None:
+def check_contrib_attention(graph) -> None:
     """Heads removal on an ONNX model: refuse (naming the node) every com.microsoft
     attention node the importer could not describe (a KV cache, a per-head bias, an op
     without a converter), rather than prune only the layers it could."""
@@ -73,32 +73,30 @@ def check_contrib_attention(graph, pass_name: str) -> None:
         if node.kind.value == "unknown":
             why = node.attrs.get("why") or "no converter for this op"
             raise PipelineError(
-                f"pass '{pass_name}', option 'heads': ONNX node {node.name!r} ({node.op}) "
+                f"option 'heads': ONNX node {node.name!r} ({node.op}) "
                 f"is not supported for head removal: {why} (supported: com.microsoft "
                 "Attention / MultiHeadAttention / GroupQueryAttention without a KV cache or "
                 "a per-head attention bias)")
 
 
-def check_selection(result: DependencyResult, selection: dict[int, list[int]],
-                    pass_name: str) -> None:
+def check_selection(result: DependencyResult, selection: dict[int, list[int]]) -> None:
     """Refuse what ONNX removal does not support, before anything is changed."""
     by_id = {g.id: g for g in result.groups}
     for gid, units in selection.items():
         g = by_id[gid]
         if units and g.kind not in ("mlp", "heads", "qheads", "hidden"):
             raise PipelineError(
-                f"pass '{pass_name}': removing {g.kind} units ({RemovalPlan.label(g)}) is not "
+                f"removing {g.kind} units ({RemovalPlan.label(g)}) is not "
                 "supported for ONNX input (only mlp channels, attention heads / KV-groups and "
                 "hidden channels)")
 
 
-def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
-                      pass_name: str) -> dict[str, Any]:
+def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]]) -> dict[str, Any]:
     """Slice the selected units out of the ``onnx_ir`` model behind ``result.graph``;
     rewrite the shape constants and recorded shapes; verify with shape inference."""
     import onnx_ir as ir
 
-    check_selection(result, selection, pass_name)
+    check_selection(result, selection)
     graph = result.graph
     plan = RemovalPlan(result, selection)
     plan.shapes()
@@ -106,7 +104,7 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
     try:
         stats = plan_statistics(plan)
     except PipelineError as e:
-        raise PipelineError(f"pass '{pass_name}': {e}") from None
+        raise PipelineError(f"{e}") from None
     before = graph.num_parameters()
     report: dict[str, Any] = {"removed_units": slice_units(result, selection),
                               "module_attrs": {}, "notes": [], "input": "onnx",
@@ -206,12 +204,12 @@ def remove_units_onnx(result: DependencyResult, selection: dict[int, list[int]],
         if v is None or v.shape is None:
             continue
         if v in g.outputs or v in g.inputs:
-            raise PipelineError(f"pass '{pass_name}': removal would change the shape of the "
+            raise PipelineError(f"removal would change the shape of the "
                                 f"model {'output' if v in g.outputs else 'input'} {name!r}")
         dims = [new[d] if isinstance(new[d], int) and isinstance(v.shape[d], int) else v.shape[d]
                 for d in range(len(new))]
         v.shape = ir.Shape(dims)
-    report["shape_check"] = verify_shapes(model, plan.new_shape, pass_name)
+    report["shape_check"] = verify_shapes(model, plan.new_shape)
     graph.onnx_modified = True
     report["params_before"] = before
     report["params_after"] = graph.num_parameters()
@@ -249,7 +247,7 @@ def _shape_only_proto(model, inline: int = 1024):
             v.const_value = t
 
 
-def verify_shapes(model, expected: dict[str, tuple], pass_name: str) -> dict[str, Any]:
+def verify_shapes(model, expected: dict[str, tuple]) -> dict[str, Any]:
     """Re-infer every intermediate shape of ``model`` (a serialized copy with the
     recorded shapes dropped) and compare with the shapes the analysis predicts."""
     import onnx
@@ -264,7 +262,7 @@ def verify_shapes(model, expected: dict[str, tuple], pass_name: str) -> dict[str
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
         except Exception:
-            raise PipelineError(f"pass '{pass_name}': ONNX shape inference fails on the slimmed "
+            raise PipelineError(f"ONNX shape inference fails on the slimmed "
                                 f"model: {str(e).strip().splitlines()[0]}") from e
         strict = False
     seen = {vi.name: vi for vi in inferred.graph.value_info}
@@ -284,7 +282,7 @@ def verify_shapes(model, expected: dict[str, tuple], pass_name: str) -> dict[str
             if d is not None and isinstance(w, int) and d != w:
                 n = producer.get(name)
                 raise PipelineError(
-                    f"pass '{pass_name}': after removal ONNX shape inference gives {dims} for "
+                    f"after removal ONNX shape inference gives {dims} for "
                     f"{name!r} (node {n.name if n else '?'!r}, {n.op_type if n else '?'}), the "
                     f"analysis expects {list(want)}: the node encodes a size that removal "
                     "does not rewrite")

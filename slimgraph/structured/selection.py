@@ -52,7 +52,7 @@ def removal_count(units: int, ratio: float, round_to: int) -> int:
 
 
 def plan_counts(groups: list[ChannelGroup], ratios: dict[str, float], round_to: int,
-                protect: set[int], pass_name: str) -> tuple[dict[int, int], list[str]]:
+                protect: set[int]) -> tuple[dict[int, int], list[str]]:
     """Per group id, how many units to remove; errors before any weight is read."""
     counts: dict[int, int] = {}
     skipped: list[str] = []
@@ -61,11 +61,11 @@ def plan_counts(groups: list[ChannelGroup], ratios: dict[str, float], round_to: 
             continue
         targets = [g for g in groups if g.kind == kind]
         if not targets:
-            raise NothingToPruneError(f"pass '{pass_name}', option '{kind}': the model has no "
+            raise NothingToPruneError(f"option '{kind}': the model has no "
                                       f"{kind} groups", kind, "no-groups")
         if not any(g.prunable for g in targets):
             why = targets[0].reasons[0] if targets[0].reasons else "unprunable"
-            raise NothingToPruneError(f"pass '{pass_name}', option '{kind}': every {kind} group "
+            raise NothingToPruneError(f"option '{kind}': every {kind} group "
                                       f"is unprunable ({why})", kind, "unprunable")
         for g in targets:
             where = f"{kind} group {g.id}" + (f" (layer {g.layer})" if g.layer is not None else "")
@@ -78,7 +78,7 @@ def plan_counts(groups: list[ChannelGroup], ratios: dict[str, float], round_to: 
             n = removal_count(g.units, ratio, round_to)
             if n >= g.units:
                 raise PipelineError(
-                    f"pass '{pass_name}', option '{kind}': ratio {ratio} would remove all "
+                    f"option '{kind}': ratio {ratio} would remove all "
                     f"{g.units} units of {where}; at least one must be kept")
             if n == 0:
                 skipped.append(f"{where}: {ratio} x {g.units} units rounds to 0 removed")
@@ -88,23 +88,23 @@ def plan_counts(groups: list[ChannelGroup], ratios: dict[str, float], round_to: 
 
 
 def counts_for_params(groups: list[ChannelGroup], ratios: dict[str, float], kind: str,
-                      target: int, total: int, round_to: int, protect: set[int],
-                      pass_name: str) -> tuple[float, dict[int, int], list[str]]:
+                      target: int, total: int, round_to: int,
+                      protect: set[int]) -> tuple[float, dict[int, int], list[str]]:
     """A parameter-count target (``params=``): the smallest ratio of ``kind`` (the same in
     every group of that kind) that, with the fixed ``ratios`` of the other kinds, leaves
     at most ``target`` of the model's ``total`` parameters. A unit's cost is its group's
     ``params_per_unit``. Returns ``(ratio, counts, skipped)`` as :func:`plan_counts`."""
 
     def plan(r: float) -> tuple[dict[int, int], list[str]]:
-        return plan_counts(groups, {**ratios, kind: r}, round_to, protect, pass_name)
+        return plan_counts(groups, {**ratios, kind: r}, round_to, protect)
 
     def left(counts: dict[int, int]) -> int:
         cost = {g.id: g.params_per_unit for g in groups}
         return total - sum(n * cost[gid] for gid, n in counts.items())
 
-    base, _ = plan_counts(groups, ratios, round_to, protect, pass_name) if ratios else ({}, [])
+    base, _ = plan_counts(groups, ratios, round_to, protect) if ratios else ({}, [])
     if left(base) <= target:
-        raise PipelineError(f"pass '{pass_name}', option 'params': the model has {left(base):,} "
+        raise PipelineError(f"option 'params': the model has {left(base):,} "
                             f"parameters {'after the other ratios ' if ratios else ''}already, "
                             f"at most the target {target:,}")
     groups_of_kind = [g for g in groups if g.kind == kind and g.prunable
@@ -112,7 +112,7 @@ def counts_for_params(groups: list[ChannelGroup], ratios: dict[str, float], kind
     most = min((1 - 1 / g.units for g in groups_of_kind), default=0.0)
     most_counts, _ = plan(most) if groups_of_kind else ({}, [])
     if not groups_of_kind or left(most_counts) > target:
-        raise PipelineError(f"pass '{pass_name}', option 'params': removing all but one unit of "
+        raise PipelineError(f"option 'params': removing all but one unit of "
                             f"every {kind} group leaves {left(most_counts if groups_of_kind else base):,} "
                             f"parameters, more than the target {target:,}")
     lo, hi = 0.0, most  # left(plan(lo)) > target >= left(plan(hi))
@@ -133,8 +133,7 @@ def choose(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def global_counts(groups: list[ChannelGroup], counts: dict[int, int],
-                  scores: dict[int, torch.Tensor], floor: float, ceiling: float,
-                  pass_name: str) -> dict[int, int]:
+                  scores: dict[int, torch.Tensor], floor: float, ceiling: float) -> dict[int, int]:
     """``allocation=global``: per kind, the same total number of units as ``counts`` (the
     uniform plan), spread over the groups by one ranking across layers. Each group's
     scores are standardised (FLAP: ``(s - mean) / std`` within the group), every unit is
@@ -156,7 +155,7 @@ def global_counts(groups: list[ChannelGroup], counts: dict[int, int],
             pool += [(z[r], gid, r) for r in range(lo[gid], hi[gid])]
         if not sum(lo.values()) <= total <= sum(hi.values()):
             raise PipelineError(
-                f"pass '{pass_name}', option 'layer_floor/layer_ceiling': {kind}: the bounds "
+                f"option 'layer_floor/layer_ceiling': {kind}: the bounds "
                 f"allow {sum(lo.values())}..{sum(hi.values())} units in all, the target is "
                 f"{total}")
         alloc = dict(lo)

@@ -125,3 +125,25 @@ def test_print_after_prints_the_ir_and_rejects_unknown_passes(tiny_state):
 def test_a_pass_must_return_a_pass_result(tiny_state):
     with pytest.raises(TypeError, match="test-returns-nothing returned NoneType"):
         PassManager([_ReturnsNothing()]).run(tiny_state)
+
+
+def test_library_errors_are_named_by_the_pass_that_raised_them():
+    from slimgraph.passes.pipeline import name_error
+    from slimgraph.structured.selection import NothingToPruneError
+
+    # raised in check_options by a helper that does not know the pass
+    with pytest.raises(PipelineError) as info:
+        build(parse("prune-structured{mlp=0.5,protect=first}"))
+    assert str(info.value).startswith("pass 'prune-structured', option 'protect': 'first'")
+    cases = [(PipelineError("option 'mlp': bad"), "pass 'p', option 'mlp': bad"),
+             (PipelineError("needs an output directory"), "pass 'p' needs an output directory"),
+             (PipelineError("no linear could be pruned"), "pass 'p': no linear could be pruned"),
+             (PipelineError("pass 'p': already named"), "pass 'p': already named")]
+    for error, message in cases:
+        name_error("p", error)
+        assert str(error) == message
+    # the error keeps its type and fields (callers branch on them, not on the text)
+    e = NothingToPruneError("option 'mlp': the model has no mlp groups", "mlp", "no-groups")
+    name_error("prune-structured", e)
+    assert isinstance(e, NothingToPruneError) and (e.kind, e.reason) == ("mlp", "no-groups")
+    assert str(e) == "pass 'prune-structured', option 'mlp': the model has no mlp groups"

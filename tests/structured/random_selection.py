@@ -39,6 +39,6 @@ def slim_and_masked(src, seed: int, tmp_path, select=random_heads_and_mlp):
     masked = analyze(import_onnx(src))
     mask_units(masked, sel)
     masked_path = save_onnx_model(masked.graph.meta["onnx_model"], tmp_path / "masked" / "model.onnx")
-    report = remove_units_onnx(result, sel, "test")
+    report = remove_units_onnx(result, sel)
     slim_path = save_onnx_model(result.graph.meta["onnx_model"], tmp_path / "slim" / "model.onnx")
     return result, sel, report, masked_path, slim_path

@@ -333,7 +333,7 @@ def test_qkv_hidden_sizes_follow(files, tmp_path):
     result = analyze(import_onnx(src))
     heads = sorted((g for g in result.prunable() if g.kind == "heads"),
                    key=lambda g: _layer_of(result, g))
-    remove_units_onnx(result, {heads[0].id: [1], heads[1].id: [0, 2, 3]}, "test")
+    remove_units_onnx(result, {heads[0].id: [1], heads[1].id: [0, 2, 3]})
     slim_path = _save(result, tmp_path / "slim" / "model.onnx")
     got = [[list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"]
            for n in _attention_nodes(onnx.load(str(slim_path)), "bert-attention")]

@@ -203,7 +203,7 @@ def test_a_layer_left_alone_keeps_the_shared_shape_tensor(files, tmp_path):
     gives layer 1 its own rewritten copy and leaves the others reading the original."""
     result = analyze(import_onnx(files[18]))
     g = next(g for g in result.prunable() if g.kind == "heads" and g.layer == 1)
-    report = remove_units_onnx(result, {g.id: [0, 2]}, "test")
+    report = remove_units_onnx(result, {g.id: [0, 2]})
     path = _save(result, tmp_path / "model.onnx")
     assert _head_counts(path, 18) == {0: KV, 1: 1, 2: KV}
     concats = {r["concat"] for r in report["onnx_rewrites"] if "concat" in r}
@@ -236,7 +236,7 @@ def test_shape_arithmetic_that_removal_cannot_follow_is_refused(files):
     heads = next(g for g in result.prunable() if g.kind == "heads")
     shapes = {n: tuple(p.param.shape) for n, p in result.graph.params.items()}
     with pytest.raises(PipelineError, match=rf"{reshape.name}.*ops removal does not follow"):
-        remove_units_onnx(result, {heads.id: [0]}, "prune-structured")
+        remove_units_onnx(result, {heads.id: [0]})
     assert {n: tuple(p.param.shape) for n, p in result.graph.params.items()} == shapes
 
 
@@ -275,7 +275,7 @@ def test_attention_head_count_attributes_follow(files, tmp_path):
     masked = analyze(import_onnx(src))
     mask_units(masked, sel)
     masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
-    remove_units_onnx(result, sel, "test")
+    remove_units_onnx(result, sel)
     slim_path = _save(result, tmp_path / "slim" / "model.onnx")
     _check_strict(slim_path)
     got = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")}

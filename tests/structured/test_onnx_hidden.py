@@ -136,7 +136,7 @@ def test_slim_equals_masked_and_the_torch_path(files, tmp_path, name, seed):
 def test_layernorm_is_an_approximation_recorded_in_the_notes(files):
     result = analyze(import_onnx(files["opt"]))
     hidden = next(g for g in result.prunable() if g.kind == "hidden")
-    report = remove_units_onnx(result, {hidden.id: [0, 5, 9]}, "test")
+    report = remove_units_onnx(result, {hidden.id: [0, 5, 9]})
     assert report["notes"] and all("LayerNorm statistics now span" in n for n in report["notes"])
     assert report["params_after"] < report["params_before"]
 
@@ -204,5 +204,5 @@ def test_decomposed_layer_norm_variance_is_noted_approximate(tmp_path):
     for name, model, noted in (("cohere", cohere, True), ("qwen3", zoo.build("qwen3"), False)):
         r = analyze(import_onnx(export_onnx(model, tmp_path / name / "model.onnx", vocab=zoo.VOCAB)))
         (hidden,) = [g for g in r.prunable() if g.kind == "hidden"]
-        notes = remove_units_onnx(r, {hidden.id: [1, 2, 3]}, "test")["notes"]
+        notes = remove_units_onnx(r, {hidden.id: [1, 2, 3]})["notes"]
         assert any("decomposed LayerNorm" in n for n in notes) is noted, notes

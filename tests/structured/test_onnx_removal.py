@@ -120,7 +120,7 @@ def test_slim_equals_masked_and_the_torch_path(files, tmp_path, name, kinds, see
     masked = analyze(import_onnx(src))
     mask_units(masked, sel)
     masked_path = _save(masked, tmp_path / "masked" / "model.onnx")
-    report = remove_units_onnx(result, sel, "test")
+    report = remove_units_onnx(result, sel)
     slim_path = _save(result, tmp_path / "slim" / "model.onnx")
     assert report["params_after"] < report["params_before"]
     assert report["shape_check"]["checked"] and report["shape_check"]["strict"]
@@ -262,7 +262,7 @@ def test_a_size_left_unrewritten_is_caught_by_shape_inference(files, monkeypatch
     result = analyze(import_onnx(files["llama"]))
     heads = next(g for g in result.prunable() if g.kind == "heads")
     with pytest.raises(PipelineError, match="the analysis expects"):
-        remove_units_onnx(result, {heads.id: [0]}, "prune-structured")
+        remove_units_onnx(result, {heads.id: [0]})
 
 
 def test_selections_cover_heads_and_mlp(files):
@@ -316,7 +316,7 @@ def test_newer_architectures_slim_equals_the_torch_path(newer_files, tmp_path, n
     go), OLMo-2's q_norm / k_norm span all heads, Gemma's norms multiply by (1 + w)."""
     result = analyze(import_onnx(newer_files[name]))
     sel = _selection(result, 0, (kind,))
-    report = remove_units_onnx(result, sel, "test")
+    report = remove_units_onnx(result, sel)
     assert report["params_after"] < report["params_before"]
     if name == "phi3" and kind == "heads":
         assert any(r["op"] == "Slice" for r in report["onnx_rewrites"])

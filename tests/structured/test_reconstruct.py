@@ -22,7 +22,7 @@ from tests import zoo
 def _walk(model, ratios, importance="act", reconstruct=True, hidden=None):
     args, kwargs = zoo.example("llama")
     r = analyze(trace(model, args, kwargs))
-    counts, _ = plan_counts(r.groups, ratios, 1, set(), "prune-structured")
+    counts, _ = plan_counts(r.groups, ratios, 1, set())
     sel = {}
     if hidden is not None:
         (g,) = [g for g in r.groups if g.kind == "hidden"]
@@ -146,7 +146,7 @@ def test_bad_options_are_refused_naming_the_option(tiny_dir, tmp_path, capsys, p
 def _walk_to(model, ratios, target):
     args, kwargs = zoo.example("llama")
     r = analyze(trace(model, args, kwargs))
-    counts, _ = plan_counts(r.groups, ratios, 1, set(), "prune-structured")
+    counts, _ = plan_counts(r.groups, ratios, 1, set())
     windows = torch.randint(0, zoo.VOCAB, (6, 12), generator=torch.Generator().manual_seed(3))
     observer = TorchBlocks(model, r, windows, batch=3)
     remover = BlockRemover(r, counts, "act", reconstruct=True, target=target, observer=observer)

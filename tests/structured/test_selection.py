@@ -29,16 +29,16 @@ def llama():
 
 def test_plan_counts_constraints(llama):
     _, r = llama
-    counts, skipped = plan_counts(r.groups, {"heads": 0.5, "mlp": 0.25}, 1, {1}, "p")
+    counts, skipped = plan_counts(r.groups, {"heads": 0.5, "mlp": 0.25}, 1, {1})
     heads = {g.id: g for g in r.groups if g.kind == "heads"}
     assert [counts.get(g) for g in heads] == [1, None]  # layer 1 is protected
     assert any("layer is protected" in s for s in skipped)
     mlp0 = next(g for g in r.groups if g.kind == "mlp" and g.layer == 0)
     assert counts[mlp0.id] == 24
     with pytest.raises(PipelineError, match="would remove all 2 units"):
-        plan_counts(r.groups, {"heads": 0.9}, 1, set(), "p")
+        plan_counts(r.groups, {"heads": 0.9}, 1, set())
     with pytest.raises(PipelineError, match="no channels groups|no .* groups"):
-        plan_counts([g for g in r.groups if g.kind != "mlp"], {"mlp": 0.5}, 1, set(), "p")
+        plan_counts([g for g in r.groups if g.kind != "mlp"], {"mlp": 0.5}, 1, set())
 
 
 def test_unprunable_kind_is_an_error():
@@ -49,7 +49,7 @@ def test_unprunable_kind_is_an_error():
     for g in hidden:
         g.prunable, g.reasons = False, ["model output last_hidden_state"]
     with pytest.raises(PipelineError, match="every hidden group is unprunable"):
-        plan_counts(r.groups, {"hidden": 0.25}, 1, set(), "prune-structured")
+        plan_counts(r.groups, {"hidden": 0.25}, 1, set())
 
 
 def test_importance_is_norm_over_all_members(llama):
