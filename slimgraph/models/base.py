@@ -45,6 +45,23 @@ class ModelKind(Protocol):
     def tokenizer(self, state: CompileState) -> Any:
         """The tokenizer that reads calibration text (None when there is none)."""
 
+    def missing_tokenizer(self, state: CompileState) -> str:
+        """Why there is no tokenizer, ending a sentence "... needs calibration data and
+        ..." (the fix included)."""
+
+    def sampling_model(self, state: CompileState) -> Any:
+        """The model that writes calibration text for ``calib=self`` (None: this kind
+        cannot sample text)."""
+
+    def pruned_layer_count(self, state: CompileState) -> int:
+        """How many decoder layers the linears that ``sparsify`` prunes lie in (per-layer
+        schedules give one value per layer);
+        :class:`~slimgraph.structured.observer.ObserverError` when a linear's layer is
+        unknown."""
+
+    def check_head_removal(self, state: CompileState) -> None:
+        """Refuse (PipelineError) a model whose attention heads this kind cannot remove."""
+
     def remove_units(self, state: CompileState, analysis: DependencyResult,
                      selection: dict[int, list[int]]) -> dict[str, Any]:
         """Physically remove the selected units; the removal report."""

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from slimgraph.ir.dependency import DependencyResult
     from slimgraph.ir.graph import Graph
     from slimgraph.passes.base import CompileState
-    from slimgraph.passes.sparsify import Sparsify
 
 
 class OnnxModel:
@@ -154,26 +153,18 @@ class OnnxModel:
         path = Path(state.loaded.onnx_path).resolve()
         return [check_onnx(path, pattern, targets=targets)], [], {path}
 
-    def check_sparsify(self, pss: Sparsify, state: CompileState) -> None:
-        """Refuse what the ONNX path does not support, naming the option."""
+    def pruned_layer_count(self, state: CompileState) -> int:
+        """The layers of the linears ``sparsify`` prunes, from their block numbers;
+        :class:`~slimgraph.structured.observer.ObserverError` when one has none."""
         from slimgraph.sparsity.onnx_blocks import SegmentError, target_layers
         from slimgraph.sparsity.onnx_targets import find_targets
+        from slimgraph.structured.observer import ObserverError
 
-        self.check_input(state)
-        if pss.schedule_name() != "uniform":
-            targets, _ = find_targets(state.analysis())
-            try:
-                layers = target_layers(state.analysis(), targets)
-            except SegmentError as e:
-                raise pss.option_error("schedule", f"per-layer schedules need the layer of "
-                                       f"every pruned linear: {e}") from None
-            if pss.schedule_name() == "explicit":
-                pss.check_layer_count(len(set(layers.values())))
-        if pss.needs_data() and str(pss.calib_source(state)) == "self":
-            raise pss.option_error("calib", f"score '{pss.score}' needs calibration data; "
-                                   "'self' (text sampled from the model) needs the PyTorch "
-                                   "model: give a calibration file (calib=PATH or "
-                                   "--calib-file)")
+        targets, _ = find_targets(state.analysis())
+        try:
+            return len(set(target_layers(state.analysis(), targets).values()))
+        except SegmentError as e:
+            raise ObserverError(str(e)) from None
 
     def write_onnx(self, state: CompileState, path: Path, *, opset: int, check: bool,
                    tolerance: float) -> dict[str, Any]:

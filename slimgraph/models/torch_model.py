@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from slimgraph.ir.dependency import DependencyResult
     from slimgraph.ir.graph import Graph
     from slimgraph.passes.base import CompileState
-    from slimgraph.passes.sparsify import Sparsify
 
 
 class TorchModel:
@@ -97,13 +96,11 @@ class TorchModel:
         return ([check_torch(state.model, pattern, targets=targets,
                              name=f"{state.loaded.spec} (in memory)")], [], set())
 
-    def check_sparsify(self, pss: Sparsify, state: CompileState) -> None:
-        """What ``sparsify`` needs beyond its options on a PyTorch model."""
-        self.check_input(state)
-        if pss.schedule_name() == "explicit":
-            from slimgraph.ir.blocks import find_blocks
+    def pruned_layer_count(self, state: CompileState) -> int:
+        """The decoder blocks of the traced graph."""
+        from slimgraph.ir.blocks import find_blocks
 
-            pss.check_layer_count(len(find_blocks(state.graph)))
+        return len(find_blocks(state.graph))
 
     def write_onnx(self, state: CompileState, path: Path, *, opset: int, check: bool,
                    tolerance: float) -> dict[str, Any]:

@@ -247,7 +247,23 @@ class Sparsify(Pass):
                             gather_share=self.gather_share)
 
     def requires(self, state: CompileState) -> None:
-        state.kind.check_sparsify(self, state)
+        from slimgraph.structured.observer import ObserverError
+
+        state.kind.check_input(state)
+        if self.schedule_name() != "uniform":
+            try:
+                layers = state.kind.pruned_layer_count(state)
+            except ObserverError as e:
+                raise self.option_error("schedule", "per-layer schedules need the layer of "
+                                        f"every pruned linear: {e}") from None
+            if self.schedule_name() == "explicit":
+                self.check_layer_count(layers)
+        if self.needs_data() and str(self.calib_source(state)) == "self" and \
+                state.kind.sampling_model(state) is None:
+            raise self.option_error("calib", f"score '{self.score}' needs calibration data; "
+                                    "'self' (text sampled from the model) needs the PyTorch "
+                                    "model: give a calibration file (calib=PATH or "
+                                    "--calib-file)")
         if self.needs_data() and (self.calib or state.calib.file) != "self" and \
                 state.kind.tokenizer(state) is None:
             why = f"score '{self.score}'" if self.needs_stats() else "schedule=owl"
