@@ -23,12 +23,6 @@ class ModelKind(Protocol):
     label: str
     #: True when the kind can train its modules (``l0``, ``distill``)
     trains: bool
-    #: True when structured pruning can observe blocks on calibration data (activation /
-    #: OBS importance, the least-squares refit), so reconstruction is on by default
-    observes_blocks: bool
-    #: True when the block walk of structured pruning can also carry the dense model's
-    #: hidden states beside the pruned ones (``refit_to=dense|residual``)
-    observes_dense_stream: bool
     #: appended to "nothing to prune" errors: why groups may be missing on this kind
     no_groups_hint: str
     #: True when ``export-onnx`` exports at a chosen opset (False: the model keeps its own)

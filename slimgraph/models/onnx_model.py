@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 class OnnxModel:
     label = "ONNX"
     trains = False
-    observes_blocks = True
-    observes_dense_stream = False
     no_groups_hint = ("; on ONNX input, groups are tracked exactly on files exported with "
                       "static shapes (dynamic batch/sequence axes can hide head counts and "
                       "channels behind run-time shape arithmetic; see slimgraph inspect "

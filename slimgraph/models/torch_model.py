@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 class TorchModel:
     label = "PyTorch"
     trains = True
-    observes_blocks = True
-    observes_dense_stream = True
     no_groups_hint = ""
     exports_with_opset = True
 

@@ -68,8 +68,7 @@ The calibrated parts -- act / obs, the refit, global allocation -- run through t
 kind's block observer (``state.kind.block_observer``; ``structured/observer.py``), on ONNX
 input one segment model per decoder layer in ONNX Runtime, with the tokenizer found beside
 the file; hidden channels are scored (act / obs) from one run of the dense model on
-either kind. What a kind cannot observe is refused by option: on ONNX input
-``refit_to=dense|residual``. Where the blocks cannot be
+either kind. Where the blocks cannot be
 observed (an ONNX graph that cannot be cut into layers), the default refit of l1 / l2
 removal is left out and the report's ``reconstruct.note`` says why.
 """
@@ -187,9 +186,6 @@ class PruneStructured(Pass):
 
     def requires(self, state: CompileState) -> None:
         state.kind.check_input(state)
-        if not state.kind.observes_blocks:
-            self._refuse_observation(state)
-        self._refuse_by_capability(state)
         if self.ratios().get("heads") or self.ratios().get("qheads"):
             state.kind.check_head_removal(state)
         source = state.calib.file or "self"
@@ -206,23 +202,12 @@ class PruneStructured(Pass):
         return f"importance={self.importance}" if self.importance in ("act", "obs") else \
             "reconstruct=true"
 
-    def _refuse_by_capability(self, state: CompileState) -> None:
-        """What this model kind's block walk cannot do, refused by option."""
-        kind = state.kind.label
-        if self.refit_to != "pruned" and not state.kind.observes_dense_stream:
-            raise self.option_error("refit_to", f"'{self.refit_to}' carries the dense model's "
-                                    "hidden states beside the pruned ones; it is not supported "
-                                    f"for {kind} input (use refit_to=pruned)")
-
     def reconstructs(self, state: CompileState) -> bool:
         """``reconstruct`` as given, else on whenever the pass has calibration data
         (importance act/obs, or a calibration text -- the default --calib-file -- and a
-        tokenizer to read it); never on a model kind that cannot observe its blocks
-        (ONNX input)."""
+        tokenizer to read it)."""
         if self.reconstruct is not None:
             return self.reconstruct
-        if not state.kind.observes_blocks:
-            return False
         if self.importance in ("act", "obs"):
             return True
         # a calibration text needs a tokenizer to be data ('self' samples from the model)
@@ -300,26 +285,6 @@ class PruneStructured(Pass):
         state.record_removal(report)
         state.retrace()
         return PassResult(True, report)
-
-    def _refuse_observation(self, state: CompileState) -> None:
-        """A model kind that cannot run blocks on calibration data (ONNX input): the
-        options that need it are refused here, by name."""
-        kind = state.kind.label
-        if self.importance in ("act", "obs"):
-            raise self.option_error("importance", f"'{self.importance}' runs the PyTorch model "
-                                    f"on calibration data; it is not supported for {kind} "
-                                    "input (use l1 or l2)")
-        if self.reconstruct:
-            raise self.option_error("reconstruct", "the refit observes the inputs of o_proj / "
-                                    "down_proj block by block in the PyTorch model; it is not "
-                                    f"supported for {kind} input (reconstruct=false, or compile "
-                                    "the PyTorch/HF model)")
-        if self.refit_to != "pruned":
-            raise self.option_error("refit_to", f"'{self.refit_to}' runs the PyTorch model on "
-                                    f"calibration data; it is not supported for {kind} input")
-        if self.allocation == "global":
-            raise self.option_error("allocation", f"'global' is not supported for {kind} input "
-                                    "(use uniform)")
 
     def _windows(self, state: CompileState):
         from slimgraph.sparsity.calibration import calibration_tokens, sample_windows

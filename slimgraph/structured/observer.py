@@ -43,6 +43,45 @@ def linear_inputs(result: DependencyResult) -> dict[str, int]:
             if n.kind is OpKind.LINEAR}
 
 
+class PairSums:
+    """What ``refit_to=dense|residual`` needs of one block, accumulated batch by batch
+    from both streams: per linear (any key) ``Σ x_p x_pᵀ`` ("H"), ``Σ x_d x_pᵀ`` ("C"),
+    ``Σ x_d x_dᵀ`` ("H_dense") of its inputs on the pruned (``x_p``) and dense (``x_d``)
+    model; for the residual writer also ``Σ e x_pᵀ`` ("T") and ``Σ ‖e‖²`` ("E"), ``e`` what
+    it must write so that the pruned block's output equals the dense one. Float32 products
+    per batch, float64 sums; :meth:`result` scales by 2/N like
+    :meth:`~slimgraph.sparsity.reconstruct.GramAccumulator.hessian`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[Any, dict] = {}
+        self.tokens = 0
+
+    def add(self, key, xd: torch.Tensor, xp: torch.Tensor) -> None:
+        """One batch of a linear's inputs, ``[tokens, in]`` on each stream."""
+        xd, xp = xd.reshape(-1, xd.shape[-1]).float(), xp.reshape(-1, xp.shape[-1]).float()
+        acc = self.sums.setdefault(key, {"H": 0, "C": 0, "H_dense": 0})
+        acc["H"] = acc["H"] + (xp.T @ xp).double()
+        acc["C"] = acc["C"] + (xd.T @ xp).double()
+        acc["H_dense"] = acc["H_dense"] + (xd.T @ xd).double()
+
+    def add_residual(self, key, e: torch.Tensor, xp: torch.Tensor) -> None:
+        """One batch of the residual writer's target ``e`` and its pruned inputs."""
+        e, xp = e.reshape(-1, e.shape[-1]).float(), xp.reshape(-1, xp.shape[-1]).float()
+        acc = self.sums[key]
+        acc["T"] = acc.get("T", 0) + (e.T @ xp).double()
+        acc["E"] = acc.get("E", 0.0) + float((e.double() ** 2).sum())
+
+    def result(self, residual=None, residual_ok: bool = False) -> dict[Any, dict]:
+        """Per key the scaled sums (``residual``'s entry with ``residual_ok``)."""
+        if not self.tokens:
+            raise ValueError("the block's linears saw no calibration tokens")
+        scale = 2.0 / self.tokens
+        out = {k: {n: v * scale for n, v in acc.items()} for k, acc in self.sums.items()}
+        if residual is not None:
+            out[residual]["residual_ok"] = residual_ok
+        return out
+
+
 class BlockObserver(ABC):
     """One model's decoder blocks on calibration data (see the module docstring).
 
@@ -100,6 +139,11 @@ class BlockObserver(ABC):
         block."""
         raise ObserverError("this model kind does not observe dense and pruned streams side "
                             "by side (refit_to=dense|residual)")
+
+    def fork(self, inputs: Any) -> Any:
+        """A second stream with the same inputs, which :meth:`observe_pair` may advance
+        without touching ``inputs``."""
+        return list(inputs)
 
     def enter(self, block: Block) -> None:
         """Called before the walk reads or changes ``block`` (nothing to do by default)."""

@@ -23,7 +23,7 @@ from slimgraph.sparsity.onnx_blocks import (SegmentWalk, observe, plan_segments,
                                             target_layers)
 from slimgraph.sparsity.onnx_permute import TargetSite
 from slimgraph.sparsity.onnx_targets import find_targets
-from slimgraph.structured.observer import BlockObserver, ObserverError
+from slimgraph.structured.observer import BlockObserver, ObserverError, PairSums
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -80,6 +80,8 @@ class OnnxBlocks(OnnxLayers):
     ``tmp_parent``. Raises :class:`~slimgraph.sparsity.onnx_blocks.SegmentError` when the
     graph cannot be cut into layers. :meth:`close` removes the temporary folder."""
 
+    pairs = True
+
     def __init__(self, model: ir.Model, result, windows: torch.Tensor, *, batch: int = 8,
                  tmp_parent: Path | None = None) -> None:
         super().__init__(result)
@@ -117,6 +119,52 @@ class OnnxBlocks(OnnxLayers):
     def propagate(self, block: Block, inputs: list[dict]) -> list[dict]:
         self.walk.propagate(self.segments[block.layer], inputs)
         return inputs
+
+    def fork(self, inputs: list[dict]) -> list[dict]:
+        return [dict(keep) for keep in inputs]
+
+    def observe_pair(self, block: Block, dense_inputs: list[dict], inputs: list[dict],
+                     params: set[str], residual: str | None) -> dict[str, dict]:
+        """The segment run on both streams, batch by batch (dense first, with the block's
+        weights not yet changed); ``dense_inputs`` is then moved past the block. The
+        residual writer's target needs its MatMul's output ``y`` to be read by exactly one
+        Add ``z = rest + y``: then ``e = z_dense - z_pruned + y``."""
+        segment = self.segments[block.layer]
+        keys = {p: tuple(self.targets[p].inputs) for p in params}
+        names = list(dict.fromkeys(n for key in keys.values() for n in key))
+        y, z = self.residual_values(residual) if residual is not None else (None, None)
+        sums = PairSums()
+        dense = self.walk.activations(segment, names + ([z] if z else []), dense_inputs)
+        pruned = self.walk.activations(segment, names + ([y, z] if z else []), inputs)
+        for ad, ap in zip(dense, pruned, strict=True):
+            for key in dict.fromkeys(keys.values()):
+                for name in key:
+                    sums.add(key, torch.from_numpy(ad[name]), torch.from_numpy(ap[name]))
+            first = ap[names[0]]
+            sums.tokens += first.size // first.shape[-1]
+            if z is not None:
+                sums.add_residual(keys[residual], torch.from_numpy(ad[z] - ap[z] + ap[y]),
+                                  torch.from_numpy(ap[keys[residual][0]]))
+        self.walk.propagate(segment, dense_inputs)
+        by_key = sums.result(keys.get(residual), z is not None)
+        return {p: dict(by_key[key]) for p, key in keys.items()}
+
+    def residual_values(self, param: str) -> tuple[str | None, str | None]:
+        """``(y, z)``: the output of the linear ``param`` and the Add that is its only
+        reader, or ``(None, None)`` when the graph is not shaped so."""
+        from slimgraph.ir.graph import OpKind
+
+        node = next((n for n in self.result.graph.nodes if n.kind is OpKind.LINEAR
+                     and n.inputs[1] is not None and n.inputs[1].name == param), None)
+        if node is None or len(self.targets[param].inputs) != 1:
+            return None, None
+        y = node.outputs[0].name
+        value = next((o for n in self.walk.runner.model.graph for o in n.outputs
+                      if o.name == y), None)
+        readers = list(value.consumers()) if value is not None else []
+        if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].outputs) != 1:
+            return None, None
+        return y, readers[0].outputs[0].name
 
     def close(self) -> None:
         self.walk.close()

@@ -124,7 +124,7 @@ class BlockRemover:
         groups = self.by_layer.get(block.layer, [])
         dense = self.reconstruct and self.target in ("dense", "residual")
         if dense and self.dense_inputs is None:  # block 0: both models see the same inputs
-            self.dense_inputs = list(inputs)
+            self.dense_inputs = observer.fork(inputs)
         if not groups:
             if dense:
                 self.dense_inputs = observer.propagate(block, self.dense_inputs)

@@ -18,7 +18,7 @@ from slimgraph.memory import release_free_heap
 from slimgraph.sparsity.block_prune import torch_sites
 from slimgraph.sparsity.calibration import (capture_block_inputs, next_inputs, observe_block,
                                             run_block)
-from slimgraph.structured.observer import BlockObserver
+from slimgraph.structured.observer import BlockObserver, PairSums
 
 
 class TorchBlocks(BlockObserver):
@@ -119,44 +119,35 @@ def observe_pair(module: torch.nn.Module, linears: dict[str, torch.nn.Module],
     if residual is not None:
         hooks.append(linears[residual].register_forward_hook(
             lambda _m, _a, y: out_of.__setitem__("y", y.detach())))
-    sums: dict[str, dict] = {}
-    tokens, residual_ok = 0, residual is not None
+    sums = PairSums()
+    residual_ok = residual is not None
     try:
         with torch.no_grad():
             for j, ((dargs, dkw), (args, kw)) in enumerate(zip(dense_inputs, inputs)):
                 seen.clear()
                 out_d = module(*dargs, **dkw)
                 dense_inputs[j] = next_inputs(out_d, dargs, dkw)
-                xd = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
+                xd = dict(seen)
                 seen.clear()
                 out_p = block_output(module(*args, **kw))
-                xps = {n: x.reshape(-1, x.shape[-1]).float() for n, x in seen.items()}
-                for n, xp in xps.items():  # float32 products per batch, float64 sums
-                    acc = sums.setdefault(n, {"H": 0, "C": 0, "H_dense": 0})
-                    acc["H"] = acc["H"] + (xp.T @ xp).double()
-                    acc["C"] = acc["C"] + (xd[n].T @ xp).double()
-                    acc["H_dense"] = acc["H_dense"] + (xd[n].T @ xd[n]).double()
-                tokens += next(iter(xps.values())).shape[0] if xps else 0
+                xps = dict(seen)
+                for n, xp in xps.items():
+                    sums.add(n, xd[n], xp)
+                if xps:
+                    x = next(iter(xps.values()))
+                    sums.tokens += x.reshape(-1, x.shape[-1]).shape[0]
                 if residual_ok:
                     y = out_of["y"]
                     if j == 0:
                         residual_ok = adds_to_output(module, linears[residual], args, kw,
                                                       out_p, y)
                     if residual_ok:
-                        e = (block_output(out_d) - out_p + y).reshape(-1, y.shape[-1]).float()
-                        acc = sums[residual]
-                        acc["T"] = acc.get("T", 0) + (e.T @ xps[residual]).double()
-                        acc["E"] = acc.get("E", 0.0) + float((e.double() ** 2).sum())
+                        sums.add_residual(residual, block_output(out_d) - out_p + y,
+                                          xps[residual])
     finally:
         for h in hooks:
             h.remove()
-    if not tokens:
-        raise ValueError("the block's linears saw no calibration tokens")
-    scale = 2.0 / tokens
-    out = {n: {k: v * scale for k, v in acc.items()} for n, acc in sums.items()}
-    if residual is not None:
-        out[residual]["residual_ok"] = residual_ok
-    return out
+    return sums.result(residual, residual_ok)
 
 
 def block_output(y) -> torch.Tensor:

@@ -3,12 +3,11 @@
 and pruned through the ONNX block observer (one segment model per layer in ONNX Runtime)
 keeps the units the PyTorch path keeps on the same calibration text, with the same
 refitted weights and outputs up to ONNX Runtime's float error; the refit lowers the
-output error against removal without it; what the ONNX walk cannot do is refused by
-option, before anything is written."""
+output error against removal without it; ``refit_to=dense|residual`` carries the dense
+model's hidden states beside the pruned ones as PyTorch does."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -180,20 +179,26 @@ def test_a_graph_that_cannot_be_cut_into_layers(tiny, tmp_path, capsys, monkeypa
     assert not (tmp_path / "b" / "report.json").exists()
 
 
-def _hashes(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-@pytest.mark.parametrize("pipeline,needle", [
-    ("prune-structured{mlp=0.5,refit_to=dense}", "option 'refit_to'"),
-    ("prune-structured{mlp=0.5,refit_to=residual}", "option 'refit_to'"),
-])
-def test_what_the_onnx_walk_cannot_do_is_refused(tiny, tmp_path, capsys, pipeline, needle):
-    src = tiny / "onnx" / "model.onnx"
-    before = _hashes(src.parent)
-    assert _compile(tiny, src, tmp_path / "out", pipeline + ",export-onnx") == 2
-    err = capsys.readouterr().err
-    assert needle in err and "ONNX input" in err, err
-    assert not (tmp_path / "out" / "report.json").exists()
-    assert _hashes(src.parent) == before
+@pytest.mark.parametrize("target", ["dense", "residual"])
+def test_refit_to_the_dense_model_as_on_pytorch(tiny, tmp_path, target):
+    """``refit_to=dense|residual``: the dense model's hidden states carried beside the
+    pruned ones through the segment models give the refit PyTorch gives."""
+    pipeline = f"prune-structured{{heads=0.5,mlp=0.5,importance=act,refit_to={target}}},export-onnx"
+    assert _compile(tiny, tiny / "hf", tmp_path / "torch", pipeline) == 0
+    assert _compile(tiny, tiny / "onnx" / "model.onnx", tmp_path / "onnx", pipeline) == 0
+    rt, ro = _report(tmp_path / "torch"), _report(tmp_path / "onnx")
+    assert sorted(rt["selected_units"].values()) == sorted(ro["selected_units"].values())
+    errs = {r["linear"]: r for r in rt["reconstruct"]["linears"]}
+    assert sorted(errs) == REFITTED and len(ro["reconstruct"]["linears"]) == len(REFITTED)
+    for r in ro["reconstruct"]["linears"]:
+        t = errs[r["linear"]]
+        want = "residual" if target == "residual" and "down_proj" in r["linear"] else "dense"
+        assert r["target"] == t["target"] == want, r
+        assert r["rel_error_refit"] == pytest.approx(t["rel_error_refit"], rel=1e-3, abs=1e-5)
+    wt, wo = _weights(tmp_path / "torch" / "model.onnx"), _weights(tmp_path / "onnx" / "model.onnx")
+    assert wt.keys() == wo.keys()
+    for name, w in wo.items():
+        assert float((w - wt[name]).norm() / wt[name].norm()) <= 1e-4, name
+    ids = _held_out(tiny)
+    assert _rel(_logits(tmp_path / "onnx" / "model.onnx", ids),
+                _logits(tmp_path / "torch" / "model.onnx", ids)) <= 1e-4

@@ -238,21 +238,6 @@ def test_calibrated_options_run_on_onnx_input(files, tmp_path, options):
     assert _ort(out / "model.onnx", _ids()).shape == (1, SEQ, zoo.VOCAB)
 
 
-@pytest.mark.parametrize("name,pipeline,needle", [
-    ("llama", "prune-structured{mlp=0.5,refit_to=dense}", "option 'refit_to'"),
-])
-def test_unsupported_is_refused_before_anything_is_written(files, tmp_path, capsys, name,
-                                                           pipeline, needle):
-    src = files[name]
-    before = _hashes(src.parent)
-    out = tmp_path / "out"
-    assert _compile(src, out, pipeline + ",export-onnx") == 2
-    err = capsys.readouterr().err
-    assert needle in err and "prune-structured" in err, err
-    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
-    assert _hashes(src.parent) == before
-
-
 def test_a_size_left_unrewritten_is_caught_by_shape_inference(files, monkeypatch):
     """If a node encoding a head count were missed, the re-inferred shapes disagree with
     the analysis and the pass fails instead of producing a wrong model."""
