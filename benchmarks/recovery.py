@@ -7,6 +7,8 @@ KV-group of three plus half the MLP. Rows:
   calibration windows, scores from one dense pass);
 - ``rec``: `importance=act` with reconstruction (the default with calibration data):
   block-sequential, 64 x 512 calibration tokens, o_proj / down_proj kept columns refitted;
+- ``rec-obs``: `importance=obs` (SlimGPT's greedy OBS selection, the same share of units
+  in every layer), with reconstruction;
 - ``rec-obs-global``: `importance=obs,allocation=global` (SlimGPT's greedy OBS selection,
   units ranked across layers on standardised scores), with reconstruction.
 
@@ -39,7 +41,7 @@ from common import protocol_split, run, write_result  # noqa: E402
 
 SIZES = {"mlp27": "mlp=0.27", "mlp50": "mlp=0.5", "kv1of3+mlp50": "heads=0.33,mlp=0.5"}
 METHODS = {"none": "importance=act,reconstruct=false", "rec": "importance=act",
-           "rec-obs-global": "importance=obs,allocation=global"}
+           "rec-obs": "importance=obs", "rec-obs-global": "importance=obs,allocation=global"}
 CONFIGS = {f"{s}-{m}": f"prune-structured{{{sv},{mv}}},save-hf"
            for s, sv in SIZES.items() for m, mv in METHODS.items()}
 
