@@ -204,8 +204,8 @@ class OnnxModel:
 
         targets, untargeted = find_targets(analysis)
         if not targets:
-            raise PipelineError("no decoder-block linear with a stored "
-                                "weight was found in the ONNX model"
+            raise PipelineError("no decoder-block linear with a stored weight was found in "
+                                "the ONNX model"
                                 + (f" ({untargeted[0]['name']}: {untargeted[0]['skipped']})"
                                    if untargeted else ""))
         state.graph.onnx_modified = True
@@ -217,7 +217,7 @@ class OnnxModel:
             return observer, {"method": onnx_path.CALIBRATION}, []
         except SegmentError as e:
             if hessian:
-                raise PipelineError(f"weight reconstruction needs "
+                raise PipelineError("weight reconstruction needs "
                                     "block-sequential calibration and the ONNX graph cannot be "
                                     f"cut into layers ({e})") from None
             stats = onnx_path.input_stats(model, targets, windows, batch=batch,
