@@ -22,7 +22,7 @@ The texts default to the protocol's split shipped with the package
 
 Usage: python benchmarks/distill.py --part speed|quality|row|all [--steps 3] [--rounds 2]
        [--train-steps 40] [--batch 4] [--seqlen 128] [--lr 1e-4]
-       [--name NAME --prune PIPE | --student DIR]
+       [--name NAME --prune PIPE | --student DIR] [--options K=V,...]
 Writes benchmarks/results/distill.json (the parts run, merged with what is there).
 """
 
@@ -155,6 +155,7 @@ def row(args) -> dict:
                f"lr={args.lr},save_every=1000"
                + (f",precision={args.precision}" if args.precision != "fp32" else "")
                + (f",add_self={args.add_self}" if args.add_self else "")
+               + (f",{args.options}" if args.options else "")
                + (f",teacher={MODEL}" if args.student else "") + "},")
     model = str(args.student) if args.student else MODEL
     pipe = f"{args.prune}," if args.prune else ""
@@ -199,6 +200,8 @@ def main() -> None:
                     help="speed, row: distill's precision option")
     ap.add_argument("--add-self", type=int, default=0,
                     help="row: distill's add_self (sequences sampled from the teacher)")
+    ap.add_argument("--options", default="",
+                    help="row: more distill options, K=V,... (say hidden_weight=0.05)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib", type=Path, default=ROOT / "slimgraph/data/wikitext2/calib.txt")
