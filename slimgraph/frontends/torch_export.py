@@ -304,9 +304,6 @@ def _chunk(node, get, const) -> Converted:
     return OpKind.SPLIT, [get(node.args[0])], {"axis": _arg(node, 2, "dim", 0)}
 
 
-def _unbind(node, get, const) -> Converted:
-    raise ValueError("unbind removes a dim")
-
 
 def _slice(node, get, const) -> Converted:
     x = get(node.args[0])

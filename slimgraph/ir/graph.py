@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from slimgraph.ir.params import ParamHandle
 
@@ -195,9 +195,6 @@ class Graph:
         self.meta["onnx_modified"] = modified
 
     # -- queries ------------------------------------------------------------------
-    def param_values(self) -> Iterator[Value]:
-        return iter(self.params.values())
-
     def num_parameters(self) -> int:
         total = 0
         for v in self.params.values():

@@ -170,9 +170,6 @@ class ChannelSpaces:
                 out.append(r)
         return out
 
-    def layout_size(self, layout: Layout) -> int:
-        return prod(self.size[self.find(s)] for s in layout)
-
     def _split_product(self, x: int, outer: int) -> list[int]:
         """Refine atomic root ``x`` into the product [outer, size/outer]."""
         if self.refine[x] is not None:

@@ -10,7 +10,6 @@ Every group a ratio applies to but which is left alone gets a reason in the repo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -32,12 +31,6 @@ class NothingToPruneError(PipelineError):
 
     def __reduce__(self):
         return type(self), (str(self), self.kind, self.reason)
-
-
-@dataclass
-class Plan:
-    remove: dict[int, list[int]] = field(default_factory=dict)  # group id -> units
-    skipped: list[str] = field(default_factory=list)  # explained refusals
 
 
 def removal_count(units: int, ratio: float, round_to: int) -> int:
