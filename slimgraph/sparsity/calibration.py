@@ -116,7 +116,7 @@ def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
     for first in range(0, samples, SELF_BATCH):
         n_seq = min(SELF_BATCH, samples - first)
         ids = [torch.full((n_seq, 1), start, dtype=torch.long)]
-        cache = None
+        cache = preallocated_cache(generator, seqlen + 2)
         with torch.no_grad():
             for _ in range(seqlen + 2):
                 res = generator(input_ids=ids[-1], use_cache=True, **{cache_name: cache})
@@ -127,6 +127,44 @@ def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
                     progress(done, total, unit="tokens", info="generating calibration text")
         out.append(torch.cat(ids[1:], dim=1))
     return torch.cat(out).reshape(-1).tolist()
+
+
+def preallocated_cache(model, length: int):
+    """A KV cache for ``length`` generated tokens whose layers write each step into
+    buffers of that length and hand attention the filled part: transformers' dynamic
+    cache concatenates, copying the whole cache every step. None (the model's own dynamic
+    cache) when
+    the model's config or this transformers version does not allow it."""
+    try:
+        from transformers.cache_utils import Cache, DynamicLayer
+        layers = int(model.config.num_hidden_layers)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.key_buffer = key_states.new_empty(
+                (*key_states.shape[:-2], length, key_states.shape[-1]))
+            self.value_buffer = value_states.new_empty(
+                (*value_states.shape[:-2], length, value_states.shape[-1]))
+            self.filled = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.filled + key_states.shape[-2]
+            self.key_buffer[..., self.filled:end, :] = key_states
+            self.value_buffer[..., self.filled:end, :] = value_states
+            self.filled = end
+            self.keys = self.key_buffer[..., :end, :]
+            self.values = self.value_buffer[..., :end, :]
+            return self.keys, self.values
+
+    try:
+        return Cache(layers=[PreallocatedLayer() for _ in range(layers)])
+    except TypeError:
+        return None
 
 
 def sample_next(logits: torch.Tensor, rng: torch.Generator) -> torch.Tensor:

@@ -61,3 +61,33 @@ def test_generation_copy_is_bfloat16_only_for_a_float32_cpu_model(monkeypatch):
     half = zoo.build("llama", seed=0).to(torch.float16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert calibration.generation_copy(half) is half
+
+
+def test_the_preallocated_cache_gives_the_dynamic_caches_logits(monkeypatch):
+    """Generation writes the KV cache into buffers sized for the whole run instead of
+    concatenating every step: the logits are those of transformers' own cache, and the
+    buffers are written in place."""
+    import inspect
+
+    model = zoo.build("llama", seed=0).eval()
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
+        else "past_key_values"
+    ids = torch.randint(0, zoo.VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    cache = calibration.preallocated_cache(model, ids.shape[1])
+    assert cache is not None
+    dynamic = None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            got = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: cache})
+            want = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: dynamic})
+            dynamic = want.get(name)
+            assert torch.allclose(got.logits, want.logits, atol=1e-5, rtol=1e-5), t
+            if t == 0:
+                buffer = cache.layers[0].key_buffer.data_ptr()
+    assert cache.layers[0].key_buffer.data_ptr() == buffer
+    assert cache.get_seq_length() == dynamic.get_seq_length() == ids.shape[1]
+    # the whole generation: the same text as with the dynamic cache
+    tok = zoo.tiny_tokenizer()
+    tokens = calibration_tokens(tok, "self", model, seqlen=10, samples=3, seed=2)
+    monkeypatch.setattr(calibration, "preallocated_cache", lambda m, n: None)
+    assert calibration_tokens(tok, "self", model, seqlen=10, samples=3, seed=2) == tokens
