@@ -19,7 +19,9 @@ sparse model the merged update is masked again: the pattern wins). Data: ``data`
 file, Alpaca JSON/JSONL: KL on the responses, or ``self``: ``samples`` sequences sampled
 from the teacher); default the compile's --calib-file. ``add_self=N`` adds N sequences
 sampled from the teacher to a file's examples: more distinct text where the file is small
-(the teacher writes each sequence from its BOS token, temperature 1). ``steps`` optimizer
+(the teacher writes each sequence from its BOS token, temperature 1; with
+``self_prompt=K`` it continues the first K tokens of a window drawn from the file instead,
+so the sampled text is of the file's kind). ``steps`` optimizer
 steps of ``batch`` examples of at most ``seqlen`` tokens (``accum`` micro-batches each), AdamW at ``lr`` with
 ``warmup`` linear warm-up steps (default steps/10) and cosine decay to 0. ``precision=bf16``
 runs the forward and backward passes under bfloat16 autocast (weights, optimizer state and
@@ -102,13 +104,14 @@ def check_teacher(teacher: torch.nn.Module, student: torch.nn.Module,
                                 "were removed); the hidden-state loss needs equal sizes")
 
 
-def self_examples(tokenizer, teacher, seqlen: int, samples: int, seed: int, progress=None):
-    """Data-free training text: sequences sampled from the teacher, cut into windows."""
+def self_examples(tokenizer, teacher, seqlen: int, samples: int, seed: int, progress=None,
+                  prompts=None):
+    """Data-free training text: sequences sampled from the teacher (from BOS, or
+    continuing the rows of ``prompts``), cut into windows."""
     from slimgraph.l0.data import Example
-    from slimgraph.sparsity.calibration import calibration_tokens
+    from slimgraph.sparsity.calibration import self_generated
 
-    tokens = calibration_tokens(tokenizer, "self", teacher, seqlen=seqlen, samples=samples,
-                                seed=seed, progress=progress)
+    tokens = self_generated(teacher, tokenizer, seqlen, samples, seed, progress, prompts)
     windows = [tokens[i:i + seqlen] for i in range(0, len(tokens) - 1, seqlen)]
     return [Example(list(w), list(w)) for w in windows if len(w) >= 2]
 
@@ -122,6 +125,7 @@ class Distill(Pass):
     data: str = ""  # default: compile --calib-file; or self
     samples: int = 8  # data=self: sequences sampled from the teacher
     add_self: int = 0  # data=FILE: also train on this many sequences sampled from the teacher
+    self_prompt: int = 0  # add_self: continue K-token prefixes of the file's text, not BOS
     steps: int = 100
     batch: int = 4
     accum: int = 1
@@ -157,6 +161,12 @@ class Distill(Pass):
             raise self.option_error("temperature", f"must be > 0, got {self.temperature}")
         if self.add_self < 0:
             raise self.option_error("add_self", f"must be >= 0, got {self.add_self}")
+        if self.self_prompt < 0 or self.self_prompt >= self.seqlen:
+            raise self.option_error("self_prompt", f"must be a prompt length in [0, seqlen="
+                                    f"{self.seqlen}), got {self.self_prompt}")
+        if self.self_prompt and not self.add_self:
+            raise self.option_error("self_prompt", "prompts the add_self sequences; give "
+                                    "add_self=N as well")
         if self.add_self and self.data == "self":
             raise self.option_error("add_self", "data=self already samples every example from "
                                     "the teacher; give their number with samples=N")
@@ -222,8 +232,19 @@ class Distill(Pass):
         examples = load_examples(state.loaded.tokenizer, data, "", self.seqlen)
         if self.add_self:
             examples += self_examples(state.loaded.tokenizer, teacher, self.seqlen,
-                                      self.add_self, self.seed, state.progress)
+                                      self.add_self, self.seed, state.progress,
+                                      self.prompts(state, data))
         return examples
+
+    def prompts(self, state: CompileState, data: str):
+        """``add_self`` rows of the first ``self_prompt`` tokens of windows drawn from the
+        data file (a different seed from the calibration windows'), or None."""
+        if not self.self_prompt:
+            return None
+        from slimgraph.sparsity.calibration import calibration_tokens, sample_windows
+
+        tokens = calibration_tokens(state.loaded.tokenizer, data)
+        return sample_windows(tokens, self.add_self, self.self_prompt, self.seed + 1)
 
     def lora_targets(self, model: torch.nn.Module) -> list[str]:
         import torch
@@ -293,6 +314,7 @@ class Distill(Pass):
         report = {"teacher": self.teacher or state.loaded.spec, "data": self._data(state),
                   "examples": len(examples), "sequences_sampled_from_teacher":
                   self.samples if self._data(state) == "self" else self.add_self,
+                  "self_prompt_tokens": self.self_prompt,
                   "steps": cfg.steps, "batch": cfg.batch * cfg.accum,
                   "tokens_seen": session.tokens, "train_seconds": round(session.seconds, 1),
                   "tokens_per_second": round(session.tokens / max(session.seconds, 1e-9), 1),

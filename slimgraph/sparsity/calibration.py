@@ -96,10 +96,13 @@ SELF_BATCH = 64  # sequences generated at a time (one KV cache each)
 
 
 def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
-                   progress=None) -> list[int]:
+                   progress=None, prompts: torch.Tensor | None = None) -> list[int]:
     """Data-free calibration: ``samples`` sequences of ``seqlen + 2`` tokens sampled from
     the model itself (from its BOS token, temperature 1, no top-k / top-p), generated
     ``SELF_BATCH`` at a time with a KV cache; their tokens after BOS, concatenated.
+    ``prompts`` (``samples`` rows of K < seqlen + 2 tokens): each sequence continues its
+    row instead of starting from BOS, and its ``seqlen + 2`` tokens are the row's K and
+    the ``seqlen + 2 - K`` sampled after them.
 
     A float32 model on a CPU with native bfloat16 matrix units generates from a bfloat16
     copy (about 1.3x faster here); tokens are drawn by inverse-CDF sampling (one uniform
@@ -108,6 +111,10 @@ def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
     generator = generation_copy(model)
     rng = torch.Generator().manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    if prompts is not None and (prompts.dim() != 2 or prompts.shape[0] != samples
+                                or not 0 < prompts.shape[1] < seqlen + 2):
+        raise CalibrationError(f"prompts must be {samples} rows of 1 to {seqlen + 1} tokens, "
+                               f"got shape {tuple(prompts.shape)}")
     total, done = samples * (seqlen + 2), 0
     # transformers 5.25 renamed the cache argument and output field `past_key_values` to `cache`
     cache_name = "cache" if "cache" in inspect.signature(type(generator).forward).parameters \
@@ -115,17 +122,22 @@ def self_generated(model, tokenizer, seqlen: int, samples: int, seed: int = 0,
     out = []
     for first in range(0, samples, SELF_BATCH):
         n_seq = min(SELF_BATCH, samples - first)
-        ids = [torch.full((n_seq, 1), start, dtype=torch.long)]
-        cache = preallocated_cache(generator, seqlen + 2)
+        if prompts is None:
+            ids, steps = [torch.full((n_seq, 1), start, dtype=torch.long)], seqlen + 2
+        else:  # the prompt is fed whole, its last position gives the first sampled token
+            ids = [prompts[first:first + n_seq].long()]
+            steps = seqlen + 2 - ids[0].shape[1]
+            done += ids[0].numel()
+        cache = preallocated_cache(generator, ids[0].shape[1] + steps)
         with torch.no_grad():
-            for _ in range(seqlen + 2):
+            for _ in range(steps):
                 res = generator(input_ids=ids[-1], use_cache=True, **{cache_name: cache})
                 cache = res.get(cache_name)
                 ids.append(sample_next(res.logits[:, -1], rng))
                 done += n_seq
                 if progress is not None:
                     progress(done, total, unit="tokens", info="generating calibration text")
-        out.append(torch.cat(ids[1:], dim=1))
+        out.append(torch.cat(ids if prompts is not None else ids[1:], dim=1))
     return torch.cat(out).reshape(-1).tolist()
 
 

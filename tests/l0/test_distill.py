@@ -224,6 +224,21 @@ def test_data_self_and_l0_with_the_distillation_loss(tiny, tmp_path):
     n = len(file_examples)
     assert [e.ids for e in mixed_examples[:n]] == [e.ids for e in file_examples]
     assert len(mixed_examples) - n >= 3 and all(len(e.ids) == 16 for e in mixed_examples[n:n + 3])
+    # self_prompt: the sampled sequences continue prefixes of the file's text
+    prompted = Distill(data=str(tiny / "train.txt"), seqlen=16, teacher=str(tiny / "m"),
+                       add_self=3, self_prompt=4)
+    state = _state(tiny, model="other")
+    prompts = prompted.prompts(state, str(tiny / "train.txt"))
+    _, prompted_examples, _ = prompted.start(state)
+    assert [e.ids for e in prompted_examples[:n]] == [e.ids for e in file_examples]
+    sampled = [t for e in prompted_examples[n:] for t in e.ids]
+    file_text = [t for e in file_examples for t in e.ids]
+    assert prompts.shape == (3, 4) and sampled[:4] == prompts[0].tolist()
+    assert any(file_text[i:i + 4] == prompts[0].tolist() for i in range(len(file_text)))
+    assert sampled[:16] != [t for e in mixed_examples[n:] for t in e.ids][:16]
+    for text in ("distill{self_prompt=4}", "distill{add_self=2,self_prompt=256}"):
+        with pytest.raises(PipelineError, match="option 'self_prompt'"):
+            from_text_or_file(text)
     with pytest.raises(PipelineError, match="option 'add_self'"):
         from_text_or_file("distill{data=self,add_self=2}")
     with pytest.raises(PipelineError, match="option 'add_self'"):

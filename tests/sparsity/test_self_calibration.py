@@ -91,3 +91,35 @@ def test_the_preallocated_cache_gives_the_dynamic_caches_logits(monkeypatch):
     tokens = calibration_tokens(tok, "self", model, seqlen=10, samples=3, seed=2)
     monkeypatch.setattr(calibration, "preallocated_cache", lambda m, n: None)
     assert calibration_tokens(tok, "self", model, seqlen=10, samples=3, seed=2) == tokens
+
+
+def test_prompted_generation_continues_each_prompt_as_sampling_without_a_cache(monkeypatch):
+    """``prompts``: every sequence starts with its row (fed whole through the KV cache) and
+    goes on with the tokens that step-by-step sampling from full forward passes draws."""
+    model, tok = zoo.build("llama", seed=0).eval(), zoo.tiny_tokenizer()
+    monkeypatch.setattr(calibration, "generation_copy", lambda m: m)
+    monkeypatch.setattr(calibration, "SELF_BATCH", 2)  # 3 prompts: batches of 2 and 1
+    prompts = torch.randint(0, zoo.VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    seen = []
+    tokens = calibration.self_generated(model, tok, 10, 3, seed=7, prompts=prompts,
+                                        progress=lambda done, total, **kw: seen.append(done))
+    rows = torch.tensor(tokens).reshape(3, 12)  # seqlen + 2 tokens, the prompt's 5 included
+    assert torch.equal(rows[:, :5], prompts)
+    assert seen[-1] == 3 * 12
+    rng = torch.Generator().manual_seed(7)
+    want = []
+    for first in (0, 2):
+        ids = prompts[first:first + 2]
+        with torch.no_grad():
+            for _ in range(7):
+                nxt = calibration.sample_next(model(input_ids=ids).logits[:, -1], rng)
+                ids = torch.cat([ids, nxt], dim=1)
+        want.append(ids)
+    assert torch.equal(rows, torch.cat(want))
+    for bad in (prompts[:2], prompts[:, :0], torch.zeros(3, 12, dtype=torch.long)):
+        try:
+            calibration.self_generated(model, tok, 10, 3, prompts=bad)
+        except calibration.CalibrationError as err:
+            assert "prompts must be 3 rows of 1 to 11 tokens" in str(err)
+        else:
+            raise AssertionError(f"prompts of shape {tuple(bad.shape)} were accepted")
