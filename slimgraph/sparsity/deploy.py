@@ -90,13 +90,6 @@ def fold_choice(result: DependencyResult, weight: str, m: int, dim: int = 1) -> 
     return FoldChoice(None, "no channel group covers its input channels unit by unit", NO_GROUP)
 
 
-def fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
-               ) -> tuple[ChannelGroup | None, str]:
-    """``(group, why)`` of :func:`fold_choice`."""
-    choice = fold_choice(result, weight, m, dim)
-    return choice.group, choice.why
-
-
 def free_fold_group(result: DependencyResult, weight: str, m: int, dim: int = 1
                     ) -> ChannelGroup | None:
     """The group that realises *any* permutation of ``weight``'s inputs by folding: one
